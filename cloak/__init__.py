@@ -1,0 +1,1 @@
+"""fixative.cloak — coming next; stands on fixative.core."""

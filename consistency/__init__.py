@@ -1,0 +1,1 @@
+"""fixative.consistency — coming next; stands on fixative.core."""

@@ -1,0 +1,11 @@
+"""core's sub-commands of the ``fixative`` command (entry point ``fixative.commands: core``).
+
+Each module here adds its sub-commands; heavy imports (torch, models) happen inside the command
+functions so that ``fixative --help`` stays fast.
+"""
+
+from . import models
+
+
+def register(subparsers) -> None:
+    models.register(subparsers)

@@ -1,0 +1,1 @@
+"""fixative.eval — coming next; stands on fixative.core."""
