@@ -1,0 +1,234 @@
+"""fixative's networks vs diffusers / transformers on the same weights, threads and inputs.
+
+Runs are interleaved (ours, theirs, ours, ...) and the median is kept. Prints, per case, the ratio
+fixative time / reference time (target: no ratio above 1.00), the peak memory each used during the call,
+and for bf16 the relative error of each implementation against its own fp32 output.
+
+    .venv/bin/python benchmarks/core_networks.py            # full run (a few minutes on 2 CPU cores)
+    .venv/bin/python benchmarks/core_networks.py --quick    # one repeat, small cases only
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import threading
+import time
+
+import torch
+
+
+class PeakMemory:
+    """Peak memory above the starting level during a block: CUDA allocator stats, else sampled RSS."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_mib = 0.0
+
+    @staticmethod
+    def _rss_bytes() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+            return self
+        self._start = self._rss_bytes()
+        self._peak = self._start
+        self._running = True
+
+        def sample():
+            while self._running:
+                self._peak = max(self._peak, self._rss_bytes())
+                time.sleep(0.002)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak_mib = (torch.cuda.max_memory_allocated() - self._start) / 2**20
+        else:
+            self._running = False
+            self._thread.join()
+            self.peak_mib = (max(self._peak, self._rss_bytes()) - self._start) / 2**20
+
+
+def timed(fn, device: torch.device) -> tuple[float, float, torch.Tensor]:
+    gc.collect()
+    with PeakMemory(device) as memory, torch.inference_mode():
+        start = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    return seconds, memory.peak_mib, out
+
+
+def compare(name: str, ours, theirs, device: torch.device, repeats: int, reference_outputs=None):
+    """Interleaved timing after one warm-up call each. Returns the printed row and both outputs."""
+    ours_out = timed(ours, device)[2]
+    theirs_out = timed(theirs, device)[2]
+    ours_t, theirs_t, ours_m, theirs_m = [], [], [], []
+    for i in range(repeats):
+        pair = [(ours, ours_t, ours_m), (theirs, theirs_t, theirs_m)]
+        for fn, times, mems in pair if i % 2 == 0 else reversed(pair):
+            seconds, mib, _ = timed(fn, device)
+            times.append(seconds)
+            mems.append(mib)
+    row = {
+        "case": name,
+        "ours_s": statistics.median(ours_t),
+        "ref_s": statistics.median(theirs_t),
+        "ours_mib": max(ours_m),
+        "ref_mib": max(theirs_m),
+        "parity": relative_error(ours_out, theirs_out),
+    }
+    if reference_outputs is not None:
+        ours_fp32, theirs_fp32 = reference_outputs
+        row["ours_err"] = relative_error(ours_out, ours_fp32)
+        row["ref_err"] = relative_error(theirs_out, theirs_fp32)
+    print(format_row(row), flush=True)
+    return row, ours_out, theirs_out
+
+
+def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
+    out, reference = out.float(), reference.float()
+    return ((out - reference).norm() / reference.norm().clamp_min(1e-12)).item()
+
+
+def format_row(row: dict) -> str:
+    text = (f"{row['case']:<34} ours {row['ours_s']:7.3f}s  ref {row['ref_s']:7.3f}s  "
+            f"ratio {row['ours_s'] / row['ref_s']:5.2f}  peak MiB ours {row['ours_mib']:7.0f} ref {row['ref_mib']:7.0f}  "
+            f"ours-vs-ref {row['parity']:.1e}")
+    if "ours_err" in row:
+        text += f"  bf16-vs-fp32 ours {row['ours_err']:.1e} ref {row['ref_err']:.1e}"
+    return text
+
+
+def unet_cases(args, device) -> list[dict]:
+    from diffusers import UNet2DConditionModel as DiffusersUNet
+
+    from fixative.core.config import UNetConfig
+    from fixative.core.unet import UNet2DConditionModel
+
+    config = UNetConfig()  # sd15
+    torch.manual_seed(0)
+    theirs = DiffusersUNet(**{k: v for k, v in config.to_diffusers().items() if not k.startswith("_")}).eval()
+    with torch.device("meta"):
+        ours = UNet2DConditionModel(config)
+    ours.load_state_dict(theirs.state_dict(), strict=True, assign=True)
+    ours.eval()
+    theirs.to(device)
+    ours.to(device)
+    rows = []
+    sizes = [32] if args.quick else [32, 64]
+    fp32_outputs = {}
+    for size in sizes:
+        latents = torch.randn(2, 4, size, size, device=device)
+        text_embeddings = torch.randn(2, 77, config.cross_attention_dim, device=device)
+        t = torch.tensor([500, 500], device=device)
+        row, ours_out, theirs_out = compare(
+            f"unet sd15 {size}x{size} b2 fp32", lambda: ours(latents, t, text_embeddings),
+            lambda: theirs(latents, t, text_embeddings).sample, device, args.repeats)
+        fp32_outputs[size] = (ours_out, theirs_out, latents, text_embeddings, t)
+        rows.append(row)
+    ours.to(torch.bfloat16)
+    theirs.to(torch.bfloat16)
+    for size in sizes:
+        ours_fp32, theirs_fp32, latents, text_embeddings, t = fp32_outputs[size]
+        latents, text_embeddings = latents.bfloat16(), text_embeddings.bfloat16()
+        rows.append(compare(f"unet sd15 {size}x{size} b2 bf16", lambda: ours(latents, t, text_embeddings),
+                            lambda: theirs(latents, t, text_embeddings).sample, device, args.repeats,
+                            reference_outputs=(ours_fp32, theirs_fp32))[0])
+    del ours, theirs
+    return rows
+
+
+def vae_cases(args, device) -> list[dict]:
+    from diffusers import AutoencoderKL as DiffusersVAE
+
+    from fixative.core.config import AutoencoderKLConfig
+    from fixative.core.vae import AutoencoderKL
+
+    config = AutoencoderKLConfig()
+    torch.manual_seed(0)
+    theirs = DiffusersVAE(**{k: v for k, v in config.to_diffusers().items() if not k.startswith("_")}).eval()
+    with torch.device("meta"):
+        ours = AutoencoderKL(config)
+    ours.load_state_dict(theirs.state_dict(), strict=True, assign=True)
+    ours.eval()
+    theirs.to(device)
+    ours.to(device)
+    latents = torch.randn(1, 4, 32, 32, device=device)  # 256x256 pixels
+    row, ours_out, theirs_out = compare("vae decode 256x256 fp32", lambda: ours.decode(latents),
+                                        lambda: theirs.decode(latents).sample, device, args.repeats)
+    rows = [row]
+    reference = (ours_out, theirs_out)
+    ours.to(torch.bfloat16)
+    theirs.to(torch.bfloat16)
+    latents_bf16 = latents.bfloat16()
+    rows.append(compare("vae decode 256x256 bf16", lambda: ours.decode(latents_bf16),
+                        lambda: theirs.decode(latents_bf16).sample, device, args.repeats,
+                        reference_outputs=reference)[0])
+    return rows
+
+
+def text_encoder_cases(args, device) -> list[dict]:
+    from transformers import CLIPTextConfig as HFConfig
+    from transformers import CLIPTextModel as HFModel
+
+    from fixative.core.config import CLIPTextConfig
+    from fixative.core.text_encoder import CLIPTextModel
+
+    config = CLIPTextConfig()
+    torch.manual_seed(0)
+    hf_config = {k: v for k, v in config.to_diffusers().items() if k not in ("architectures", "model_type", "torch_dtype")}
+    theirs = HFModel(HFConfig(**hf_config)).eval()
+    with torch.device("meta"):
+        ours = CLIPTextModel(config)
+    state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in theirs.state_dict().items()
+             if not k.endswith("position_ids")}
+    ours.load_state_dict(state, strict=True, assign=True)
+    ours.eval()
+    theirs.to(device)
+    ours.to(device)
+    input_ids = torch.randint(0, config.vocab_size - 2, (2, 77), device=device)
+    input_ids[:, 0] = config.bos_token_id
+    input_ids[:, 10:] = config.eos_token_id
+    return [compare("text encoder sd15 b2 fp32", lambda: ours(input_ids).last_hidden_state,
+                    lambda: theirs(input_ids).last_hidden_state, device, args.repeats)[0]]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one repeat, 32x32 UNet only")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each implementation (default 3)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--only", choices=["unet", "vae", "text"], help="run one network only")
+    args = parser.parse_args()
+    if args.quick:
+        args.repeats = 1
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, repeats {args.repeats}")
+    rows = []
+    for name, cases in (("text", text_encoder_cases), ("vae", vae_cases), ("unet", unet_cases)):
+        if args.only in (None, name):
+            rows += cases(args, device)
+    worst = max(row["ours_s"] / row["ref_s"] for row in rows)
+    print(f"worst ratio {worst:.2f} (target <= 1.00)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
