@@ -83,7 +83,7 @@ class CLIPAttention(nn.Module):
         def heads(x: torch.Tensor) -> torch.Tensor:  # (batch, heads, tokens, head_dim)
             return x.view(batch, tokens, self.num_heads, -1).transpose(1, 2)
 
-        q, k, v = heads(self.q_proj(hidden_states)), heads(self.k_proj(hidden_states)), heads(self.v_proj(hidden_states))
+        q, k, v = (heads(proj(hidden_states)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         # softmax(q k^T / sqrt(head_dim) + causal mask) v: each token sees itself and the tokens before it
         attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out_proj(attended.transpose(1, 2).reshape(batch, tokens, width))
@@ -160,7 +160,8 @@ class CLIPTextModel(nn.Module):
                 skipped_states = hidden_states
         last_hidden_state = model.final_layer_norm(skipped_states)
         final_states = last_hidden_state if clip_skip == 0 else model.final_layer_norm(hidden_states)
-        return CLIPTextOutput(last_hidden_state, final_states[torch.arange(len(input_ids)), self.eos_positions(input_ids)])
+        pooled_output = final_states[torch.arange(len(input_ids)), self.eos_positions(input_ids)]
+        return CLIPTextOutput(last_hidden_state, pooled_output)
 
     def eos_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(batch,) index of the token whose state is the pooled output."""
