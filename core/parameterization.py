@@ -1,9 +1,12 @@
 """What a denoising network predicts, and how its output becomes a clean-sample estimate.
 
 Every noisy sample is x_t = α_t x0 + σ_t ε with α_t² + σ_t² = 1 (α_t² = ᾱ_t, the cumulative product of
-1 − β). Each parameterisation turns a network output F into (x0, ε), and states the same map as the two
-scalings of ``x0 = c_skip · x_t + c_out · F`` (the sgm / EDM form). The consistency models' boundary
-condition is one more of these: ``f(x_t, t) = c_skip(t) · x_t + c_out(t) · F`` with F the estimated x0.
+1 − β). Each parameterisation turns a network output F into (x0, ε) (``predict``), states the same map as
+the two scalings of ``x0 = c_skip · x_t + c_out · F`` (``scalings``, the sgm / EDM form), and gives the
+denoiser D(x; σ) of the equivalent variance-exploding sample x = x_t/α_t = x0 + σ ε, σ = σ_t/α_t, that
+Karras-style solvers step (``denoise``; Karras et al. 2022, Eq. 7, the network seeing x/√(σ² + 1)).
+The consistency models' boundary condition is one more of these: ``f(x_t, t) = c_skip(t) · x_t +
+c_out(t) · F`` with F the estimated x0.
 
 The formulas are written in the order diffusers evaluates them, so results agree bit for bit.
 """
@@ -33,6 +36,9 @@ class EpsilonPrediction:
     def predict(self, model_output, latents, alpha_t, sigma_t) -> Prediction:
         return Prediction((latents - sigma_t * model_output) / alpha_t, model_output)
 
+    def denoise(self, model_output, latents, sigma):
+        return latents - sigma * model_output
+
 
 class VPrediction:
     """F = v = α_t ε − σ_t x0 (Salimans & Ho 2022, Sec. 4): x0 = α_t x_t − σ_t v, ε = α_t v + σ_t x_t."""
@@ -45,6 +51,9 @@ class VPrediction:
     def predict(self, model_output, latents, alpha_t, sigma_t) -> Prediction:
         return Prediction(alpha_t * latents - sigma_t * model_output, alpha_t * model_output + sigma_t * latents)
 
+    def denoise(self, model_output, latents, sigma):  # x0 = x/(σ² + 1) − σ/√(σ² + 1) · v
+        return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (latents / (sigma**2 + 1))
+
 
 class SamplePrediction:
     """F = x0: ε = (x_t − α_t x0) / σ_t."""
@@ -56,6 +65,9 @@ class SamplePrediction:
 
     def predict(self, model_output, latents, alpha_t, sigma_t) -> Prediction:
         return Prediction(model_output, (latents - alpha_t * model_output) / sigma_t)
+
+    def denoise(self, model_output, latents, sigma):
+        return model_output
 
 
 class ConsistencyBoundary:

@@ -57,11 +57,9 @@ class ScheduleSettings:
 
     @classmethod
     def from_config(cls, config: dict) -> "ScheduleSettings":
-        """The keys of ``config`` this solver reads; absent ones take the solver's own default. Keys a
-        diffusers config records in ``_use_default_values`` were defaults of another class: dropped."""
-        defaulted = set(config.get("_use_default_values", ()))
+        """The keys of ``config`` this solver reads; absent ones take the solver's own default."""
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in known and k not in defaulted})
+        return cls(**{k: v for k, v in config.items() if k in known})
 
 
 @dataclass
@@ -335,7 +333,8 @@ class Scheduler:
             noise_pred = unet(scheduler.scale_model_input(latents, t), t, text_embeddings)
             latents = scheduler.step(noise_pred, t, latents, generator)
 
-    After each step ``pred_original_sample`` holds the step's estimate of the clean latents.
+    After each step ``pred_original_sample`` holds the step's estimate of the clean latents (for lcm,
+    the consistency function's output, diffusers' ``denoised``).
     """
 
     name: str
@@ -484,7 +483,7 @@ class DDPMScheduler(Scheduler):
         return _integer_timesteps(self.settings, num_inference_steps)
 
     def step(self, model_output, t, latents, generator=None):
-        index = (self.timesteps == t).nonzero()[0].item()
+        index = self._index_of(t)  # the step before is the next entry of the schedule
         prev_t = self.timesteps[index + 1] if index + 1 < len(self.timesteps) else -1
         alpha_cumprod = self.alphas_cumprod[t]
         alpha_cumprod_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else torch.tensor(1.0)
@@ -525,8 +524,6 @@ class _SigmaScheduler(Scheduler):
 class _VESigmaScheduler(_SigmaScheduler):
     """Solvers on variance-exploding latents x0 + σ ε (Karras et al. 2022): the network sees x/√(σ² + 1)."""
 
-    prediction_types = ("epsilon", "v_prediction", "sample")
-
     @property
     def init_noise_sigma(self):
         max_sigma = self.sigmas.max()
@@ -543,15 +540,6 @@ class _VESigmaScheduler(_SigmaScheduler):
         timesteps = torch.as_tensor(timesteps, device=self.timesteps.device).reshape(-1)
         sigmas = self.sigmas.to(device=original.device, dtype=original.dtype)
         return original + noise * _per_sample(sigmas[self._noise_level_indices(timesteps)], original)
-
-    def _x0(self, model_output, latents, sigma):
-        """D(x; σ): the parameterisation read on the variance-preserving sample x/√(σ² + 1)."""
-        alpha_t, sigma_t = vp_alpha_sigma(sigma)
-        if self.parameterization.name == "epsilon":  # ε reads the same on x0 + σ ε: x0 = x − σ ε
-            alpha_t, sigma_t = 1.0, sigma
-        else:
-            latents = alpha_t * latents
-        return self.parameterization.predict(model_output, latents, alpha_t, sigma_t).x0
 
     def _float_timesteps(self, num_inference_steps: int) -> np.ndarray:
         s = self.settings
@@ -587,7 +575,7 @@ class EulerScheduler(_VESigmaScheduler):
         i = self._index(t)
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
         latents = latents.to(torch.float32)
-        x0 = self._x0(model_output, latents, sigma)
+        x0 = self.parameterization.denoise(model_output, latents, sigma)
         self.pred_original_sample = x0
         self._step_index += 1
         return euler_step(latents, x0, sigma, sigma_next).to(model_output.dtype)
@@ -610,7 +598,7 @@ class EulerAncestralScheduler(_VESigmaScheduler):
         i = self._index(t)
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
         latents = latents.to(torch.float32)
-        x0 = self._x0(model_output, latents, sigma)
+        x0 = self.parameterization.denoise(model_output, latents, sigma)
         noise = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
         self.pred_original_sample = x0
         self._step_index += 1
@@ -697,6 +685,7 @@ class LCMScheduler(Scheduler):
     def __init__(self, settings: LCMSettings):
         super().__init__(settings)
         self.boundary = ConsistencyBoundary(settings.timestep_scaling)
+        self._strength = 1.0
 
     def set_timesteps(self, num_inference_steps: int, device=None, strength: float = 1.0) -> None:
         """n timesteps picked evenly from the distillation schedule k·c − 1, k = 1 … original_inference_steps
@@ -751,7 +740,7 @@ def make_scheduler(name: str, scheduler_config: dict | None = None, *, eta: floa
     read from a diffusers scheduler_config dict (any scheduler class's). eta: DDIM's noise (0 = deterministic)."""
     cls = _scheduler_class(name)
     config = dict(scheduler_config or {})
-    for key in config.get("_use_default_values", ()):
+    for key in config.get("_use_default_values", ()):  # defaults of the class the config was saved from
         config.pop(key, None)
     for key, accepted in cls.unsupported.items():
         if config.get(key, accepted[0]) not in accepted:
@@ -772,4 +761,5 @@ def to_diffusers(name: str, scheduler_config: dict | None = None) -> dict:
     """The scheduler_config.json dict of diffusers' class for ``name`` (``_class_name`` included), carrying
     the settings ``make_scheduler(name, scheduler_config)`` uses, so that diffusers samples the same way."""
     scheduler = make_scheduler(name, scheduler_config)
-    return {"_class_name": scheduler.diffusers_class, **dataclasses.asdict(scheduler.settings)}
+    settings = {k: v for k, v in dataclasses.asdict(scheduler.settings).items() if v is not None}
+    return {"_class_name": scheduler.diffusers_class, **settings}

@@ -103,10 +103,13 @@ def schedule_config(beta_schedule, spacing, prediction, zero_snr, **extra):
 
 
 def cases(name, extra_axes):
-    """Every combination of beta schedule x spacing x prediction type x zero-SNR x the solver's own axes."""
+    """Every combination of beta schedule x spacing x prediction type x zero-SNR x the solver's own axes
+    (steps_offset only where it acts: diffusers adds it to "leading" timesteps alone)."""
     keys = list(extra_axes)
     for beta, spacing, prediction, zero_snr, *values in itertools.product(
             BETAS, SPACINGS, PREDICTIONS[name], (False, True), *extra_axes.values()):
+        if spacing != "leading" and dict(zip(keys, values)).get("steps_offset", 0) != 0:
+            continue
         yield pytest.param(name, schedule_config(beta, spacing, prediction, zero_snr, **dict(zip(keys, values))),
                            id=f"{name}-{beta}-{spacing}-{prediction}-{'zsnr' if zero_snr else 'snr'}-"
                               + "-".join(f"{k}={v}" for k, v in zip(keys, values)))
@@ -182,6 +185,21 @@ def test_a_stable_diffusion_pndm_config_keeps_its_settings_in_every_solver(name,
     """SD 1.x ships a PNDMScheduler config: switching solver keeps its betas and steps_offset (from_config)."""
     config = dict(SD_CONFIG, _class_name="PNDMScheduler", skip_prk_steps=True, trained_betas=None)
     full_loop_parity(name, config, tmp_path, steps=7)
+
+
+@pytest.mark.parametrize("name", ["euler", "dpm++2m", "lcm"])
+def test_an_in_memory_diffusers_config_switches_like_from_config(name, tmp_path):
+    """dict(scheduler.config) of an in-memory scheduler lists its defaults in _use_default_values; those
+    give way to the new solver's own defaults, as in diffusers' from_config."""
+    in_memory = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    config = dict(in_memory.config)
+    assert "timestep_spacing" in config["_use_default_values"]
+    ours = make_scheduler(name, config)
+    theirs = DIFFUSERS_CLASS[name].from_config(in_memory.config)
+    assert ours.settings.timestep_spacing == theirs.config.timestep_spacing
+    ours.set_timesteps(STEPS)
+    theirs.set_timesteps(STEPS)
+    torch.testing.assert_close(ours.timesteps, theirs.timesteps, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))
@@ -305,6 +323,9 @@ def test_parameterization_scalings_give_the_same_x0_as_predict(parameterization)
     torch.testing.assert_close(prediction.eps, eps, atol=1e-5, rtol=0)
     c_skip, c_out = parameterization.scalings(alpha_t, sigma_t)
     torch.testing.assert_close(c_skip * latents + c_out * model_output, x0, atol=1e-5, rtol=0)
+    # the Karras form: the variance-exploding sample x_t/α_t = x0 + (σ_t/α_t) ε gives the same x0
+    torch.testing.assert_close(parameterization.denoise(model_output, latents / alpha_t, sigma_t / alpha_t), x0,
+                               atol=1e-5, rtol=0)
 
 
 def test_consistency_boundary_scalings_match_diffusers_lcm():
