@@ -4,8 +4,9 @@ Each module here adds its sub-commands; heavy imports (torch, models) happen ins
 functions so that ``fixative --help`` stays fast.
 """
 
-from . import models
+from . import generate, models
 
 
 def register(subparsers) -> None:
     models.register(subparsers)
+    generate.register(subparsers)

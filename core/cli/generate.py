@@ -1,0 +1,131 @@
+"""``fixative generate``: txt2img, img2img and inpainting from the command line (a thin layer over
+``fixative.core.pipelines.generate``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+SCHEDULERS = ("ddim", "euler", "euler-a", "dpm++2m", "ddpm", "lcm")
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="render images from a prompt (txt2img, img2img, inpainting)",
+        description="Render images with a Stable Diffusion model: txt2img; img2img with --init-image; "
+                    "inpainting with --init-image and --mask (white = repaint). The settings are recorded "
+                    "in each PNG's text metadata.",
+    )
+    parser.add_argument("--model", default="toy",
+                        help="a diffusers model folder, a single-file .safetensors/.ckpt, or 'toy' (default: %(default)s)")
+    parser.add_argument("--prompt", required=True, help="what to render; required")
+    parser.add_argument("--negative-prompt", default=None, help="what to steer away from (classifier-free guidance; default: none)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of torch.Generator('cpu'), as diffusers uses it: same seed, same image "
+                             "(default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=30, help="number of sampling steps (default: %(default)s)")
+    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale, 1 = off (default: %(default)s)")
+    parser.add_argument("--guidance-rescale", type=float, default=0.0,
+                        help="guidance rescale phi (Lin et al. 2024, Sec. 3.4); 0.7 is typical for v-prediction "
+                             "models (default: %(default)s)")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default=None,
+                        help="sampler; default: the model's own scheduler (DDIM where fixative lacks it)")
+    parser.add_argument("--height", type=int, default=None,
+                        help="image height in pixels, a multiple of 8; default: the init image's, else the model's")
+    parser.add_argument("--width", type=int, default=None,
+                        help="image width in pixels, a multiple of 8; default: the init image's, else the model's")
+    parser.add_argument("--num-images", type=int, default=1, help="how many images to render (default: %(default)s)")
+    parser.add_argument("--init-image", type=Path, default=None, help="image to start from (img2img / inpainting; default: none, txt2img)")
+    parser.add_argument("--strength", type=float, default=None,
+                        help="how far the init image is noised, in (0, 1]; default: 0.8 for img2img, 1.0 for inpainting")
+    parser.add_argument("--mask", type=Path, default=None,
+                        help="inpainting mask, same size as --init-image: white where the model paints "
+                             "(default: none)")
+    parser.add_argument("--clip-skip", type=int, default=0, help="skip the text encoder's last N layers (default: %(default)s)")
+    parser.add_argument("--vae-tiling", action="store_true", help="decode in tiles, for large images (default: off)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="compute precision (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto: cuda > mps > cpu (default: %(default)s)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (default: show it)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output PNG file for one image, or a folder (created) for several; required")
+    parser.set_defaults(func=run)
+
+
+def _device(name: str):
+    import torch
+
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _output_paths(out: Path, count: int) -> list[Path]:
+    from ..errors import FixativeError
+
+    if out.suffix.lower() == ".png":
+        if count > 1:
+            raise FixativeError(f"--out {out} is one file but {count} images are rendered; give a folder")
+        return [out]
+    if out.suffix:
+        raise FixativeError(f"--out {out}: images are written as PNG; give a .png file or a folder")
+    return [out / f"image-{i:03d}.png" for i in range(count)]
+
+
+def run(args: argparse.Namespace) -> int:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    from ..checkpoints import load_model
+    from ..errors import FixativeError
+    from ..images import load_image, load_mask, save_png
+    from ..pipelines import default_scheduler_name, generate
+
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and (value <= 0 or value % 8):
+            raise FixativeError(f"--{name} {value} is not a positive multiple of 8; use e.g. {max(8, value - value % 8)}")
+    if args.steps < 1 or args.num_images < 1:
+        raise FixativeError("--steps and --num-images must be at least 1")
+    if (args.mask is not None or args.strength is not None) and args.init_image is None:
+        raise FixativeError("--mask and --strength need --init-image")
+    paths = _output_paths(args.out, args.num_images)
+    image = load_image(args.init_image) if args.init_image is not None else None
+    mask = load_mask(args.mask) if args.mask is not None else None
+    if mask is not None and mask.size != image.size:
+        raise FixativeError(f"mask {args.mask} is {mask.width}x{mask.height} but the init image is "
+                            f"{image.width}x{image.height}; they must be the same size")
+
+    model = load_model(args.model, device=_device(args.device), dtype=getattr(torch, DTYPES[args.dtype]))
+    scheduler = args.scheduler or default_scheduler_name(model)
+    images = generate(
+        model, args.prompt, args.negative_prompt, image=image, mask=mask, strength=args.strength,
+        height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
+        guidance_rescale=args.guidance_rescale, scheduler=scheduler, num_images_per_prompt=args.num_images,
+        seed=args.seed, clip_skip=args.clip_skip, vae_tiling=args.vae_tiling, progress=not args.quiet,
+    )
+    try:
+        fixative_version = version("fixative")
+    except PackageNotFoundError:
+        fixative_version = "unknown"
+    settings = {
+        "prompt": args.prompt, "negative_prompt": args.negative_prompt or "", "seed": args.seed,
+        "steps": args.steps, "guidance_scale": args.guidance, "guidance_rescale": args.guidance_rescale,
+        "scheduler": scheduler, "model": str(getattr(model, "source", args.model)),
+        "height": images[0].height, "width": images[0].width, "clip_skip": args.clip_skip, "dtype": args.dtype,
+        "fixative_version": fixative_version,
+    }
+    if image is not None:
+        settings.update(init_image=str(args.init_image), strength=args.strength if args.strength is not None else (1.0 if mask else 0.8))
+    if mask is not None:
+        settings["mask"] = str(args.mask)
+    for index, (picture, path) in enumerate(zip(images, paths)):
+        save_png(picture, path, {**settings, "image_index": index, "num_images": len(images)})
+        print(path)
+    return 0
