@@ -44,6 +44,8 @@ STEMS = {"unet": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
          "vae": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
          "text_encoder": ("model", "pytorch_model")}
 SUB_FOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+FOLDER_LAYOUT = "a diffusers model folder holds model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SINGLE_FILE_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".pth", ".bin"}
 # The diffusers release whose folder format we write (the format has been stable since).
 DIFFUSERS_FORMAT_VERSION = "0.30.0"
@@ -129,6 +131,8 @@ def load_model(source: str | Path, device: torch.device | str = "cpu", dtype: to
     ``prediction_type`` ("epsilon", "v_prediction") overrides what the model's scheduler config says; a
     single file does not record it (epsilon is assumed). ``device="meta"`` reads only shapes (for ``info``).
     """
+    if prediction_type not in (None, *PREDICTION_TYPES):
+        raise FixativeError(f"unknown prediction type {prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)}")
     if str(source) == "toy":
         return _load_folder(_toy_model_folder(), device, dtype, prediction_type, name="toy")
     path = Path(source).expanduser()
@@ -214,21 +218,20 @@ def _current_vae_key(key: str, value: torch.Tensor) -> list[tuple[str, torch.Ten
     parent, _, name = module.rpartition(".")
     if ".attentions." in key and name in _OLD_VAE_ATTENTION:
         key = f"{parent}.{_OLD_VAE_ATTENTION[name]}.{leaf}"
-    if ".attentions." in key and value.ndim == 4 and key.endswith(single_file._VAE_ATTENTION_LINEARS):
+    if ".attentions." in key and value.ndim == 4 and key.endswith(single_file.VAE_ATTENTION_LINEARS):
         value = value[:, :, 0, 0]
     return [(key, value)]
 
 
 def _load_folder(folder: Path, device, dtype: torch.dtype, prediction_type: str | None, name: str
                  ) -> StableDiffusionModel:
-    layout = "a diffusers model folder holds model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
-    index = _read_json(folder / "model_index.json", f"point at a diffusers model folder ({layout})")
+    index = _read_json(folder / "model_index.json", FOLDER_LAYOUT)
     if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
         raise FixativeError(f"{folder / 'model_index.json'} describes {index.get('_class_name', 'an SDXL pipeline')}; "
                             "fixative supports Stable Diffusion 1.x/2.x only")
     for sub in SUB_FOLDERS:
         if not (folder / sub).is_dir():
-            raise FixativeError(f"{folder / sub} is missing; {layout}")
+            raise FixativeError(f"{folder / sub} is missing; {FOLDER_LAYOUT}")
     config = ModelConfig(
         _parse(folder / "unet" / "config.json", UNetConfig.from_diffusers, "the UNet needs its config"),
         _parse(folder / "vae" / "config.json", AutoencoderKLConfig.from_diffusers, "the VAE needs its config"),
@@ -268,23 +271,26 @@ def _load_single_file(path: Path, device, dtype: torch.dtype, prediction_type: s
         raise FixativeError(f"{path}: {error}") from None
     networks, stored = _build(tensors, lambda key, value: single_file.map_original_key(key, value, config), config,
                               list(NETWORKS), device, dtype, original_names=True)
-    kind = "safetensors" if path.suffix == ".safetensors" else "pickle"
+    kind = "safetensors" if path.suffix == ".safetensors" else "weights-only pickle"
     return StableDiffusionModel(networks["unet"], networks["vae"], networks["text_encoder"],
                                 default_tokenizer(config.text_encoder), scheduler_config, source=str(path),
-                                details=SourceDetails(f"single file ({kind}, original layout)", stored, notes))
+                                details=SourceDetails(f"original single file, {kind}", stored, notes))
 
 
-def _convert(tensors: TensorFile, route: Route, read: Callable[[str], torch.Tensor], device, dtype: torch.dtype
+def _convert(keys, route: Route, read: Callable[[str], torch.Tensor], device, dtype: torch.dtype
              ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, list[str]], dict[str, list[str]]]:
-    """Every tensor of the file under our names, grouped by network; per network, the file's keys that went
-    into it and those that have no place in it. Tensors are read, renamed and cast one at a time."""
+    """The tensors under our names, grouped by network; per network, the file's keys that went into it and
+    those that have no place in it. Tensors are read, renamed and cast one at a time."""
     converted, sources, unexpected = defaultdict(dict), defaultdict(list), defaultdict(list)
-    for key in tensors.shapes:
+    for key in keys:
         routed = route(key, read(key))
         if routed is None:
             continue
         network, items = routed
-        (sources if items is not None else unexpected)[network].append(key)
+        if items is None:
+            unexpected[network].append(key)
+        elif items:  # [] marks a known tensor the network does not use
+            sources[network].append(key)
         for ours, value in items or ():
             converted[network][ours] = value.to(device=device, dtype=dtype if value.is_floating_point() else None)
     return converted, sources, unexpected
@@ -319,7 +325,7 @@ def _build(tensors: TensorFile, route: Route, config: ModelConfig, names: list[s
     """The named networks from one file, checked by key and shape on the meta device first, then read tensor by
     tensor; also the dtype(s) each network is stored in. ``original_names``: report missing tensors under
     their single-file names."""
-    converted, sources, unexpected = _convert(tensors, route, tensors.meta, "meta", dtype)
+    converted, sources, unexpected = _convert(tensors.shapes, route, tensors.meta, "meta", dtype)
     networks = {}
     for network in names:
         with _meta_without_init():
@@ -339,8 +345,9 @@ def _build(tensors: TensorFile, route: Route, config: ModelConfig, names: list[s
                 raise FixativeError(f"{tensors.label}: {WHAT[network]} tensor {key} has shape {tuple(value.shape)}, "
                                     f"its config asks for {tuple(expected[key].shape)}; the config does not match "
                                     "the weights")
-    if str(device) != "meta":
-        converted, _, _ = _convert(tensors, route, tensors.read, device, dtype)
+    if str(device) != "meta":  # now read, skipping what the networks do not use (EMA copies, training state)
+        converted, _, _ = _convert([key for network in names for key in sources[network]], route, tensors.read,
+                                   device, dtype)
     for network, module in networks.items():
         module.load_state_dict(converted[network], strict=True, assign=True)
         module.eval()
@@ -350,7 +357,7 @@ def _build(tensors: TensorFile, route: Route, config: ModelConfig, names: list[s
 # -------------------------------------------------------------------------------------------- saving
 
 
-def _atomic_folder(folder: Path, overwrite: bool):
+def _staging_folder(folder: Path, overwrite: bool) -> Path:
     if folder.exists() and not overwrite:
         raise FixativeError(f"{folder} already exists; choose another destination or remove it first")
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -370,7 +377,7 @@ def save_diffusers(model: StableDiffusionModel, folder: str | Path, dtype: torch
     ``dtype`` casts the stored weights (e.g. torch.float16); None keeps the model's.
     """
     folder = Path(folder)
-    staging = _atomic_folder(folder, overwrite)
+    staging = _staging_folder(folder, overwrite)
     try:
         scheduler_class = model.scheduler_config.get("_class_name", "PNDMScheduler")
         index = {
@@ -409,7 +416,8 @@ def save_diffusers(model: StableDiffusionModel, folder: str | Path, dtype: torch
     return folder
 
 
-def save_single_file(model: StableDiffusionModel, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+def save_single_file(model: StableDiffusionModel, path: str | Path, dtype: torch.dtype | None = None,
+                     overwrite: bool = False) -> Path:
     """Writes ``model`` as one original-layout checkpoint: ``.safetensors``, or a weights-only ``.ckpt`` pickle.
 
     The exact configs go into the file's metadata, so fixative reloads what shapes cannot show (head counts,
@@ -418,6 +426,8 @@ def save_single_file(model: StableDiffusionModel, path: str | Path, dtype: torch
     path = Path(path)
     if path.suffix not in (".safetensors", ".ckpt"):
         raise FixativeError(f"{path}: a single-file checkpoint ends in .safetensors or .ckpt")
+    if path.exists() and not overwrite:
+        raise FixativeError(f"{path} already exists; choose another destination or remove it first")
     state = single_file.to_original({name: _state_for_saving(module, dtype) for name, module in model.networks().items()},
                                     model.config)
     state = {key: value.contiguous() for key, value in state.items()}

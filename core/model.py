@@ -24,7 +24,7 @@ def default_tokenizer(text_config: CLIPTextConfig) -> CLIPTokenizer:
 class SourceDetails:
     """Where a model came from, for ``fixative info`` and result records."""
 
-    format: str = "in memory"  # "diffusers folder", "single file (.safetensors)", "single file (.ckpt)", ...
+    format: str = "in memory"  # "diffusers folder", "original single file, safetensors", ...
     stored_dtypes: dict[str, str] = field(default_factory=dict)  # network -> dtype(s) of its stored tensors
     notes: list[str] = field(default_factory=list)  # what was assumed rather than read
 

@@ -44,7 +44,7 @@ _UNET_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": 
                 "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
 _VAE_RESNET = {"nin_shortcut": "conv_shortcut"}
 _VAE_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-_VAE_ATTENTION_LINEARS = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")
+VAE_ATTENTION_LINEARS = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")
 
 
 class _ModuleMap:
@@ -179,7 +179,7 @@ def map_vae_key(key: str, value: torch.Tensor, config: AutoencoderKLConfig) -> l
     ours = _vae_map_for(config).ours(key)
     if ours is None:
         return [] if key.startswith("loss.") else None  # training checkpoints keep the GAN loss: not a VAE weight
-    if ours.endswith(_VAE_ATTENTION_LINEARS) and value.ndim == 4:
+    if ours.endswith(VAE_ATTENTION_LINEARS) and value.ndim == 4:
         value = value[:, :, 0, 0]
     return [(ours, value)]
 
@@ -191,7 +191,7 @@ def vae_original_key(key: str, config: AutoencoderKLConfig) -> str | None:
 def vae_to_original(state_dict: dict[str, torch.Tensor], config: AutoencoderKLConfig) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in state_dict.items():
-        if key.endswith(_VAE_ATTENTION_LINEARS):
+        if key.endswith(VAE_ATTENTION_LINEARS):
             value = value[:, :, None, None]  # back to 1x1 convolutions
         out[VAE_PREFIX + _known(vae_original_key(key, config), key, "VAE")] = value
     return out
@@ -329,9 +329,13 @@ def config_metadata(config: ModelConfig, scheduler_config: dict) -> str:
 
 
 def config_from_metadata(text: str) -> tuple[ModelConfig, dict]:
-    configs = json.loads(text)
-    return (ModelConfig(UNetConfig.from_diffusers(configs["unet"]), AutoencoderKLConfig.from_diffusers(configs["vae"]),
-                        CLIPTextConfig.from_diffusers(configs["text_encoder"])), configs["scheduler"])
+    try:
+        configs = json.loads(text)
+        return (ModelConfig(UNetConfig.from_diffusers(configs["unet"]), AutoencoderKLConfig.from_diffusers(configs["vae"]),
+                            CLIPTextConfig.from_diffusers(configs["text_encoder"])), dict(configs["scheduler"]))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise FixativeError(f"the file's {METADATA_KEY!r} metadata is damaged ({type(error).__name__}: {error}); "
+                            "remove that metadata entry to have the architecture read from the tensor shapes") from None
 
 
 # ------------------------------------------------------------------------------- shapes -> architecture

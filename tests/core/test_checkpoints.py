@@ -297,7 +297,7 @@ def test_original_ckpt_with_training_state_loads(tmp_path):
               "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None]}
     torch.save({"state_dict": {**state, **extras}, "global_step": 470000, "epoch": 6}, tmp_path / "model.ckpt")
     model = load_model(tmp_path / "model.ckpt", dtype=torch.bfloat16)
-    assert model.unet.dtype == torch.bfloat16 and model.details.format.startswith("single file (pickle")
+    assert model.unet.dtype == torch.bfloat16 and model.details.format == "original single file, weights-only pickle"
     assert_same_weights(model, source.to(dtype=torch.bfloat16))
 
 
