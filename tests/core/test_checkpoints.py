@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig as HFCLIPTextConfig
 from transformers import CLIPTextModel as HFCLIPTextModel
 
-from fixative.core import single_file, toy
+from fixative.core import checkpoints, single_file, toy
 from fixative.core.checkpoints import load_model, save_diffusers, save_single_file
 from fixative.core.errors import FixativeError
 from fixative.core.model import StableDiffusionModel
@@ -348,6 +348,7 @@ def one_line_error(call, *args, **kwargs) -> str:
 
 def test_missing_path_and_unknown_suffix_are_named(tmp_path):
     assert "nowhere" in one_line_error(load_model, tmp_path / "nowhere")
+    assert "'toy'" in one_line_error(load_model, "sd15")  # names are not presets: only "toy" is a name
     (tmp_path / "notes.txt").write_text("hello")
     assert "notes.txt is not a model checkpoint" in one_line_error(load_model, tmp_path / "notes.txt")
 
@@ -436,3 +437,23 @@ def test_save_single_file_needs_a_known_suffix(tmp_path):
 
 def test_unknown_preset_names_the_known_ones():
     assert "sd15" in one_line_error(get_preset, "sd3")
+
+
+@pytest.mark.parametrize("preset", ["sd15", "sd21"])
+def test_full_size_networks_have_exactly_the_released_tensors(preset):
+    """Our networks at full size, on the meta device: the same tensor names and shapes as diffusers' and
+    transformers' models of the released configs, so real folders load strictly."""
+    config = get_preset(preset).model_config
+    with checkpoints._meta_without_init():
+        ours = {"unet": checkpoints.NETWORKS["unet"](config.unet).state_dict(),
+                "vae": checkpoints.NETWORKS["vae"](config.vae).state_dict(),
+                "text_encoder": checkpoints.NETWORKS["text_encoder"](config.text_encoder).state_dict()}
+    with torch.device("meta"):
+        theirs = {"unet": UNet2DConditionModel.from_config(config.unet.to_diffusers()).state_dict(),
+                  "vae": AutoencoderKL.from_config(config.vae.to_diffusers()).state_dict(),
+                  "text_encoder": {"text_model." + k.removeprefix("text_model."): v for k, v in HFCLIPTextModel(
+                      HFCLIPTextConfig(**vars(config.text_encoder))).state_dict().items()}}
+    for network in ours:
+        assert {k: tuple(v.shape) for k, v in ours[network].items()} == \
+               {k: tuple(v.shape) for k, v in theirs[network].items()}, network
+    assert len(ours["unet"]) == 686 and len(ours["vae"]) == 248

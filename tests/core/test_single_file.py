@@ -203,3 +203,17 @@ def test_unet_keys_map_back_and_forth_one_to_one():
     assert "output_blocks.2.2.conv.weight" in originals and "input_blocks.1.1.proj_in.weight" not in originals
     for key in ours:
         assert single_file.map_unet_key(single_file.unet_original_key(key, UNEVEN_UNET), None, UNEVEN_UNET)[0][0] == key
+
+
+def test_full_size_sd21_open_clip_tower_maps_like_diffusers():
+    config = get_preset("sd21").model_config.text_encoder
+    ours = text_state_dict(config, meta=True)
+    original = single_file.text_encoder_to_original(ours, config)
+    released_layer = {key.replace("resblocks.22.", "resblocks.23."): value for key, value in original.items()
+                      if ".resblocks.22." in key}  # the unused 24th layer of the released file
+    original.update(released_layer)
+    text_model = SimpleNamespace(config=SimpleNamespace(hidden_size=config.hidden_size))
+    assert_same_tensors(reference.convert_open_clip_checkpoint(text_model, original), ours)
+    shapes = {key: tuple(value.shape) for key, value in original.items()}
+    assert single_file.infer_text_config(single_file._strip(shapes, "cond_stage_model.model."), open_clip=True) == config
+    assert len(ours) == 23 * 16 + 4
