@@ -133,6 +133,16 @@ def test_saved_folder_loads_in_diffusers_with_the_same_outputs(ours, reference, 
     assert all(key.startswith("text_model.") for key in load_file(saved / "text_encoder" / "model.safetensors"))
 
 
+def test_sd2_folder_round_trips_through_diffusers(tmp_path):
+    folder = write_released_folder(tmp_path / "sd2", preset="tiny-sd2")
+    model = load_model(folder)
+    assert model.family == "SD 2.x" and model.tokenizer.pad_token == "!"
+    saved = save_diffusers(model, tmp_path / "saved")
+    pipe = StableDiffusionPipeline.from_pretrained(saved, safety_checker=None, requires_safety_checker=False)
+    assert pipe.tokenizer.pad_token == "!" and pipe.unet.config.use_linear_projection
+    assert_outputs_match(model, pipe)
+
+
 def test_transformers_5_text_encoder_without_prefix_loads(released, reference, tmp_path):
     folder = copy_of(released, tmp_path)
     weights = folder / "text_encoder" / "model.safetensors"
