@@ -12,6 +12,8 @@ Our networks use diffusers' names. Here is one pure mapping per network and dire
 does not belong to that layout, ``[]`` when it is a known tensor we do not use), ``*_to_original``
 writes a whole state dict back. The architecture of a file is read from its tensor shapes
 (``infer_model_config``); what shapes cannot show comes from the release it matches (``presets``).
+Files fixative writes also record their exact configs in the metadata entry ``fixative``, so non-standard
+models (other head counts, image sizes, prediction types) come back unchanged.
 """
 
 from __future__ import annotations
