@@ -7,6 +7,7 @@ Plain functions over (model, optimizer, batch), no global state, so the toy buil
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from dataclasses import dataclass
@@ -61,13 +62,27 @@ def training_target(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch
     raise FixativeError(f"prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}")
 
 
+def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float,
+                    prediction_type: str) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023, eq. 9): min(SNR_t, γ) / SNR_t for an ε target,
+    min(SNR_t, γ) / (SNR_t + 1) for a v target, min(SNR_t, γ) for x_0; SNR_t = ᾱ_t / (1 - ᾱ_t). (B,) float32."""
+    alpha_bar = alphas_cumprod.to(timesteps.device)[timesteps].double()
+    snr = alpha_bar / (1 - alpha_bar)
+    clipped = snr.clamp(max=gamma)
+    weights = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}[prediction_type]
+    return weights.float()
+
+
 def denoising_loss(unet: Callable, latents: torch.Tensor, text_embeddings: torch.Tensor,
                    alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
-                   generator: torch.Generator | None = None, timesteps: torch.Tensor | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, timesteps: torch.Tensor | None = None,
+                   snr_gamma: float | None = None, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """MSE between the model output on noised latents and its target (the simple loss, DDPM eq. 14).
 
     latents: scaled VAE latents (B, 4, h, w); text_embeddings (B, 77, D). Noise and timesteps (uniform over
     the training steps) are drawn on the CPU from ``generator``, so a seed gives the same batch anywhere.
+    snr_gamma: weight each sample by Min-SNR-γ (γ = 5 in the paper) instead of uniformly.
+    autocast_dtype: run the model's forward pass under torch.autocast in this dtype (e.g. bfloat16).
     """
     batch = latents.shape[0]
     if timesteps is None:
@@ -76,8 +91,13 @@ def denoising_loss(unet: Callable, latents: torch.Tensor, text_embeddings: torch
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
     noisy_latents = add_noise(latents, noise, timesteps, alphas_cumprod)
     target = training_target(latents, noise, timesteps, alphas_cumprod, prediction_type)
-    model_output = unet(noisy_latents, timesteps, text_embeddings)
-    return F.mse_loss(model_output.float(), target.float())
+    precision = torch.autocast(latents.device.type, autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    with precision:
+        model_output = unet(noisy_latents, timesteps, text_embeddings)
+    if snr_gamma is None:
+        return F.mse_loss(model_output.float(), target.float())
+    per_sample = (model_output.float() - target.float()).pow(2).flatten(1).mean(1)
+    return (per_sample * min_snr_weights(timesteps, alphas_cumprod, snr_gamma, prediction_type)).mean()
 
 
 def drop_captions(captions: Sequence[str], rate: float, rng: random.Random) -> list[str]:
@@ -90,6 +110,8 @@ def drop_captions(captions: Sequence[str], rate: float, rng: random.Random) -> l
 class TrainStepConfig:
     prediction_type: str = "epsilon"
     max_grad_norm: float | None = 1.0  # gradient clipping by global norm; None: no clipping
+    snr_gamma: float | None = None  # Min-SNR-γ loss weighting (Hang et al. 2023); None: uniform
+    autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16: forward pass under autocast
 
 
 def train_step(unet: nn.Module, optimizer: torch.optim.Optimizer, latents: torch.Tensor,
@@ -98,7 +120,8 @@ def train_step(unet: nn.Module, optimizer: torch.optim.Optimizer, latents: torch
                scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> float:
     """One optimisation step on one batch; returns the loss. ``backward``: e.g. ``accelerator.backward``."""
     optimizer.zero_grad(set_to_none=True)
-    loss = denoising_loss(unet, latents, text_embeddings, alphas_cumprod, config.prediction_type, generator)
+    loss = denoising_loss(unet, latents, text_embeddings, alphas_cumprod, config.prediction_type, generator,
+                          snr_gamma=config.snr_gamma, autocast_dtype=config.autocast_dtype)
     (backward or torch.Tensor.backward)(loss)
     if config.max_grad_norm is not None:
         params = [p for group in optimizer.param_groups for p in group["params"]]

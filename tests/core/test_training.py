@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fixative.core.training import (EMA, LoRALinear, TrainStepConfig, add_noise, alphas_cumprod_from_config,
-                                    denoising_loss, drop_captions, inject_lora, merge_lora, train_step,
+                                    denoising_loss, drop_captions, inject_lora, merge_lora, min_snr_weights, train_step,
                                     training_target, warmup_cosine)
 
 SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
@@ -175,3 +175,28 @@ def test_lora_trains_only_the_adapters():
     assert losses[-1] < losses[0]
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in frozen.items())
+
+
+def test_min_snr_weights_follow_the_paper():
+    alphas_cumprod = alphas_cumprod_from_config(SD_SCHEDULER)
+    timesteps = torch.tensor([0, 100, 500, 999])
+    snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
+    eps = min_snr_weights(timesteps, alphas_cumprod, 5.0, "epsilon")
+    assert torch.allclose(eps.double(), torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / snr)
+    assert eps[-1] == 1.0 and eps[0] < 0.01  # noisy steps keep weight 1, nearly clean ones are down-weighted
+    v = min_snr_weights(timesteps, alphas_cumprod, 5.0, "v_prediction")
+    assert torch.allclose(v.double(), torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / (snr + 1))
+
+
+def test_weighted_loss_with_gamma_infinite_equals_plain_loss_and_bf16_autocast_is_close():
+    torch.manual_seed(0)
+    model = TinyDenoiser()
+    latents, text = torch.randn(4, 4, 8, 8), torch.randn(4, 77, 8)
+    alphas_cumprod = alphas_cumprod_from_config(SD_SCHEDULER)
+    plain = denoising_loss(model, latents, text, alphas_cumprod, generator=torch.Generator().manual_seed(1))
+    weighted = denoising_loss(model, latents, text, alphas_cumprod, generator=torch.Generator().manual_seed(1),
+                              snr_gamma=float("inf"))
+    assert torch.allclose(plain, weighted, rtol=1e-5)
+    bf16 = denoising_loss(model, latents, text, alphas_cumprod, generator=torch.Generator().manual_seed(1),
+                          autocast_dtype=torch.bfloat16)
+    assert bf16.item() != plain.item() and abs(bf16.item() - plain.item()) < 0.05 * plain.item()

@@ -1,0 +1,64 @@
+"""``fixative toy dataset | build | report``: the toy world's commands (registered by core/cli)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    toy = subparsers.add_parser("toy", help="the toy world: data set, build and quality report of the small model")
+    commands = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND", required=True)
+
+    dataset = commands.add_parser("dataset", help="paint the Toy Atelier data set (an imagefolder with captions)")
+    dataset.add_argument("--out", required=True, help="folder to write (created; a complete one is left as it is)")
+    dataset.add_argument("--seed", type=int, default=0)
+    dataset.add_argument("--resolution", type=int, default=64)
+    dataset.add_argument("--images-per-artist", type=int, default=160)
+    dataset.add_argument("--grid", help="also write a PNG of all styles (one row per artist) here")
+    dataset.set_defaults(func=_dataset)
+
+    build = commands.add_parser("build", help="train the toy CLIP, VAE and UNet (about 45 minutes on 2 CPU cores)")
+    build.add_argument("--out", help="finished build folder (default: $FIXATIVE_HOME/toy/<size>-seed<seed>)")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--size", choices=("full", "ci"), default="full",
+                       help="full: the shipped toy world; ci: a few steps per stage, to exercise the path")
+    build.set_defaults(func=_build)
+
+    report = commands.add_parser("report", help="measure the toy world against its quality targets")
+    report.add_argument("--folder", help="a toy build folder (default: the one --model toy uses)")
+    report.add_argument("--out", default="outputs/toy_report", help="where report.json and samples.png go")
+    report.add_argument("--seed", type=int, default=0)
+    report.add_argument("--parts", default="vae,clip,generation,mimicry",
+                        help="comma-separated subset of vae, clip, generation, mimicry")
+    report.add_argument("--mimic-steps", type=int, help="fine-tuning steps of the mimicry attack")
+    report.set_defaults(func=_report)
+
+
+def _dataset(args: argparse.Namespace) -> int:
+    from .atelier import AtelierConfig, style_grid, write_atelier
+
+    config = AtelierConfig(seed=args.seed, resolution=args.resolution, images_per_artist=args.images_per_artist)
+    out = write_atelier(args.out, config)
+    print(f"Toy Atelier: {out}")
+    if args.grid:
+        style_grid(args.resolution, args.seed, args.grid)
+        print(f"style grid: {args.grid}")
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from .build import build
+
+    build(args.out, seed=args.seed, size=args.size)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import ReportConfig, report
+
+    config = ReportConfig(seed=args.seed)
+    if args.mimic_steps is not None:
+        config.mimic_steps = args.mimic_steps
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    report(args.folder, args.out, config, parts=parts)
+    return 0

@@ -1,0 +1,51 @@
+"""The toy CLIP as a judge: which artist painted an image, and what it shows.
+
+Zero-shot, as CLIP classifies: the image is compared with every caption "a painting of a {subject} by
+{artist}" of the Toy Atelier; an artist's score is the log-sum-exp of its captions' logits over the
+subjects (and a subject's over the artists), i.e. the marginal of the softmax over all captions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..tokenizer import CLIPTokenizer
+from . import atelier
+
+
+class ToyJudge:
+    def __init__(self, clip_folder: str | Path, device: torch.device | str = "cpu"):
+        import transformers
+
+        self.device = torch.device(device)
+        self.clip = transformers.CLIPModel.from_pretrained(clip_folder, dtype=torch.float32).to(self.device).eval()
+        self.artists = atelier.artist_names()
+        self.subjects = list(atelier.SUBJECTS)
+        captions = [atelier.caption(s, a) for a in self.artists for s in self.subjects]
+        input_ids = CLIPTokenizer.from_folder(clip_folder)(captions).to(self.device)
+        with torch.no_grad():
+            text = self.clip.get_text_features(input_ids=input_ids).pooler_output
+        self.text_embeds = F.normalize(text.float(), dim=-1)  # (artists * subjects, projection)
+
+    @torch.no_grad()
+    def logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (B, 3, 64, 64) in [-1, 1] -> caption logits (B, artists, subjects)."""
+        pixels = pixels.to(self.device, torch.float32)
+        if pixels.shape[-1] != self.clip.config.vision_config.image_size:
+            pixels = F.interpolate(pixels, size=self.clip.config.vision_config.image_size, mode="bilinear",
+                                   antialias=True, align_corners=False)
+        image = F.normalize(self.clip.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1)
+        logits = self.clip.logit_scale.exp().float() * image @ self.text_embeds.T
+        return logits.reshape(-1, len(self.artists), len(self.subjects))
+
+    def classify(self, pixels: torch.Tensor, batch_size: int = 128) -> tuple[list[str], list[str]]:
+        """The most likely artist and subject of each image (names)."""
+        artists, subjects = [], []
+        for chunk in pixels.split(batch_size):
+            logits = self.logits(chunk)
+            artists += [self.artists[i] for i in logits.logsumexp(2).argmax(1).tolist()]
+            subjects += [self.subjects[i] for i in logits.logsumexp(1).argmax(1).tolist()]
+        return artists, subjects
