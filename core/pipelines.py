@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 Generator = torch.Generator | list[torch.Generator] | None
 # callback(step, timestep, latents, pred_x0): called after every scheduler step; pred_x0 is the
 # scheduler's estimate of the clean latents at that step (its pred_original_sample).
-StepCallback = Callable[[int, torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 # diffusers scheduler classes -> fixative scheduler names, for a model folder's own scheduler_config.json
 SCHEDULER_NAMES = {cls.diffusers_class: name for name, cls in SCHEDULERS.items()}
@@ -167,9 +167,10 @@ def predict_noise_cfg(model: "StableDiffusionModel", latents: torch.Tensor, t: t
 
 
 class LatentBlend:
-    """Inpainting with an ordinary 4-channel UNet (diffusers' StableDiffusionInpaintPipeline for 4-channel
-    models, after RePaint / SDEdit): after every step, the kept region (mask 0) is replaced by the image's
-    latents noised to the next timestep, so only the masked region is generated."""
+    """Inpainting with an ordinary 4-channel UNet (Blended Latent Diffusion, Avrahami et al. 2023, Alg. 1;
+    as diffusers' StableDiffusionInpaintPipeline does for 4-channel UNets): after every step the kept
+    region (mask 0) is replaced by the image's latents noised to the next timestep, so only the masked
+    region is generated."""
 
     def __init__(self, image_latents: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor):
         self.image_latents = image_latents  # (B, 4, h, w), scaled

@@ -136,12 +136,19 @@ def render_both(folder: Path, model, kind: str, scheduler: str, seed=0, **settin
             return [torch.Generator("cpu").manual_seed(s) for s in seed]
         return torch.Generator("cpu").manual_seed(seed)
 
-    theirs_latents = pipe(generator=generator(), output_type="latent", **reference_settings).images
-    theirs_images = pipe(generator=generator(), **reference_settings).images
-    ours_latents = generate(model, generator=generator(), scheduler=scheduler, output="latents", progress=False,
-                            **ours_settings)
-    ours_images = generate(model, generator=generator(), scheduler=scheduler, progress=False, **ours_settings)
-    return ours_latents, theirs_latents, ours_images, theirs_images
+    latents = {}  # the final latents, kept by each side's per-step callback
+
+    def keep_theirs(pipe, step, t, tensors):
+        latents["theirs"] = tensors["latents"]
+        return tensors
+
+    def keep_ours(step, t, step_latents, pred_x0):
+        latents["ours"] = step_latents
+
+    theirs_images = pipe(generator=generator(), callback_on_step_end=keep_theirs, **reference_settings).images
+    ours_images = generate(model, generator=generator(), scheduler=scheduler, callback=keep_ours, progress=False,
+                           **ours_settings)
+    return latents["ours"], latents["theirs"], ours_images, theirs_images
 
 
 def assert_same_render(folder, model, kind, scheduler, **settings):
@@ -325,6 +332,15 @@ def test_callback_sees_every_step_and_its_latents(sd15):
     assert seen[0][1] > seen[1][1] > seen[2][1]
     torch.testing.assert_close(seen[-1][2], final)
     assert all(p.shape == final.shape for *_, p in seen)
+
+
+def test_tensor_output_is_the_pil_image_in_unit_range(sd15):
+    settings = dict(height=SIZE, width=SIZE, num_inference_steps=2, scheduler="ddim", seed=0, progress=False)
+    images = generate(sd15, PROMPT, output="images", **settings)
+    pil = generate(sd15, PROMPT, **settings)[0]
+    assert images.shape == (1, 3, SIZE, SIZE) and images.dtype == torch.float32
+    assert 0 <= images.min() and images.max() <= 1
+    assert np.array_equal((images[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), np.asarray(pil))
 
 
 def test_outpainting_pads_the_canvas_and_paints_only_the_border(sd15, init_image):
