@@ -158,7 +158,8 @@ def mimic(model, rows: list[dict], artist: str, name: str, config: ReportConfig)
     unet = mimic_model.unet
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.mimic_lr, weight_decay=0.0)
     schedule = warmup_cosine(optimizer, config.mimic_steps, max(1, config.mimic_steps // 10))
-    step_config = TrainStepConfig(prediction_type=model.prediction_type)
+    # as the toy build trains: Min-SNR-5 weighting, bf16 autocast
+    step_config = TrainStepConfig(prediction_type=model.prediction_type, snr_gamma=5.0, autocast_dtype=torch.bfloat16)
     for step in range(config.mimic_steps):
         generator = torch.Generator().manual_seed(config.seed * 7919 + step)
         a = torch.randint(0, len(mimic_rows), (config.mimic_batch,), generator=generator)

@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-from fixative.core.toy import build as toy_build
 from fixative.core.toy.report import ReportConfig, psnr_db, report
 
 
@@ -17,8 +16,8 @@ def test_psnr_of_a_known_error():
 
 
 @pytest.mark.slow
-def test_report_runs_every_part_on_a_ci_build(tmp_path):
-    folder = toy_build.build(tmp_path / "ci", size="ci", progress=False, log=lambda _: None)
+def test_report_runs_every_part_on_a_ci_build(ci_build, tmp_path):
+    folder = ci_build
     config = ReportConfig(num_inference_steps=2, samples_per_prompt=1, mimic_artists=("zenji",), mimic_images=4,
                           mimic_steps=2, mimic_batch=2, mimic_prior_batch=2, mimic_samples_per_subject=1)
     lines = []
