@@ -255,6 +255,11 @@ def test_img2img_at_full_strength_matches_diffusers(sd15_folder, sd15, init_imag
     assert_same_render(sd15_folder, sd15, "img2img", "euler", prompt=PROMPT, image=init_image, strength=1.0)
 
 
+def test_img2img_with_a_list_of_seeds_matches_diffusers(sd15_folder, sd15, init_image):
+    assert_same_render(sd15_folder, sd15, "img2img", "euler-a", seed=[4, 9], prompt=PROMPT, image=init_image,
+                       strength=0.7, num_images_per_prompt=2)
+
+
 @pytest.mark.parametrize("scheduler", ["ddim", "euler-a"])
 @pytest.mark.parametrize("strength", [1.0, 0.75])
 def test_inpainting_by_latent_blending_matches_diffusers(sd15_folder, sd15, init_image, mask_image, scheduler,
@@ -278,6 +283,13 @@ def test_inpainting_with_a_9_channel_unet_matches_diffusers(inpainting_folder, i
     assert_same_render(inpainting_folder, model, "inpaint", scheduler, prompt=PROMPT, negative_prompt=NEGATIVE,
                        image=init_image, mask_image=mask_image, strength=strength, height=SIZE, width=SIZE,
                        num_images_per_prompt=2)
+
+
+def test_inpainting_with_a_list_of_seeds_matches_diffusers(sd15_folder, sd15, inpainting_folder, init_image,
+                                                          mask_image):
+    for folder, model in ((sd15_folder, sd15), (inpainting_folder, load_model(inpainting_folder))):
+        assert_same_render(folder, model, "inpaint", "euler-a", seed=[4, 9], prompt=PROMPT, image=init_image,
+                           mask_image=mask_image, strength=0.8, height=SIZE, width=SIZE, num_images_per_prompt=2)
 
 
 @pytest.fixture(scope="module")
