@@ -7,7 +7,7 @@ import torch
 from diffusers import UNet2DConditionModel as DiffusersUNet
 
 from fixative.core.config import UNetConfig
-from fixative.core.unet import UNet2DConditionModel
+from fixative.core.unet import Attention, UNet2DConditionModel
 
 SD1_SMALL = UNetConfig(
     block_out_channels=(32, 64),
@@ -162,12 +162,17 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         unet(latents, torch.tensor([5, 600]), text_embeddings).square().mean().backward()
         return [latents.grad.clone()] + [p.grad.clone() for p in unet.parameters()]
 
+    # checkpointed modules start their forward again during the backward pass (recomputation stops early,
+    # so count forward starts)
+    resnet_calls = []
+    unet.down_blocks[0].resnets[0].register_forward_pre_hook(lambda *_: resnet_calls.append(1))
     plain = gradients(False)
+    assert len(resnet_calls) == 1
     checkpointed = gradients(True)
+    assert len(resnet_calls) == 3
     assert len(plain) == len(checkpointed)
     for a, b in zip(plain, checkpointed):
         assert_parity(b, a)
-    assert any(module.gradient_checkpointing for module in unet.modules() if hasattr(module, "gradient_checkpointing"))
 
 
 def test_builds_on_meta_device_and_loads_with_assign():
@@ -180,6 +185,26 @@ def test_builds_on_meta_device_and_loads_with_assign():
     latents, text_embeddings = inputs(SD1_SMALL)
     with torch.no_grad():
         assert_parity(ours(latents, 7, text_embeddings), reference(latents, 7, text_embeddings).sample)
+
+
+def test_upcast_attention_computes_softmax_in_fp32_for_bf16():
+    torch.manual_seed(0)
+    attention = Attention(64, heads=4, context_dim=32, upcast=True).to(torch.bfloat16)
+    hidden = torch.randn(2, 50, 64, dtype=torch.bfloat16)
+    context = torch.randn(2, 77, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        query, key, value = (
+            layer(source).unflatten(-1, (4, 16)).transpose(1, 2).float()
+            for layer, source in ((attention.to_q, hidden), (attention.to_k, context), (attention.to_v, context))
+        )
+        attended = torch.softmax(query @ key.transpose(-1, -2) / 4.0, dim=-1) @ value  # fp32, head width 16
+        expected = attention.to_out[0](attended.to(torch.bfloat16).transpose(1, 2).flatten(2))
+        got = attention(hidden, context)
+        attention.upcast = False
+        not_upcast = attention(hidden, context)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - expected.float()).abs().max() <= 1e-2 * expected.abs().max()
+    assert (got.float() - expected.float()).abs().max() <= (not_upcast.float() - expected.float()).abs().max()
 
 
 @pytest.mark.parametrize("config", [SD1_SMALL, SD2_SMALL])
