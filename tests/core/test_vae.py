@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 
 from fixative.core.config import AutoencoderKLConfig
 from fixative.core.errors import FixativeError
-from fixative.core.vae import AutoencoderKL, DiagonalGaussian
+from fixative.core.vae import AutoencoderKL, DiagonalGaussian, Upsample
 
 # sample_size 32: 64x64 images (and latents larger than 32 / f) are tiled when tiling is on
 TWO_BLOCKS = AutoencoderKLConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=32)
@@ -137,6 +138,25 @@ def test_forward_reconstruction_matches_diffusers(pair):
         sampled = ours(pixels, sample_posterior=True, generator=torch.Generator().manual_seed(3))
         reference = theirs(pixels, sample_posterior=True, generator=torch.Generator().manual_seed(3)).sample
     assert_matches(sampled, reference)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_equals_nearest_upsampling_then_conv_with_gradients(channels_last):
+    torch.manual_seed(0)
+    upsample = Upsample(6)
+    x = torch.randn(2, 6, 5, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ours_x, ref_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = upsample(ours_x)
+    reference = upsample.conv(F.interpolate(ref_x, scale_factor=2.0, mode="nearest"))
+    assert_matches(out, reference)
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    grad_out = torch.randn_like(reference)
+    ours_grads = torch.autograd.grad(out, (ours_x, upsample.conv.weight, upsample.conv.bias), grad_out)
+    ref_grads = torch.autograd.grad(reference, (ref_x, upsample.conv.weight, upsample.conv.bias), grad_out)
+    for ours_grad, ref_grad in zip(ours_grads, ref_grads):
+        assert_matches(ours_grad, ref_grad)
 
 
 @pytest.fixture
