@@ -148,6 +148,24 @@ def test_per_sample_timesteps_act_per_sample():
     assert_parity(batched, torch.cat([first, second]))
 
 
+def test_gradients_match_diffusers():
+    reference = reference_unet(SD2_SMALL).train()
+    ours = our_unet(reference, SD2_SMALL).train()
+    latents, text_embeddings = inputs(SD2_SMALL)
+    gradients = {}
+    for name, model in (("reference", reference), ("ours", ours)):
+        noisy_latents = latents.clone().requires_grad_(True)
+        output = model(noisy_latents, torch.tensor([5, 600]), text_embeddings)
+        output = output.sample if name == "reference" else output
+        output.square().mean().backward()
+        gradients[name] = {"latents": noisy_latents.grad, **{k: p.grad for k, p in model.named_parameters()}}
+    assert gradients["ours"].keys() == gradients["reference"].keys()
+    for key, expected in gradients["reference"].items():
+        # gradients are small: compare relative to each tensor's own scale
+        error = (gradients["ours"][key] - expected).abs().max().item()
+        assert error <= 1e-4 * expected.abs().max().item() + 1e-9, f"{key}: max abs difference {error:.3g}"
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     config = dataclasses.replace(SD1_SMALL, cross_attention_blocks=(True, True))
     torch.manual_seed(0)
