@@ -19,7 +19,8 @@ def test_psnr_of_a_known_error():
 def test_report_runs_every_part_on_a_ci_build(ci_build, tmp_path):
     folder = ci_build
     config = ReportConfig(num_inference_steps=2, samples_per_prompt=1, mimic_artists=("zenji",), mimic_images=4,
-                          mimic_steps=2, mimic_batch=2, mimic_prior_batch=2, mimic_samples_per_subject=1)
+                          mimic_steps=2, mimic_batch=2, mimic_prior_batch=2, mimic_samples_per_subject=1,
+                          subject_classifier_steps=2)
     lines = []
     figures = report(folder, tmp_path / "report", config, log=lines.append)
     for key in ("vae_attribution", "vae_psnr_db"):
@@ -29,6 +30,62 @@ def test_report_runs_every_part_on_a_ci_build(ci_build, tmp_path):
     mimicry = figures["mimicry"]["zenji"]
     assert mimicry["name"] == "nabu" and 0 <= mimicry["mimic_attribution"] <= 1
     assert sum(mimicry["attributed_to"].values()) == 8
+    assert 0 <= figures["generation"]["generation_subject"] <= 1 and 0 <= mimicry["mimic_subject"] <= 1
     assert (tmp_path / "report" / "samples.png").is_file()
     assert json.loads((tmp_path / "report" / "report.json").read_text())["targets"]["vae_psnr_db"] == 22.0
     assert any("target >= 90%" in line for line in lines)
+
+
+def _shipped(monkeypatch, tmp_path):
+    """The shipped toy world; its data set is repainted under tmp_path, not the user's FIXATIVE_HOME."""
+    from fixative.core.toy import SHIPPED
+
+    monkeypatch.setenv("FIXATIVE_HOME", str(tmp_path / "home"))
+    if not (SHIPPED / "sd" / "model_index.json").is_file():
+        pytest.skip("no toy weights shipped in this checkout")
+    return SHIPPED
+
+
+# Measured on the shipped build (fixative toy report, 2026-11-22): generation attribution 32.8%, mimicry
+# 21.9% / 34.4% with the trained artists at 40.6% / 34.4%. The UNet had 1,000 steps of batch 32 (the
+# 45-minute budget on 2 shared CPU cores); these targets need more UNet training. The xfail is strict:
+# it fails the day the targets are met, so that the marker is then removed.
+BELOW_TARGET = pytest.mark.xfail(strict=True, reason="shipped toy UNet is under-trained: below the issue's targets")
+
+
+@pytest.mark.slow
+def test_shipped_toy_world_meets_the_vae_and_clip_targets(tmp_path, monkeypatch):
+    from fixative.core.toy.report import TARGETS
+
+    config = ReportConfig(subject_classifier_steps=150)
+    folder = _shipped(monkeypatch, tmp_path)
+    figures = report(folder, tmp_path / "report", config, parts=("vae", "clip"), log=lambda _: None)
+    assert figures["vae"]["vae_psnr_db"] >= TARGETS["vae_psnr_db"]
+    assert figures["vae"]["vae_attribution"] >= TARGETS["vae_attribution"]
+    assert figures["clip"]["clip_artist_accuracy"] >= TARGETS["clip_artist_accuracy"]
+    assert figures["clip"]["classifier_subject_accuracy"] >= 0.95
+
+
+@pytest.mark.slow
+@BELOW_TARGET
+def test_shipped_toy_world_meets_the_generation_target(tmp_path, monkeypatch):
+    from fixative.core.toy.report import TARGETS
+
+    config = ReportConfig(samples_per_prompt=1, subject_classifier_steps=150)
+    folder = _shipped(monkeypatch, tmp_path)
+    figures = report(folder, tmp_path / "report", config, parts=("generation",), log=lambda _: None)
+    assert figures["generation"]["generation_attribution"] >= TARGETS["generation_attribution"]
+
+
+@pytest.mark.slow
+@BELOW_TARGET
+def test_shipped_toy_world_can_be_mimicked(tmp_path, monkeypatch):
+    """The control condition of every protection experiment (about 3 minutes on 2 CPU cores)."""
+    from fixative.core.toy.report import TARGETS
+
+    config = ReportConfig(mimic_artists=("zenji",), mimic_samples_per_subject=2, subject_classifier_steps=150)
+    folder = _shipped(monkeypatch, tmp_path)
+    figures = report(folder, tmp_path / "report", config, parts=("mimicry",), log=lambda _: None)
+    mimicry = figures["mimicry"]["zenji"]
+    assert mimicry["mimic_attribution"] >= TARGETS["mimic_attribution"]
+    assert mimicry["mimic_trained_attribution"] >= TARGETS["mimic_trained_attribution"]
