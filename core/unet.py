@@ -92,7 +92,7 @@ class ResnetBlock2D(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head (cross-)attention softmax(Q K^T / sqrt(d)) V (LDM Sec. 3.3, Eq. 3).
+    """Multi-head (cross-)attention softmax(Q K^T / sqrt(d)) V (LDM Sec. 3.3).
 
     Q = to_q(x); K, V = to_k(context), to_v(context) with context = x for self-attention or the text
     embeddings for cross-attention.
