@@ -51,44 +51,46 @@ class ToyJudge:
         return artists, subjects
 
 
-class SubjectClassifier(torch.nn.Module):
-    """A small CNN telling the Atelier's subjects apart, whatever the style: the report's check that a
-    generated image shows the prompted subject (the toy CLIP reads styles far better than shapes)."""
+class PaintingClassifier(torch.nn.Module):
+    """A small CNN trained on the Atelier's paintings to tell apart its subjects (whatever the style) or
+    its artists (whatever the subject): the report's check that a generated image shows the prompted
+    subject (the toy CLIP reads styles far better than shapes), and a second opinion on attribution."""
 
-    def __init__(self, subjects: int = len(atelier.SUBJECTS)):
+    def __init__(self, labels: list[str]):
         super().__init__()
+        self.labels = list(labels)
         layers, width = [], 3
         for out in (32, 64, 96, 128):  # 64 -> 32 -> 16 -> 8 -> 4 pixels
             layers += [torch.nn.Conv2d(width, out, 3, stride=2, padding=1), torch.nn.GroupNorm(8, out), torch.nn.SiLU()]
             width = out
         self.features = torch.nn.Sequential(*layers)
-        self.head = torch.nn.Linear(width, subjects)
+        self.head = torch.nn.Linear(width, len(self.labels))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels (B, 3, 64, 64) in [-1, 1] -> subject logits (B, subjects)."""
+        """pixels (B, 3, 64, 64) in [-1, 1] -> logits (B, labels)."""
         return self.head(self.features(pixels).mean((2, 3)))
 
     @torch.no_grad()
     def classify(self, pixels: torch.Tensor, batch_size: int = 256) -> list[str]:
         self.eval()
-        return [atelier.SUBJECTS[i] for chunk in pixels.split(batch_size) for i in self(chunk.float()).argmax(1).tolist()]
+        return [self.labels[i] for chunk in pixels.split(batch_size) for i in self(chunk.float()).argmax(1).tolist()]
 
 
-def train_subject_classifier(pixels: torch.Tensor, subjects: list[str], steps: int = 300, batch_size: int = 64,
-                             seed: int = 0) -> SubjectClassifier:
-    """Train on paintings (pixels in [-1, 1]) of every artist, with flips, blur and noise (as the CLIP)."""
+def train_classifier(pixels: torch.Tensor, targets: list[str], labels: list[str], steps: int = 300,
+                     batch_size: int = 64, seed: int = 0) -> PaintingClassifier:
+    """Train on paintings (pixels in [-1, 1]) with flips, blur and noise (as the CLIP); targets: one label each."""
     from .build import _augment
 
     torch.manual_seed(seed)
-    model = SubjectClassifier()
-    labels = torch.tensor([atelier.SUBJECTS.index(s) for s in subjects])
+    model = PaintingClassifier(labels)
+    indices = torch.tensor([labels.index(t) for t in targets])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(steps):
-        index = torch.randint(0, len(labels), (batch_size,), generator=generator)
-        loss = F.cross_entropy(model(_augment(pixels[index], generator)), labels[index])
+        index = torch.randint(0, len(indices), (batch_size,), generator=generator)
+        loss = F.cross_entropy(model(_augment(pixels[index], generator)), indices[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

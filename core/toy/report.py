@@ -29,7 +29,7 @@ from ..errors import FixativeError
 from ..training import TrainStepConfig, alphas_cumprod_from_config, train_step, warmup_cosine
 from . import atelier
 from .atelier import AtelierConfig
-from .judge import SubjectClassifier, ToyJudge, train_subject_classifier
+from .judge import PaintingClassifier, ToyJudge, train_classifier
 
 TARGETS = {
     "vae_psnr_db": 22.0,
@@ -57,7 +57,7 @@ class ReportConfig:
     mimic_lr: float = 2e-4
     mimic_samples_per_subject: int = 4
     batch_size: int = 64  # images per sampling batch
-    subject_classifier_steps: int = 300
+    classifier_steps: int = 300
 
 
 def _pixels(rows: list[dict]) -> torch.Tensor:
@@ -94,7 +94,8 @@ def vae_figures(model, judge: ToyJudge, rows: list[dict], batch_size: int = 64) 
     }
 
 
-def clip_figures(judge: ToyJudge, rows: list[dict], subject_model: SubjectClassifier | None = None) -> dict:
+def clip_figures(judge: ToyJudge, rows: list[dict], subject_model: PaintingClassifier | None = None,
+                 artist_model: PaintingClassifier | None = None) -> dict:
     pixels = _pixels(rows)
     artists, subjects = judge.classify(pixels)
     figures = {"clip_artist_accuracy": _accuracy(artists, [r["artist"] for r in rows]),
@@ -102,6 +103,8 @@ def clip_figures(judge: ToyJudge, rows: list[dict], subject_model: SubjectClassi
                "images": len(rows)}
     if subject_model is not None:
         figures["classifier_subject_accuracy"] = _accuracy(subject_model.classify(pixels), [r["subject"] for r in rows])
+    if artist_model is not None:
+        figures["classifier_artist_accuracy"] = _accuracy(artist_model.classify(pixels), [r["artist"] for r in rows])
     return figures
 
 
@@ -119,7 +122,8 @@ def sample(model, prompts: list[str], seeds: list[int], config: ReportConfig) ->
 
 
 def generation_figures(model, judge: ToyJudge, artists: list[str], config: ReportConfig,
-                       subject_model: SubjectClassifier | None = None, seed_offset: int = 0) -> tuple[dict, torch.Tensor]:
+                       subject_model: PaintingClassifier | None = None, seed_offset: int = 0,
+                       artist_model: PaintingClassifier | None = None) -> tuple[dict, torch.Tensor]:
     """Attribution of "a painting of a {subject} by {artist}" samples; also returns the pixels
     (artist-major, then subject, then sample)."""
     prompts, expected, subjects = [], [], []
@@ -139,6 +143,8 @@ def generation_figures(model, judge: ToyJudge, artists: list[str], config: Repor
                "per_artist": per_artist, "images": len(prompts)}
     if subject_model is not None:
         figures["generation_subject"] = _accuracy(subject_model.classify(pixels), subjects)
+    if artist_model is not None:
+        figures["generation_attribution_classifier"] = _accuracy(artist_model.classify(pixels), expected)
     return figures, pixels
 
 
@@ -241,10 +247,13 @@ def report(folder: str | Path | None = None, out: str | Path = "outputs/toy_repo
             log(line)
 
     started = time.time()
-    # the subject check: a small CNN trained on the paintings of every artist (about a minute)
-    subject_model = train_subject_classifier(_pixels(train_rows), [r["subject"] for r in train_rows],
-                                             steps=config.subject_classifier_steps, seed=config.seed)
-    timings["subject_classifier"] = time.time() - started
+    # the subject check, and a second opinion on artists: small CNNs trained on the paintings (a minute each)
+    train_pixels = _pixels(train_rows)
+    subject_model = train_classifier(train_pixels, [r["subject"] for r in train_rows], list(atelier.SUBJECTS),
+                                     steps=config.classifier_steps, seed=config.seed)
+    artist_model = train_classifier(train_pixels, [r["artist"] for r in train_rows], atelier.artist_names(),
+                                    steps=config.classifier_steps, seed=config.seed)
+    timings["classifiers"] = time.time() - started
 
     if "vae" in parts:
         started = time.time()
@@ -256,17 +265,20 @@ def report(folder: str | Path | None = None, out: str | Path = "outputs/toy_repo
                   _line("reconstructions attributed to their artist", figures["vae"]["vae_attribution"],
                         TARGETS["vae_attribution"]))
     if "clip" in parts:
-        figures["clip"] = clip_figures(judge, test_rows, subject_model)
+        figures["clip"] = clip_figures(judge, test_rows, subject_model, artist_model)
         say(f"CLIP zero-shot (test split, {figures['clip']['images']} paintings, {len(judge.artists)} artists)",
                   _line("artist", figures["clip"]["clip_artist_accuracy"], TARGETS["clip_artist_accuracy"]),
                   _line("subject (CLIP)", figures["clip"]["clip_subject_accuracy"], None),
                   _line("subject (the report's subject classifier, on real paintings)",
-                        figures["clip"]["classifier_subject_accuracy"], None))
+                        figures["clip"]["classifier_subject_accuracy"], None),
+                  _line("artist (the report's artist classifier, on real paintings)",
+                        figures["clip"]["classifier_artist_accuracy"], None))
     grid_rows, grid_labels = [], []
     trained = atelier.artist_names(held_out=False)
     if "generation" in parts:
         started = time.time()
-        figures["generation"], pixels = generation_figures(model, judge, trained, config, subject_model)
+        figures["generation"], pixels = generation_figures(model, judge, trained, config, subject_model,
+                                                           artist_model=artist_model)
         timings["generation"] = time.time() - started
         per_prompt = config.samples_per_prompt
         for i, artist in enumerate(trained):
@@ -277,6 +289,8 @@ def report(folder: str | Path | None = None, out: str | Path = "outputs/toy_repo
                   f"guidance {config.guidance_scale})",
                   _line("attributed to the prompted artist", figures["generation"]["generation_attribution"],
                         TARGETS["generation_attribution"]),
+                  _line("attributed to the prompted artist by the artist classifier (second opinion)",
+                        figures["generation"]["generation_attribution_classifier"], None),
                   _line("subject recognised (subject classifier)", figures["generation"]["generation_subject"], None),
                   _line("subject recognised (CLIP)", figures["generation"]["generation_subject_clip"], None))
     if "mimicry" in parts:
@@ -290,12 +304,14 @@ def report(folder: str | Path | None = None, out: str | Path = "outputs/toy_repo
             pixels = sample(mimic_model, prompts, seeds, config)
             predicted, _ = judge.classify(pixels)
             subjects = subject_model.classify(pixels)
+            predicted_by_classifier = artist_model.classify(pixels)
             keep_config = ReportConfig(**{**asdict(config), "samples_per_prompt": 1})
             kept, _ = generation_figures(mimic_model, judge, trained, keep_config, seed_offset=70_000)
             figures["mimicry"][artist] = {
                 "name": name, "fine_tune_seconds": seconds, "steps": config.mimic_steps,
                 "mimic_attribution": _accuracy(predicted, [artist] * len(prompts)),
                 "mimic_subject": _accuracy(subjects, expected_subjects),
+                "mimic_attribution_classifier": _accuracy(predicted_by_classifier, [artist] * len(prompts)),
                 "mimic_trained_attribution": kept["generation_attribution"],
                 "attributed_to": {a: predicted.count(a) for a in sorted(set(predicted))},
             }
@@ -305,7 +321,9 @@ def report(folder: str | Path | None = None, out: str | Path = "outputs/toy_repo
             say(f"mimicry of held-out {artist} as '{name}' ({config.mimic_images} paintings, {config.mimic_steps} "
                       f"steps, {seconds:.0f} s fine-tuning; target <= 180 s)",
                       _line(f"'{name}' samples attributed to {artist}", m["mimic_attribution"], TARGETS["mimic_attribution"]),
-                      _line(f"'{name}' samples whose subject is recognised", m["mimic_subject"], None),
+                      _line(f"'{name}' samples attributed to {artist} by the artist classifier",
+                        m["mimic_attribution_classifier"], None),
+                  _line(f"'{name}' samples whose subject is recognised", m["mimic_subject"], None),
                       _line("trained artists' samples still attributed to them", m["mimic_trained_attribution"],
                             TARGETS["mimic_trained_attribution"]))
     figures["seconds"] = timings

@@ -20,7 +20,7 @@ def test_report_runs_every_part_on_a_ci_build(ci_build, tmp_path):
     folder = ci_build
     config = ReportConfig(num_inference_steps=2, samples_per_prompt=1, mimic_artists=("zenji",), mimic_images=4,
                           mimic_steps=2, mimic_batch=2, mimic_prior_batch=2, mimic_samples_per_subject=1,
-                          subject_classifier_steps=2)
+                          classifier_steps=2)
     lines = []
     figures = report(folder, tmp_path / "report", config, log=lines.append)
     for key in ("vae_attribution", "vae_psnr_db"):
@@ -57,7 +57,7 @@ BELOW_TARGET = pytest.mark.xfail(strict=True, reason="shipped toy UNet is under-
 def test_shipped_toy_world_meets_the_vae_and_clip_targets(tmp_path, monkeypatch):
     from fixative.core.toy.report import TARGETS
 
-    config = ReportConfig(subject_classifier_steps=150)
+    config = ReportConfig(classifier_steps=150)
     folder = _shipped(monkeypatch, tmp_path)
     figures = report(folder, tmp_path / "report", config, parts=("vae", "clip"), log=lambda _: None)
     assert figures["vae"]["vae_psnr_db"] >= TARGETS["vae_psnr_db"]
@@ -71,7 +71,7 @@ def test_shipped_toy_world_meets_the_vae_and_clip_targets(tmp_path, monkeypatch)
 def test_shipped_toy_world_meets_the_generation_target(tmp_path, monkeypatch):
     from fixative.core.toy.report import TARGETS
 
-    config = ReportConfig(samples_per_prompt=1, subject_classifier_steps=150)
+    config = ReportConfig(samples_per_prompt=1, classifier_steps=150)
     folder = _shipped(monkeypatch, tmp_path)
     figures = report(folder, tmp_path / "report", config, parts=("generation",), log=lambda _: None)
     assert figures["generation"]["generation_attribution"] >= TARGETS["generation_attribution"]
@@ -83,7 +83,7 @@ def test_shipped_toy_world_can_be_mimicked(tmp_path, monkeypatch):
     """The control condition of every protection experiment (about 3 minutes on 2 CPU cores)."""
     from fixative.core.toy.report import TARGETS
 
-    config = ReportConfig(mimic_artists=("zenji",), mimic_samples_per_subject=2, subject_classifier_steps=150)
+    config = ReportConfig(mimic_artists=("zenji",), mimic_samples_per_subject=2, classifier_steps=150)
     folder = _shipped(monkeypatch, tmp_path)
     figures = report(folder, tmp_path / "report", config, parts=("mimicry",), log=lambda _: None)
     mimicry = figures["mimicry"]["zenji"]
