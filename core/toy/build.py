@@ -96,7 +96,7 @@ class BuildPlan:
 PLANS = {
     "full": BuildPlan(images_per_artist=160, clip_steps=400, clip_batch=64, clip_lr=2e-3,
                       vae_steps=1000, vae_batch=16, vae_lr=2e-3, vae_crop=32,
-                      unet_steps=1000, unet_batch=32, unet_lr=1e-3, caption_dropout=0.1, checkpoint_every=50),
+                      unet_steps=2500, unet_batch=32, unet_lr=1e-3, caption_dropout=0.1, checkpoint_every=50),
     "ci": BuildPlan(images_per_artist=8, clip_steps=3, clip_batch=16, clip_lr=2e-3,
                     vae_steps=4, vae_batch=4, vae_lr=2e-3, vae_crop=32,
                     unet_steps=3, unet_batch=4, unet_lr=1e-3, caption_dropout=0.1, checkpoint_every=2),
