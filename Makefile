@@ -13,7 +13,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m fixative.demo
+	$(BIN)/fixative info toy
+	$(BIN)/fixative generate --model toy --prompt "a painting of a house by kovra" --seed 0 --steps 25 \
+		--guidance 5 --scheduler ddim --num-images 4 --out outputs/demo
+	@echo "wrote outputs/demo/image-00{0..3}.png (toy world, 25 DDIM steps)."
+	@echo "coming next: cloak (GLAZE-style cloaking), consistency (one-step distillation), eval (FID, CLIP score, protection rates)."
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
@@ -23,6 +27,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/core_networks.py
+	$(BIN)/python benchmarks/pipeline.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info

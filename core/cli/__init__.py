@@ -4,9 +4,11 @@ Each module here adds its sub-commands; heavy imports (torch, models) happen ins
 functions so that ``fixative --help`` stays fast.
 """
 
+from ..toy import cli as toy_cli
 from . import generate, models
 
 
 def register(subparsers) -> None:
     models.register(subparsers)
     generate.register(subparsers)
+    toy_cli.register(subparsers)
