@@ -114,6 +114,12 @@ def pad_for_outpainting(image: Image.Image, left: int = 0, top: int = 0, right: 
     return canvas, mask
 
 
+def _default_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_png(image: Image.Image, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     """Write ``image`` as a PNG with ``metadata`` as text chunks, atomically (temporary file, then rename)."""
     path = Path(path)
@@ -125,6 +131,7 @@ def save_png(image: Image.Image, path: str | Path, metadata: dict[str, str] | No
     try:
         with os.fdopen(handle, "wb") as file:
             image.save(file, format="PNG", pnginfo=info)
+        os.chmod(temporary, _default_file_mode())  # mkstemp creates 0600; give the file the umask's usual mode
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
