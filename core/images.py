@@ -19,22 +19,23 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from .errors import FixativeError
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Read an image file as RGB, or raise a one-line FixativeError."""
+def _open_image(path: str | Path, mode: str, what: str, hint: str) -> Image.Image:
+    """Read an image file converted to ``mode``, or raise a one-line FixativeError."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return image.convert(mode)
     except (OSError, UnidentifiedImageError, ValueError) as error:
-        raise FixativeError(f"cannot read image {path}: {error.__class__.__name__}; give a PNG or JPEG file") from None
+        raise FixativeError(f"cannot read {what} {path}: {error.__class__.__name__}; {hint}") from None
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Read an image file as RGB, or raise a one-line FixativeError."""
+    return _open_image(path, "RGB", "image", "give a PNG or JPEG file")
 
 
 def load_mask(path: str | Path) -> Image.Image:
     """Read a mask file as 8-bit grayscale (white = repaint), or raise a one-line FixativeError."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("L")
-    except (OSError, UnidentifiedImageError, ValueError) as error:
-        raise FixativeError(f"cannot read mask {path}: {error.__class__.__name__}; give a PNG file") from None
+    return _open_image(path, "L", "mask", "give a PNG file")
 
 
 def default_size(image: Image.Image | torch.Tensor, multiple: int) -> tuple[int, int]:

@@ -18,22 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import FixativeError
+from .schedulers import NoiseSchedule, ScheduleSettings
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def alphas_cumprod_from_config(scheduler_config: dict) -> torch.Tensor:
-    """ᾱ_t = Π_{s<=t} (1 - β_s) for t = 0 .. num_train_timesteps - 1, in float64 (DDPM, Ho et al. 2020, Sec. 2)."""
-    steps = scheduler_config.get("num_train_timesteps", 1000)
-    start, end = scheduler_config.get("beta_start", 0.00085), scheduler_config.get("beta_end", 0.012)
-    schedule = scheduler_config.get("beta_schedule", "scaled_linear")
-    if schedule == "scaled_linear":  # SD: linear in sqrt(β)
-        betas = torch.linspace(start**0.5, end**0.5, steps, dtype=torch.float64) ** 2
-    elif schedule == "linear":
-        betas = torch.linspace(start, end, steps, dtype=torch.float64)
-    else:
-        raise FixativeError(f"beta_schedule {schedule!r} is not supported for training (scaled_linear or linear)")
-    return torch.cumprod(1.0 - betas, dim=0)
+    """ᾱ_t = Π_{s<=t} (1 - β_s) for t = 0 .. num_train_timesteps - 1 (DDPM, Ho et al. 2020, Sec. 2), float32
+    as diffusers' schedulers hold it: the sampler's own noise schedule (core/schedulers.py)."""
+    return NoiseSchedule.from_settings(ScheduleSettings.from_config(scheduler_config)).alphas_cumprod
 
 
 def _per_sample(values: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -18,13 +18,7 @@ OPTIONS = ("--model", "--prompt", "--negative-prompt", "--seed", "--steps", "--g
            "--clip-skip", "--vae-tiling", "--dtype", "--device", "--quiet", "--out")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks: one thread is fastest, and several oversubscribe shared CI cores badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/core/conftest.py
 
 
 @pytest.fixture(scope="module")

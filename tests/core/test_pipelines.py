@@ -31,6 +31,8 @@ from fixative.core.pipelines import (  # noqa: E402
 )
 from fixative.core.tokenizer import CLIPTokenizer  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/core/conftest.py
+
 SIZE = 64  # pixels; latents are 8x8
 STEPS = 4
 PROMPT = "a painting of a lighthouse at dusk"
@@ -158,15 +160,6 @@ def assert_same_render(folder, model, kind, scheduler, **settings):
     difference = max_pixel_difference(ours_images, theirs_images)
     assert difference <= 2, f"images differ by {difference}/255"
     return ours_images
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These networks are tiny: one thread is fastest, and several oversubscribe shared CI cores badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

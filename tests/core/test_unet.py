@@ -28,14 +28,7 @@ SD2_SMALL = UNetConfig(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is fastest, and it avoids OpenMP spin-waits (tens of times
-    slower) when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/core/conftest.py
 
 
 def reference_unet(config: UNetConfig, seed: int = 0) -> DiffusersUNet:
