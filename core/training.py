@@ -69,19 +69,26 @@ def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma
 def denoising_loss(unet: Callable, latents: torch.Tensor, text_embeddings: torch.Tensor,
                    alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
                    generator: torch.Generator | None = None, timesteps: torch.Tensor | None = None,
-                   snr_gamma: float | None = None, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+                   snr_gamma: float | None = None, autocast_dtype: torch.dtype | None = None,
+                   offset_noise: float = 0.0) -> torch.Tensor:
     """MSE between the model output on noised latents and its target (the simple loss, DDPM eq. 14).
 
     latents: scaled VAE latents (B, 4, h, w); text_embeddings (B, 77, D). Noise and timesteps (uniform over
     the training steps) are drawn on the CPU from ``generator``, so a seed gives the same batch anywhere.
     snr_gamma: weight each sample by Min-SNR-γ (γ = 5 in the paper) instead of uniformly.
     autocast_dtype: run the model's forward pass under torch.autocast in this dtype (e.g. bfloat16).
+    offset_noise: add this much noise constant over each image and channel (Guttenberg 2023, "Diffusion with
+    offset noise"): SD's schedule leaves ᾱ_T > 0, so the model never learns to move an image's mean
+    colour away from the noise's; the offset teaches it to.
     """
     batch = latents.shape[0]
     if timesteps is None:
         timesteps = torch.randint(0, len(alphas_cumprod), (batch,), generator=generator)
     timesteps = timesteps.to(latents.device)
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    if offset_noise:
+        noise = noise + offset_noise * torch.randn(*latents.shape[:2], 1, 1, generator=generator)
+    noise = noise.to(latents.device, latents.dtype)
     noisy_latents = add_noise(latents, noise, timesteps, alphas_cumprod)
     target = training_target(latents, noise, timesteps, alphas_cumprod, prediction_type)
     precision = torch.autocast(latents.device.type, autocast_dtype) if autocast_dtype else contextlib.nullcontext()
@@ -105,6 +112,7 @@ class TrainStepConfig:
     max_grad_norm: float | None = 1.0  # gradient clipping by global norm; None: no clipping
     snr_gamma: float | None = None  # Min-SNR-γ loss weighting (Hang et al. 2023); None: uniform
     autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16: forward pass under autocast
+    offset_noise: float = 0.0  # per image and channel constant noise (Guttenberg 2023); 0.1 is usual
 
 
 def train_step(unet: nn.Module, optimizer: torch.optim.Optimizer, latents: torch.Tensor,
@@ -114,7 +122,8 @@ def train_step(unet: nn.Module, optimizer: torch.optim.Optimizer, latents: torch
     """One optimisation step on one batch; returns the loss. ``backward``: e.g. ``accelerator.backward``."""
     optimizer.zero_grad(set_to_none=True)
     loss = denoising_loss(unet, latents, text_embeddings, alphas_cumprod, config.prediction_type, generator,
-                          snr_gamma=config.snr_gamma, autocast_dtype=config.autocast_dtype)
+                          snr_gamma=config.snr_gamma, autocast_dtype=config.autocast_dtype,
+                          offset_noise=config.offset_noise)
     (backward or torch.Tensor.backward)(loss)
     if config.max_grad_norm is not None:
         params = [p for group in optimizer.param_groups for p in group["params"]]

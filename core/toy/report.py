@@ -55,6 +55,8 @@ class ReportConfig:
     mimic_batch: int = 16  # the mimic's images per step ...
     mimic_prior_batch: int = 8  # ... plus this many of trained artists with their own captions (prior preservation)
     mimic_lr: float = 2e-4
+    mimic_text_encoder: bool = True  # fine-tune the text encoder with the UNet (as the toy build trains them)
+    mimic_offset_noise: float = 0.0
     mimic_samples_per_subject: int = 4
     batch_size: int = 64  # images per sampling batch
     classifier_steps: int = 300
@@ -149,9 +151,10 @@ def generation_figures(model, judge: ToyJudge, artists: list[str], config: Repor
 
 
 def mimic(model, rows: list[dict], artist: str, name: str, config: ReportConfig):
-    """A copy of ``model`` whose UNet is fine-tuned on ``config.mimic_images`` paintings of ``artist``
-    captioned "a painting of a {subject} by {name}", each batch mixing in paintings of trained artists
-    with their own captions (prior preservation, DreamBooth, Ruiz et al. 2023, eq. 2). Returns (model, seconds)."""
+    """A copy of ``model`` whose UNet (and text encoder, with ``config.mimic_text_encoder``) is fine-tuned on
+    ``config.mimic_images`` paintings of ``artist`` captioned "a painting of a {subject} by {name}", each
+    batch mixing in paintings of trained artists with their own captions (prior preservation, DreamBooth,
+    Ruiz et al. 2023, eq. 2). Returns (model, seconds)."""
     from ..pipelines import encode_images, encode_prompt
 
     started = time.time()
@@ -161,26 +164,33 @@ def mimic(model, rows: list[dict], artist: str, name: str, config: ReportConfig)
         raise FixativeError(f"the Toy Atelier has only {len(mimic_rows)} training paintings of {artist}")
     mimic_model = copy.copy(model)
     mimic_model.unet = copy.deepcopy(model.unet).train()
+    networks = [mimic_model.unet]
+    if config.mimic_text_encoder:
+        mimic_model.text_encoder = copy.deepcopy(model.text_encoder).train()
+        networks.append(mimic_model.text_encoder)
+    captions = [atelier.caption(r["subject"], name) for r in mimic_rows] + [r["text"] for r in prior_rows]
     with torch.no_grad():
         generator = torch.Generator().manual_seed(config.seed)
-        mimic_latents = encode_images(model, _pixels(mimic_rows), generator=generator)
-        mimic_text = encode_prompt(model, [atelier.caption(r["subject"], name) for r in mimic_rows], guidance=False)
-        prior_latents = encode_images(model, _pixels(prior_rows), generator=generator)
-        prior_text = encode_prompt(model, [r["text"] for r in prior_rows], guidance=False)
+        latents_all = torch.cat([encode_images(model, _pixels(mimic_rows), generator=generator),
+                                 encode_images(model, _pixels(prior_rows), generator=generator)])
+        frozen_text = None if config.mimic_text_encoder else encode_prompt(model, captions, guidance=False)
     alphas_cumprod = alphas_cumprod_from_config(model.scheduler_config)
-    unet = mimic_model.unet
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.mimic_lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for n in networks for p in n.parameters()], lr=config.mimic_lr, weight_decay=0.0)
     schedule = warmup_cosine(optimizer, config.mimic_steps, max(1, config.mimic_steps // 10))
     # as the toy build trains: Min-SNR-5 weighting, bf16 autocast
-    step_config = TrainStepConfig(prediction_type=model.prediction_type, snr_gamma=5.0, autocast_dtype=torch.bfloat16)
+    step_config = TrainStepConfig(prediction_type=model.prediction_type, snr_gamma=5.0, autocast_dtype=torch.bfloat16,
+                                  offset_noise=config.mimic_offset_noise)
     for step in range(config.mimic_steps):
         generator = torch.Generator().manual_seed(config.seed * 7919 + step)
-        a = torch.randint(0, len(mimic_rows), (config.mimic_batch,), generator=generator)
-        b = torch.randint(0, len(prior_rows), (config.mimic_prior_batch,), generator=generator)
-        latents = torch.cat([mimic_latents[a], prior_latents[b]])
-        text = torch.cat([mimic_text[a], prior_text[b]])
-        train_step(unet, optimizer, latents, text, alphas_cumprod, step_config, generator, scheduler=schedule)
-    unet.eval()
+        index = torch.cat([torch.randint(0, len(mimic_rows), (config.mimic_batch,), generator=generator),
+                           len(mimic_rows) + torch.randint(0, len(prior_rows), (config.mimic_prior_batch,),
+                                                           generator=generator)])
+        text = (encode_prompt(mimic_model, [captions[i] for i in index.tolist()], guidance=False)
+                if frozen_text is None else frozen_text[index])
+        train_step(mimic_model.unet, optimizer, latents_all[index], text, alphas_cumprod, step_config, generator,
+                   scheduler=schedule)
+    for network in networks:
+        network.eval()
     return mimic_model, time.time() - started
 
 

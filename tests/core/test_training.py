@@ -197,3 +197,23 @@ def test_weighted_loss_with_gamma_infinite_equals_plain_loss_and_bf16_autocast_i
     bf16 = denoising_loss(model, latents, text, alphas_cumprod, generator=torch.Generator().manual_seed(1),
                           autocast_dtype=torch.bfloat16)
     assert bf16.item() != plain.item() and abs(bf16.item() - plain.item()) < 0.05 * plain.item()
+
+
+def test_offset_noise_adds_a_constant_per_image_and_channel():
+    """Guttenberg 2023: noise + s * n(B, C, 1, 1). A model predicting zeros has loss E[noise²] = 1 + s²,
+    and the offset is constant over each image and channel."""
+    alphas_cumprod = alphas_cumprod_from_config(SD_SCHEDULER)
+    latents, text = torch.zeros(64, 4, 16, 16), torch.zeros(64, 77, 8)
+    seen = []
+
+    def zero_model(noisy_latents, timesteps, text_embeddings):
+        seen.append(noisy_latents / (1 - alphas_cumprod[timesteps]).sqrt().reshape(-1, 1, 1, 1))  # = the noise
+        return torch.zeros_like(noisy_latents)
+
+    plain = denoising_loss(zero_model, latents, text, alphas_cumprod, generator=torch.Generator().manual_seed(0))
+    offset = denoising_loss(zero_model, latents, text, alphas_cumprod, generator=torch.Generator().manual_seed(0),
+                            offset_noise=1.0)
+    assert 0.9 < plain.item() < 1.1 and 1.7 < offset.item() < 2.3
+    means = seen[1].mean((2, 3)) - seen[0].mean((2, 3))  # the same per-pixel draw under one seed: the offset
+    assert torch.allclose(seen[1] - seen[0], means[..., None, None].expand_as(seen[0]), atol=1e-5)
+    assert means.std() > 0.5
