@@ -34,7 +34,7 @@ def toy_folder() -> Path:
     if (SHIPPED / "sd" / "model_index.json").is_file():
         return SHIPPED
     raise FixativeError("the toy world's weights are missing (not shipped in this checkout, not built); "
-                        "run `fixative toy build` (about 45 minutes on 2 CPU cores)")
+                        "run `fixative toy build` (about 36 minutes on 2 CPU cores)")
 
 
 def model_folder() -> Path:

@@ -17,7 +17,7 @@ def register(subparsers) -> None:
     dataset.add_argument("--grid", help="also write a PNG of all styles (one row per artist) here")
     dataset.set_defaults(func=_dataset)
 
-    build = commands.add_parser("build", help="train the toy CLIP, VAE and UNet (about 45 minutes on 2 CPU cores)")
+    build = commands.add_parser("build", help="train the toy CLIP, VAE and UNet (about 36 minutes on 2 CPU cores)")
     build.add_argument("--out", help="finished build folder (default: $FIXATIVE_HOME/toy/<size>-seed<seed>)")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--size", choices=("full", "ci"), default="full",

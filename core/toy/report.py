@@ -6,9 +6,9 @@
     generation  "a painting of a {subject} by {artist}" for every trained artist and subject (25 DDIM
                 steps, guidance 5): how often the CLIP names the prompted artist, and the subject
     mimicry     the attack every protection experiment is measured against: fine-tune the toy SD's UNet
-                (core/training.py) on 24 paintings of a held-out artist under a new name, then generate
-                for that name; the attribution to the held-out artist, the subject, and whether the
-                trained artists keep their attribution
+                and text encoder (core/training.py, with offset noise) on 24 paintings of a held-out
+                artist under a new name, then generate for that name; the attribution to the held-out
+                artist, the subject, and whether the trained artists keep their attribution
 
 The judge is the toy CLIP (core/toy/judge.py), which was trained on all artists, held-out ones included.
 """
@@ -54,9 +54,12 @@ class ReportConfig:
     mimic_steps: int = 120
     mimic_batch: int = 16  # the mimic's images per step ...
     mimic_prior_batch: int = 8  # ... plus this many of trained artists with their own captions (prior preservation)
-    mimic_lr: float = 2e-4
+    mimic_lr: float = 1e-3
     mimic_text_encoder: bool = True  # fine-tune the text encoder with the UNet (as the toy build trains them)
-    mimic_offset_noise: float = 0.0
+    # Offset noise (Guttenberg 2023) lets the fine-tune move the mean colour away from the trained artists':
+    # without it a mimic of zenji (pale pink stripes) drew zenji's shapes in lumo's orange (19% attributed
+    # to zenji); with 0.1, 53%; with 0.3, 100% (120 steps at lr 1e-3, on an earlier toy UNet).
+    mimic_offset_noise: float = 0.3
     mimic_samples_per_subject: int = 4
     batch_size: int = 64  # images per sampling batch
     classifier_steps: int = 300

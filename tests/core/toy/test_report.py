@@ -46,11 +46,9 @@ def _shipped(monkeypatch, tmp_path):
     return SHIPPED
 
 
-# Measured on the shipped build (fixative toy report, 2026-11-22): generation attribution 38.3% (CLIP),
-# 35.9% (CNN artist classifier), subjects 88.3%. The UNet had 2,500 steps of batch 32 (within the
-# 45-minute budget on 2 CPU cores); these targets need a better-trained UNet. The xfail is strict:
-# it fails the day the targets are met, so that the marker is then removed.
-BELOW_TARGET = pytest.mark.xfail(strict=True, reason="shipped toy UNet is under-trained: below the issue's targets")
+# The shipped build as `fixative toy report` measured it (2026-11-30): VAE 26.4 dB, reconstructions and CLIP
+# zero-shot 100%, generation attribution 100% (subjects 99.2%), mimicry 100% for both held-out artists with the
+# trained artists kept at 93.8% / 98.4%. These tests re-measure with fewer samples.
 
 
 @pytest.mark.slow
@@ -67,7 +65,6 @@ def test_shipped_toy_world_meets_the_vae_and_clip_targets(tmp_path, monkeypatch)
 
 
 @pytest.mark.slow
-@BELOW_TARGET
 def test_shipped_toy_world_meets_the_generation_target(tmp_path, monkeypatch):
     from fixative.core.toy.report import TARGETS
 
@@ -75,10 +72,10 @@ def test_shipped_toy_world_meets_the_generation_target(tmp_path, monkeypatch):
     folder = _shipped(monkeypatch, tmp_path)
     figures = report(folder, tmp_path / "report", config, parts=("generation",), log=lambda _: None)
     assert figures["generation"]["generation_attribution"] >= TARGETS["generation_attribution"]
+    assert figures["generation"]["generation_subject"] >= 0.9  # the subject is recognisable
 
 
 @pytest.mark.slow
-@BELOW_TARGET
 def test_shipped_toy_world_can_be_mimicked(tmp_path, monkeypatch):
     """The control condition of every protection experiment (about 3 minutes on 2 CPU cores)."""
     from fixative.core.toy.report import TARGETS
@@ -89,3 +86,4 @@ def test_shipped_toy_world_can_be_mimicked(tmp_path, monkeypatch):
     mimicry = figures["mimicry"]["zenji"]
     assert mimicry["mimic_attribution"] >= TARGETS["mimic_attribution"]
     assert mimicry["mimic_trained_attribution"] >= TARGETS["mimic_trained_attribution"]
+    assert mimicry["mimic_subject"] >= 0.8  # in style and subject, not only in style
