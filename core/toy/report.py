@@ -57,8 +57,8 @@ class ReportConfig:
     mimic_lr: float = 1e-3
     mimic_text_encoder: bool = True  # fine-tune the text encoder with the UNet (as the toy build trains them)
     # Offset noise (Guttenberg 2023) lets the fine-tune move the mean colour away from the trained artists':
-    # without it a mimic of zenji (pale pink stripes) drew zenji's shapes in lumo's orange (19% attributed
-    # to zenji); with 0.1, 53%; with 0.3, 100% (120 steps at lr 1e-3, on an earlier toy UNet).
+    # on the shipped build, a mimic of zenji (pale pink stripes) is attributed to zenji 44% / 91% / 100% of
+    # the time with offset 0 / 0.1 / 0.3, the trained artists kept at 69% / 91% / 94% (seed 0).
     mimic_offset_noise: float = 0.3
     mimic_samples_per_subject: int = 4
     batch_size: int = 64  # images per sampling batch
