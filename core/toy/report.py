@@ -158,7 +158,7 @@ def mimic(model, rows: list[dict], artist: str, name: str, config: ReportConfig)
     ``config.mimic_images`` paintings of ``artist`` captioned "a painting of a {subject} by {name}", each
     batch mixing in paintings of trained artists with their own captions (prior preservation, DreamBooth,
     Ruiz et al. 2023, eq. 2). Returns (model, seconds)."""
-    from ..pipelines import encode_images, encode_prompt
+    from ..pipelines import encode_images
 
     started = time.time()
     mimic_rows = [r for r in rows if r["artist"] == artist][: config.mimic_images]
@@ -172,11 +172,12 @@ def mimic(model, rows: list[dict], artist: str, name: str, config: ReportConfig)
         mimic_model.text_encoder = copy.deepcopy(model.text_encoder).train()
         networks.append(mimic_model.text_encoder)
     captions = [atelier.caption(r["subject"], name) for r in mimic_rows] + [r["text"] for r in prior_rows]
+    input_ids = model.tokenizer(captions).to(model.text_encoder.device)  # tokenized once, indexed per step
     with torch.no_grad():
         generator = torch.Generator().manual_seed(config.seed)
-        latents_all = torch.cat([encode_images(model, _pixels(mimic_rows), generator=generator),
-                                 encode_images(model, _pixels(prior_rows), generator=generator)])
-        frozen_text = None if config.mimic_text_encoder else encode_prompt(model, captions, guidance=False)
+        latents = torch.cat([encode_images(model, _pixels(mimic_rows), generator=generator),
+                             encode_images(model, _pixels(prior_rows), generator=generator)])
+        frozen_text = None if config.mimic_text_encoder else model.text_encoder(input_ids).last_hidden_state
     alphas_cumprod = alphas_cumprod_from_config(model.scheduler_config)
     optimizer = torch.optim.AdamW([p for n in networks for p in n.parameters()], lr=config.mimic_lr, weight_decay=0.0)
     schedule = warmup_cosine(optimizer, config.mimic_steps, max(1, config.mimic_steps // 10))
@@ -188,9 +189,9 @@ def mimic(model, rows: list[dict], artist: str, name: str, config: ReportConfig)
         index = torch.cat([torch.randint(0, len(mimic_rows), (config.mimic_batch,), generator=generator),
                            len(mimic_rows) + torch.randint(0, len(prior_rows), (config.mimic_prior_batch,),
                                                            generator=generator)])
-        text = (encode_prompt(mimic_model, [captions[i] for i in index.tolist()], guidance=False)
-                if frozen_text is None else frozen_text[index])
-        train_step(mimic_model.unet, optimizer, latents_all[index], text, alphas_cumprod, step_config, generator,
+        text = (mimic_model.text_encoder(input_ids[index]).last_hidden_state if frozen_text is None
+                else frozen_text[index])
+        train_step(mimic_model.unet, optimizer, latents[index], text, alphas_cumprod, step_config, generator,
                    scheduler=schedule)
     for network in networks:
         network.eval()
