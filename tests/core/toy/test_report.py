@@ -36,14 +36,10 @@ def test_report_runs_every_part_on_a_ci_build(ci_build, tmp_path):
     assert any("target >= 90%" in line for line in lines)
 
 
-def _shipped(monkeypatch, tmp_path):
-    """The shipped toy world; its data set is repainted under tmp_path, not the user's FIXATIVE_HOME."""
-    from fixative.core.toy import SHIPPED
-
+@pytest.fixture
+def home(monkeypatch, tmp_path):
+    """The shipped toy world's data set is repainted under tmp_path, not the user's FIXATIVE_HOME."""
     monkeypatch.setenv("FIXATIVE_HOME", str(tmp_path / "home"))
-    if not (SHIPPED / "sd" / "model_index.json").is_file():
-        pytest.skip("no toy weights shipped in this checkout")
-    return SHIPPED
 
 
 # The shipped build as `fixative toy report` measured it (2026-11-30): VAE 26.4 dB, reconstructions and CLIP
@@ -52,12 +48,11 @@ def _shipped(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_shipped_toy_world_meets_the_vae_and_clip_targets(tmp_path, monkeypatch):
+def test_shipped_toy_world_meets_the_vae_and_clip_targets(tmp_path, shipped, home):
     from fixative.core.toy.report import TARGETS
 
     config = ReportConfig(classifier_steps=150)
-    folder = _shipped(monkeypatch, tmp_path)
-    figures = report(folder, tmp_path / "report", config, parts=("vae", "clip"), log=lambda _: None)
+    figures = report(shipped, tmp_path / "report", config, parts=("vae", "clip"), log=lambda _: None)
     assert figures["vae"]["vae_psnr_db"] >= TARGETS["vae_psnr_db"]
     assert figures["vae"]["vae_attribution"] >= TARGETS["vae_attribution"]
     assert figures["clip"]["clip_artist_accuracy"] >= TARGETS["clip_artist_accuracy"]
@@ -65,24 +60,22 @@ def test_shipped_toy_world_meets_the_vae_and_clip_targets(tmp_path, monkeypatch)
 
 
 @pytest.mark.slow
-def test_shipped_toy_world_meets_the_generation_target(tmp_path, monkeypatch):
+def test_shipped_toy_world_meets_the_generation_target(tmp_path, shipped, home):
     from fixative.core.toy.report import TARGETS
 
     config = ReportConfig(samples_per_prompt=1, classifier_steps=150)
-    folder = _shipped(monkeypatch, tmp_path)
-    figures = report(folder, tmp_path / "report", config, parts=("generation",), log=lambda _: None)
+    figures = report(shipped, tmp_path / "report", config, parts=("generation",), log=lambda _: None)
     assert figures["generation"]["generation_attribution"] >= TARGETS["generation_attribution"]
     assert figures["generation"]["generation_subject"] >= 0.9  # the subject is recognisable
 
 
 @pytest.mark.slow
-def test_shipped_toy_world_can_be_mimicked(tmp_path, monkeypatch):
+def test_shipped_toy_world_can_be_mimicked(tmp_path, shipped, home):
     """The control condition of every protection experiment (about 3 minutes on 2 CPU cores)."""
     from fixative.core.toy.report import TARGETS
 
     config = ReportConfig(mimic_artists=("zenji",), mimic_samples_per_subject=2, classifier_steps=150)
-    folder = _shipped(monkeypatch, tmp_path)
-    figures = report(folder, tmp_path / "report", config, parts=("mimicry",), log=lambda _: None)
+    figures = report(shipped, tmp_path / "report", config, parts=("mimicry",), log=lambda _: None)
     mimicry = figures["mimicry"]["zenji"]
     assert mimicry["mimic_attribution"] >= TARGETS["mimic_attribution"]
     assert mimicry["mimic_trained_attribution"] >= TARGETS["mimic_trained_attribution"]

@@ -7,16 +7,8 @@ import torch
 
 from fixative.core.checkpoints import load_model
 from fixative.core.pipelines import generate
-from fixative.core.toy import SHIPPED
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/core/conftest.py
-
-
-@pytest.fixture(scope="module")
-def shipped():
-    if not (SHIPPED / "sd" / "model_index.json").is_file():
-        pytest.skip("no toy weights shipped in this checkout")
-    return SHIPPED
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/core/conftest.py; `shipped`: tests/core/toy/conftest.py
 
 
 def test_shipped_weights_are_safetensors_within_25_mb(shipped):
