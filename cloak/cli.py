@@ -64,6 +64,9 @@ def register(subparsers) -> None:
                         help="images larger than this (pixels) are cloaked in overlapping tiles (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default: %(default)s)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="model precision (default: %(default)s)")
+    parser.add_argument("--autocast", choices=("none", "bf16", "fp16"), default="none",
+                        help="run the objective under torch.autocast in this precision; bf16 is fast on CPUs with "
+                             "AMX and on GPUs (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto: cuda > mps > cpu (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars and no summary table (default: show them)")
     parser.set_defaults(func=run)
@@ -86,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     config = CloakConfig(
         method=args.method, budget=parse_budget(args.budget or ["lpips=0.07"]),
         optimiser=OptimiserConfig(steps=args.steps, lr=args.lr, optimiser=args.optimiser, alpha=args.alpha,
-                                  plateau_steps=args.plateau),
+                                  plateau_steps=args.plateau,
+                                  autocast=None if args.autocast == "none" else args.autocast),
         target_style=args.target_style,
         style_target=StyleTargetConfig(strength=args.strength, guidance_scale=args.target_guidance,
                                        steps=args.target_steps),

@@ -7,6 +7,7 @@ with T a random robustness transform (expectation over transformations, Athalye 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -20,6 +21,7 @@ from .budgets import Budget, penalty, project
 from .objectives import Objective
 
 OPTIMISERS = ("adam", "pgd")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -32,6 +34,8 @@ class OptimiserConfig:
     plateau_steps: int = 0  # stop when the loss has not improved by plateau_tol for this many steps (0: never)
     plateau_tol: float = 1e-4  # relative improvement that counts
     random_start: bool = False  # start from uniform noise in the L-inf box instead of δ = 0
+    stop_loss: float | None = None  # stop once the mean objective is at or below this value
+    autocast: str | None = None  # "bf16" / "fp16": the objective's forward under torch.autocast (None: as stored)
 
 
 def optimise(pixels: torch.Tensor, objective: Objective, budget: Budget, config: OptimiserConfig,
@@ -42,6 +46,8 @@ def optimise(pixels: torch.Tensor, objective: Objective, budget: Budget, config:
     tied_channels: one δ for all three channels (grayscale images stay grey).
     transform(pixels, step): a differentiable random transform applied before the objective (EOT).
     """
+    if config.autocast is not None and config.autocast not in AUTOCAST_DTYPES:
+        raise FixativeError(f"autocast must be one of {tuple(AUTOCAST_DTYPES)} or none, not {config.autocast!r}")
     if config.optimiser not in OPTIMISERS:
         raise FixativeError(f"optimiser must be one of {OPTIMISERS}, not {config.optimiser!r}")
     pixels = pixels.detach().float()
@@ -56,10 +62,13 @@ def optimise(pixels: torch.Tensor, objective: Objective, budget: Budget, config:
     adam = torch.optim.Adam([delta], lr=config.lr) if config.optimiser == "adam" else None
     momentum = torch.zeros_like(delta)
     best, since_best, steps_run, loss_value = math.inf, 0, 0, math.nan
+    precision = (torch.autocast(pixels.device.type, AUTOCAST_DTYPES[config.autocast]) if config.autocast
+                 else contextlib.nullcontext())
     for step in tqdm(range(config.steps), desc="cloak steps", leave=False, disable=not progress):
         adv_pixels = (pixels + delta).clamp(0, 1)
         seen = transform(adv_pixels, step) if transform is not None else adv_pixels
-        loss = objective.loss(seen, step)
+        with precision:
+            loss = objective.loss(seen, step).float()
         if budget.ssim is not None or budget.lpips is not None:
             loss = loss + config.alpha * penalty(budget, adv_pixels, pixels, lpips_metric)
         (grad,) = torch.autograd.grad(loss.sum(), delta)
@@ -74,6 +83,8 @@ def optimise(pixels: torch.Tensor, objective: Objective, budget: Budget, config:
             project(budget, delta, reference)
         objective.after_step((pixels + delta.detach()).clamp(0, 1), step)
         steps_run, loss_value = step + 1, loss.mean().item()
+        if config.stop_loss is not None and loss_value <= config.stop_loss:
+            break
         if config.plateau_steps:
             if loss_value < best - config.plateau_tol * abs(best):
                 best, since_best = loss_value, 0
