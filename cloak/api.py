@@ -108,7 +108,9 @@ def cloak_artwork(model, artwork: files.Artwork, config: CloakConfig, style: str
     started = time.time()
     torch.manual_seed(config.seed)
     pixels = artwork.pixels.to(model.vae.device)
-    restore = files.restorer(artwork, output_format) if artwork.path is not None or artwork.mode != "RGB" else quantize
+    # an RGB PNG stores exactly the 8-bit rounding; every other output is encoded and read back
+    exact = artwork.mode == "RGB" and output_format == "png"
+    restore = quantize if exact else files.restorer(artwork, output_format)
     delta, info = image_delta(model, pixels, config, style, lpips_metric, artwork.grey, tile_size, progress)
     stored, scale, met = finalize(pixels, delta, config.budget, lpips_metric, restore)
     with torch.no_grad():
@@ -172,7 +174,8 @@ def cloak(images, model, config: CloakConfig, style: str | None = None, output_f
         except FixativeError as error:
             artworks.append(error)
     readable = [a for a in artworks if isinstance(a, files.Artwork)]
-    style = style or resolve_style(model, config, readable, None)[0] if readable else style
+    if style is None and readable:
+        style, _ = resolve_style(model, config, readable, None)
     lpips_metric = lpips_for(config, model.vae.device)
     for artwork in artworks:
         if isinstance(artwork, FixativeError):
