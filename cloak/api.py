@@ -23,7 +23,7 @@ from fixative.core.errors import FixativeError
 from . import files, targets
 from .budget import load_lpips
 from .finalize import finalize, quantize
-from .protect import CloakConfig, make_objective
+from .protect import CloakConfig, image_record, make_objective
 from .budgets import measure
 from .optimise import optimise
 from .robust import RandomTransform
@@ -116,19 +116,9 @@ def cloak_artwork(model, artwork: files.Artwork, config: CloakConfig, style: str
     with torch.no_grad():
         values = measure(config.budget, stored, pixels, lpips_metric)
         before, after = info["target_distance"](pixels), info["target_distance"](stored)
-    record = {
-        "method": config.method, **info["aimed"], **info["details"],
-        "budget": config.budget.as_dict(),
-        "values": {name: float(v[0]) for name, v in values.items()},
-        "latent_distance_before": before, "latent_distance_after": after,
-        "final_projection": bool(scale[0] < 1), "projection_scale": float(scale[0]), "budget_met": bool(met[0]),
-        "steps": info["run"]["steps"], "tiles": info["tiles"], "seconds": round(time.time() - started, 3),
-        "size": list(pixels.shape[-2:]), "mode": artwork.mode, "notes": artwork.notes,
-    }
-    if lpips_metric is not None:
-        record["lpips_backbone"] = lpips_metric.backbone
-        if lpips_metric.backbone == "random":
-            record["lpips_note"] = "random LPIPS backbone: a test of the mechanics only, not LPIPS"
+    record = image_record(config, {**info["aimed"], **info["details"]}, values, 0, before, after, float(scale[0]),
+                          bool(met[0]), info["run"]["steps"], time.time() - started, lpips_metric)
+    record.update(tiles=info["tiles"], size=list(pixels.shape[-2:]), mode=artwork.mode, notes=artwork.notes)
     return stored, record
 
 

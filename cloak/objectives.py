@@ -95,9 +95,10 @@ def mist(model, pixels: torch.Tensor, pattern_pixels: torch.Tensor, prompt: str,
 
 
 def _per_image_denoising_loss(unet, latents, text_embeddings, alphas_cumprod, prediction_type, generator):
-    """core.training.denoising_loss per image: one call per row keeps each image's loss (and gradient) its own."""
-    return torch.stack([denoising_loss(unet, latents[i:i + 1], text_embeddings[i:i + 1], alphas_cumprod,
-                                       prediction_type, generator) for i in range(latents.shape[0])])
+    """core.training.denoising_loss as (batch,) for the loop: the batch mean repeated per image. Its sum is the
+    sum of the images' own losses, and each image's gradient is its own (the UNet treats batch rows apart)."""
+    loss = denoising_loss(unet, latents, text_embeddings, alphas_cumprod, prediction_type, generator)
+    return loss.expand(latents.shape[0])
 
 
 @dataclass

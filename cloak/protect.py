@@ -81,21 +81,28 @@ def cloak_pixels(model, pixels: torch.Tensor, config: CloakConfig, style: str | 
         distance_after = objective.target_distance(stored) if objective.target_distance else None
         values = measure(config.budget, stored, pixels, lpips_metric)
     seconds = (time.time() - started) / pixels.shape[0]
-    records = []
-    for i in range(pixels.shape[0]):
-        record = {
-            "method": config.method, **aimed, **objective.details,
-            "budget": config.budget.as_dict(),
-            "values": {name: float(v[i]) for name, v in values.items()},
-            "latent_distance_before": None if distance_before is None else float(distance_before[i]),
-            "latent_distance_after": None if distance_after is None else float(distance_after[i]),
-            "final_projection": bool(scale[i] < 1), "projection_scale": float(scale[i]),
-            "budget_met": bool(met[i]),
-            "steps": run["steps"], "seconds": round(seconds, 3),
-        }
-        if "lpips" in values:
-            record["lpips_backbone"] = getattr(lpips_metric, "backbone", "unknown")
-            if record["lpips_backbone"] == "random":
-                record["lpips_note"] = "random LPIPS backbone: a test of the mechanics, not LPIPS"
-        records.append(record)
-    return stored, records
+    return stored, [image_record(config, {**aimed, **objective.details}, values, i,
+                                 None if distance_before is None else float(distance_before[i]),
+                                 None if distance_after is None else float(distance_after[i]),
+                                 float(scale[i]), bool(met[i]), run["steps"], seconds, lpips_metric)
+                    for i in range(pixels.shape[0])]
+
+
+def image_record(config: CloakConfig, aimed: dict, values: dict[str, torch.Tensor], index: int,
+                 distance_before: float | None, distance_after: float | None, scale: float, budget_met: bool,
+                 steps: int, seconds: float, lpips_metric=None) -> dict:
+    """The record of image ``index``: method, what it aimed at, budget values as stored, latent distances,
+    whether the final projection happened, steps, seconds; a random LPIPS backbone is said out loud."""
+    record = {
+        "method": config.method, **aimed,
+        "budget": config.budget.as_dict(),
+        "values": {name: float(v[index]) for name, v in values.items()},
+        "latent_distance_before": distance_before, "latent_distance_after": distance_after,
+        "final_projection": scale < 1, "projection_scale": scale, "budget_met": budget_met,
+        "steps": steps, "seconds": round(seconds, 3),
+    }
+    if lpips_metric is not None:
+        record["lpips_backbone"] = lpips_metric.backbone
+        if lpips_metric.backbone == "random":
+            record["lpips_note"] = "random LPIPS backbone: a test of the mechanics only, not LPIPS"
+    return record
