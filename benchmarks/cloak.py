@@ -83,7 +83,7 @@ def worker_reference(size: int, steps: int, seed: int) -> dict:
 
 
 def worker_fixative(size: int, steps: int, seed: int, stop_loss: float, autocast: str | None) -> dict:
-    from fixative.cloak.budgets import Budget
+    from fixative.cloak.bounds import Budget
     from fixative.cloak.objectives import Objective, latent_distance
     from fixative.cloak.optimise import OptimiserConfig, optimise
 

@@ -29,7 +29,7 @@ from PIL import Image
 from fixative.core.toy.judge import ToyJudge
 from fixative.core.toy.report import MIMIC_NAMES, ReportConfig, mimic, sample
 
-from fixative.cloak.budgets import parse_budget
+from fixative.cloak.bounds import parse_budget
 from fixative.cloak.optimise import OptimiserConfig
 from fixative.cloak.protect import CloakConfig, cloak_pixels
 from fixative.cloak.targets import StyleTargetConfig

@@ -8,7 +8,7 @@ budget that holds on the stored file. Stands on fixative.core only.
 """
 
 from .api import CloakResult, cloak, cloak_files
-from .budgets import Budget, parse_budget
+from .bounds import Budget, parse_budget
 from .optimise import OptimiserConfig
 from .protect import CloakConfig
 

@@ -24,7 +24,7 @@ from . import files, targets
 from .budget import load_lpips
 from .finalize import finalize, quantize
 from .protect import CloakConfig, image_record, make_objective
-from .budgets import measure
+from .bounds import measure
 from .optimise import optimise
 from .robust import RandomTransform
 

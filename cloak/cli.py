@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from fixative.core.cli.generate import _device
 
     from .api import cloak_files, summary_table
-    from .budgets import parse_budget
+    from .bounds import parse_budget
     from .optimise import OptimiserConfig
     from .protect import CloakConfig
     from .robust import parse_robust

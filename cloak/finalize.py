@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from .budgets import Budget, measure, satisfied
+from .bounds import Budget, measure, satisfied
 
 BISECTION_STEPS = 14  # scale resolution 2^-14: finer than one 8-bit level on any δ
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from fixative.core.errors import FixativeError
 
-from .budgets import Budget, penalty, project
+from .bounds import Budget, penalty, project
 from .objectives import Objective
 
 OPTIMISERS = ("adam", "pgd")

@@ -10,7 +10,7 @@ import torch
 from fixative.core.errors import FixativeError
 
 from . import objectives, targets
-from .budgets import Budget, measure
+from .bounds import Budget, measure
 from .finalize import finalize, quantize
 from .objectives import ASPLConfig
 from .optimise import OptimiserConfig, optimise

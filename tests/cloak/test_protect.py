@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from fixative.cloak import budget as metrics
-from fixative.cloak.budgets import Budget, measure, parse_budget, satisfied
+from fixative.cloak.bounds import Budget, measure, parse_budget, satisfied
 from fixative.cloak.finalize import finalize, quantize
 from fixative.cloak.objectives import ASPLConfig
 from fixative.cloak.optimise import OptimiserConfig

@@ -1,4 +1,5 @@
-"""A perceptual budget: bounds on several distances at once, their soft penalties and hard projections.
+"""A perceptual budget, the bounds a cloak must keep: several distances at once, their soft penalties and hard
+projections.
 
 ``Budget(linf=16/255, psnr=32)`` means L-inf <= 16/255 *and* PSNR >= 32 dB. L-inf and PSNR are enforced exactly
 by projection during optimisation (a box and an L2 ball); SSIM and LPIPS by the Glaze penalty
