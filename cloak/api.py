@@ -76,7 +76,7 @@ def image_delta(model, pixels: torch.Tensor, config: CloakConfig, style: str | N
     objective, aimed = make_objective(model, crops, config, style)
     transform = RandomTransform(config.robust, config.seed) if config.robust else None
     delta_tiles, run = optimise(crops, objective, config.budget, config.optimiser, lpips_metric, transform,
-                                tied_channels, config.seed, progress)
+                                tied_channels, progress)
     delta_tiles = delta_tiles.expand(-1, 3, -1, -1)
     delta = torch.zeros_like(padded)
     weight = torch.zeros_like(padded[:, :1])

@@ -33,14 +33,13 @@ class OptimiserConfig:
     alpha: float = 30.0  # weight of the soft budget penalty (Glaze's α)
     plateau_steps: int = 0  # stop when the loss has not improved by plateau_tol for this many steps (0: never)
     plateau_tol: float = 1e-4  # relative improvement that counts
-    random_start: bool = False  # start from uniform noise in the L-inf box instead of δ = 0
     stop_loss: float | None = None  # stop once the mean objective is at or below this value
     autocast: str | None = None  # "bf16" / "fp16": the objective's forward under torch.autocast (None: as stored)
 
 
 def optimise(pixels: torch.Tensor, objective: Objective, budget: Budget, config: OptimiserConfig,
              lpips_metric=None, transform: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
-             tied_channels: bool = False, seed: int = 0, progress: bool = False) -> tuple[torch.Tensor, dict]:
+             tied_channels: bool = False, progress: bool = False) -> tuple[torch.Tensor, dict]:
     """δ for pixels (batch, 3, H, W) in [0, 1]; returns (δ, {"steps": steps run, "loss": final mean loss}).
 
     tied_channels: one δ for all three channels (grayscale images stay grey).
@@ -53,9 +52,6 @@ def optimise(pixels: torch.Tensor, objective: Objective, budget: Budget, config:
     pixels = pixels.detach().float()
     shape = (pixels.shape[0], 1 if tied_channels else pixels.shape[1], *pixels.shape[2:])
     delta = torch.zeros(shape, device=pixels.device)
-    if config.random_start and budget.linf is not None:
-        generator = torch.Generator().manual_seed(seed)
-        delta = (torch.rand(shape, generator=generator) * 2 - 1).mul(budget.linf).to(pixels.device)
     reference = pixels[:, :1] if tied_channels else pixels  # grey images: the three channels are equal
     project(budget, delta, reference)
     delta.requires_grad_(True)

@@ -73,7 +73,7 @@ def cloak_pixels(model, pixels: torch.Tensor, config: CloakConfig, style: str | 
         distance_before = objective.target_distance(pixels) if objective.target_distance else None
     transform = RandomTransform(config.robust, config.seed) if config.robust else None
     delta, run = optimise(pixels, objective, config.budget, config.optimiser, lpips_metric, transform,
-                          tied_channels, config.seed, progress)
+                          tied_channels, progress)
     if tied_channels:
         delta = delta.expand_as(pixels)
     stored, scale, met = finalize(pixels, delta, config.budget, lpips_metric, restore)
