@@ -1,0 +1,30 @@
+"""Fixtures shared by the consistency tests: a tiny random SD 1.x-shaped teacher (fixative's own networks)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fixative.core.model import StableDiffusionModel
+from fixative.core.presets import get_preset, scheduler_config
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny networks run fastest on one thread, and it avoids OpenMP spin-waits on shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_teacher(prediction_type: str = "epsilon", seed: int = 0) -> StableDiffusionModel:
+    """tiny-sd1 with random weights (8x8 latents, 64 px images) and SD's training schedule, DDIM sampler."""
+    torch.manual_seed(seed)
+    preset = get_preset("tiny-sd1")
+    return StableDiffusionModel.from_config(preset.model_config, scheduler_config("DDIMScheduler", prediction_type))
+
+
+@pytest.fixture
+def teacher() -> StableDiffusionModel:
+    return tiny_teacher()
