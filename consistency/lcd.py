@@ -31,8 +31,7 @@ import torch.nn.functional as F
 from fixative.core.errors import FixativeError
 from fixative.core.parameterization import ConsistencyBoundary, parameterization
 from fixative.core.pipelines import guidance_scale_embedding
-from fixative.core.schedulers import ddim_step
-from fixative.core.training import add_noise
+from fixative.core.schedulers import NoiseSchedule, ddim_step
 from fixative.core.unet import UNet2DConditionModel
 
 LOSSES = ("huber", "l2")
@@ -47,13 +46,17 @@ class SkippingSchedule:
     to 0, where the consistency function is the identity. The same timesteps as diffusers' DDIMSolver
     and, at sampling time, the LCM scheduler's ``original_inference_steps``."""
 
-    alphas_cumprod: torch.Tensor  # ᾱ over the N training timesteps, float32
+    noise_schedule: NoiseSchedule  # the teacher's training schedule: ᾱ over the N training timesteps
     num_ddim_timesteps: int = 50
 
     def __post_init__(self) -> None:
         n, N = self.num_ddim_timesteps, len(self.alphas_cumprod)
         if not 1 <= n <= N:
             raise FixativeError(f"num_ddim_timesteps must be between 1 and {N} (the training timesteps), not {n}")
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.noise_schedule.alphas_cumprod
 
     @property
     def skip(self) -> int:
@@ -186,7 +189,7 @@ def consistency_distillation_loss(student: UNet2DConditionModel, teacher: UNetCa
     start, end = start.to(latents.device), end.to(latents.device)
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
     w = draw_guidance(batch, settings, generator)
-    noisy_latents = add_noise(latents, noise, start, alphas_cumprod)
+    noisy_latents = schedule.noise_schedule.add_noise(latents, noise, start)
     condition = guidance_condition(student, w, latents)
 
     student_output = student(noisy_latents, start, text_embeddings, timestep_cond=condition)

@@ -7,7 +7,7 @@ import torch
 
 from fixative.core.errors import FixativeError
 from fixative.core.pipelines import encode_prompt, generate, guidance_scale_embedding, predict_noise_cfg
-from fixative.core.training import alphas_cumprod_from_config
+from fixative.core.schedulers import NoiseSchedule
 from fixative.consistency.lcd import (
     LCDSettings,
     SkippingSchedule,
@@ -30,7 +30,7 @@ def latents_like(model, batch=2, seed=1):
 
 
 def test_skipping_schedule_pairs_are_k_apart_and_start_on_the_ddim_timesteps():
-    schedule = SkippingSchedule(torch.linspace(0.99, 0.01, 1000), num_ddim_timesteps=50)
+    schedule = SkippingSchedule(NoiseSchedule(torch.linspace(0.99, 0.01, 1000)), num_ddim_timesteps=50)
     assert schedule.skip == 20
     assert schedule.timesteps.tolist() == list(range(19, 1000, 20))
     start, end = schedule.draw(4096, torch.Generator().manual_seed(0))
@@ -38,7 +38,7 @@ def test_skipping_schedule_pairs_are_k_apart_and_start_on_the_ddim_timesteps():
     assert torch.equal(end, (start - 20).clamp(min=0))
     assert set(end[start == 19].tolist()) == {0}
     with pytest.raises(FixativeError, match="between 1 and 1000"):
-        SkippingSchedule(torch.ones(1000), num_ddim_timesteps=0)
+        SkippingSchedule(NoiseSchedule(torch.ones(1000)), num_ddim_timesteps=0)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
@@ -47,7 +47,7 @@ def test_boundary_condition_holds_exactly(prediction_type):
     model = tiny_teacher(prediction_type)
     student = student_from_teacher(model.unet, time_cond_proj_dim=16)
     torch.nn.init.normal_(student.time_embedding.cond_proj.weight)
-    alphas_cumprod = alphas_cumprod_from_config(model.scheduler_config)
+    alphas_cumprod = NoiseSchedule.from_config(model.scheduler_config).alphas_cumprod
     latents = latents_like(model)
     text_embeddings = encode_prompt(model, ["a cat", "a dog"], guidance=False)
     timesteps = torch.zeros(2, dtype=torch.long)
@@ -65,7 +65,7 @@ def test_boundary_condition_holds_exactly(prediction_type):
 
 
 def test_consistency_function_equals_the_scalings_by_hand(teacher):
-    alphas_cumprod = alphas_cumprod_from_config(teacher.scheduler_config)
+    alphas_cumprod = NoiseSchedule.from_config(teacher.scheduler_config).alphas_cumprod
     latents, output = latents_like(teacher, 1, 2), latents_like(teacher, 1, 3)
     t = 259
     scaled = 10.0 * t
@@ -80,8 +80,8 @@ def test_teacher_ddim_step_equals_a_hand_computation(prediction_type):
     """At a fixed point (x at t_{n+k} = 519, t_n = 499, w = 4): the guided teacher's DDIM step, by hand from
     LCM Sec. 4.2 (ε̂ = (1 + w) ε_c − w ε_∅) and DDIM Eq. 12 (η = 0)."""
     model = tiny_teacher(prediction_type)
-    alphas_cumprod = alphas_cumprod_from_config(model.scheduler_config)
-    schedule = SkippingSchedule(alphas_cumprod, 50)
+    alphas_cumprod = NoiseSchedule.from_config(model.scheduler_config).alphas_cumprod
+    schedule = SkippingSchedule(NoiseSchedule(alphas_cumprod), 50)
     latents = latents_like(model, 1)
     text = encode_prompt(model, ["a lighthouse"], guidance=False)
     uncond = encode_prompt(model, [""], guidance=False)
@@ -107,7 +107,7 @@ def test_guidance_convention_is_ordinary_cfg_at_one_plus_w(teacher):
     """Teacher side: guiding at LCM's w is core's classifier-free guidance at scale 1 + w; student side: the
     embedding trained for w is the one ``generate`` feeds at guidance scale 1 + w (as diffusers'
     LatentConsistencyModelPipeline does)."""
-    alphas_cumprod = alphas_cumprod_from_config(teacher.scheduler_config)
+    alphas_cumprod = NoiseSchedule.from_config(teacher.scheduler_config).alphas_cumprod
     latents = latents_like(teacher, 1)
     w, t = 6.0, 799
     with torch.no_grad():
@@ -152,8 +152,8 @@ def test_pseudo_huber_by_hand():
 
 def test_distillation_loss_is_algorithm_1_with_draws_in_order(teacher):
     """The loss equals the composition by hand, with t_{n+k}, noise and w drawn in that order."""
-    alphas_cumprod = alphas_cumprod_from_config(teacher.scheduler_config)
-    schedule, settings = SkippingSchedule(alphas_cumprod, 10), LCDSettings(num_ddim_timesteps=10, loss="l2")
+    alphas_cumprod = NoiseSchedule.from_config(teacher.scheduler_config).alphas_cumprod
+    schedule, settings = SkippingSchedule(NoiseSchedule(alphas_cumprod), 10), LCDSettings(num_ddim_timesteps=10, loss="l2")
     student = student_from_teacher(teacher.unet, time_cond_proj_dim=16)
     torch.nn.init.normal_(student.time_embedding.cond_proj.weight, std=0.1)
     target = student_from_teacher(teacher.unet, time_cond_proj_dim=16)  # a different target network
