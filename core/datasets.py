@@ -233,3 +233,120 @@ def image_folder(folder: str | Path, options: ImageOptions, caption_column: str 
     dataset = dataset.cast_column("image", datasets.Image(decode=False))
     paths = [Path(row["path"]) for row in dataset["image"]]
     return FileImages([_file_loader(p) for p in paths], dataset[caption_column], options, names=[str(p) for p in paths])
+
+
+# ---------------------------------------------------------------- LAION-style metadata
+
+
+@dataclass
+class MetadataFilters:
+    """Row filters of a LAION-style parquet, applied to the metadata before any image is read (None: off)."""
+
+    min_width: int | None = None  # WIDTH >= (the original image's size, as LAION records it)
+    min_height: int | None = None  # HEIGHT >=
+    min_similarity: float | None = None  # similarity >= (CLIP image-text cosine)
+    max_watermark: float | None = None  # pwatermark <= (predicted watermark probability)
+    max_unsafe: float | None = None  # punsafe <= (predicted NSFW probability)
+
+    def rules(self) -> list[tuple[str, str, str, float]]:
+        """(option name, column, comparison, value) of the filters that are on, in order."""
+        table = [("min_width", "WIDTH", ">="), ("min_height", "HEIGHT", ">="), ("min_similarity", "similarity", ">="),
+                 ("max_watermark", "pwatermark", "<="), ("max_unsafe", "punsafe", "<=")]
+        return [(name, column, op, getattr(self, name)) for name, column, op in table if getattr(self, name) is not None]
+
+
+def filter_metadata(columns: dict[str, list], filters: MetadataFilters) -> tuple[list[int], list[tuple[str, int]]]:
+    """Row indices that pass every filter, and (option, rows it removed) per filter in order. A missing
+    value (null) fails its filter."""
+    import numpy as np
+
+    rows = len(next(iter(columns.values()))) if columns else 0
+    keep = np.ones(rows, dtype=bool)
+    removed = []
+    for name, column, op, value in filters.rules():
+        if column not in columns:
+            raise FixativeError(f"--{name.replace('_', '-')} needs a {column!r} column; the parquet has "
+                                f"{', '.join(columns)}")
+        values = np.array([np.nan if v is None else float(v) for v in columns[column]], dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            passes = values >= value if op == ">=" else values <= value
+        before = int(keep.sum())
+        keep &= passes
+        removed.append((name, before - int(keep.sum())))
+    return [int(i) for i in np.flatnonzero(keep)], removed
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def img2dataset_images(source: str | Path) -> dict[str, Callable[[], bytes]]:
+    """URL -> loader of the images img2dataset wrote to ``source``: a folder of ``.tar`` shards
+    (WebDataset) or of files (``--output_format files``), each image beside a ``.json`` holding its ``url``."""
+    import json
+    import tarfile
+
+    source = Path(source)
+    if not source.is_dir():
+        raise FixativeError(f"image folder {source} does not exist")
+    images: dict[str, Callable[[], bytes]] = {}
+    for shard in sorted(source.rglob("*.tar")):
+        members: dict[str, dict] = {}
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                stem, suffix = member.name.rsplit(".", 1) if "." in member.name else (member.name, "")
+                entry = members.setdefault(stem, {})
+                if suffix == "json":
+                    entry["url"] = json.loads(tar.extractfile(member).read()).get("url")
+                elif "." + suffix.lower() in IMAGE_SUFFIXES:
+                    entry["image"] = (member.offset_data, member.size)
+        for entry in members.values():
+            if entry.get("url") and "image" in entry:
+                images[entry["url"]] = _tar_loader(shard, *entry["image"])
+    for sidecar in sorted(source.rglob("*.json")):
+        for suffix in IMAGE_SUFFIXES:
+            image = sidecar.with_suffix(suffix)
+            if image.is_file():
+                try:
+                    url = json.loads(sidecar.read_text()).get("url")
+                except (ValueError, OSError):
+                    break
+                if url:
+                    images[url] = _file_loader(image)
+                break
+    return images
+
+
+def _tar_loader(shard: Path, offset: int, size: int) -> Callable[[], bytes]:
+    def load() -> bytes:
+        with open(shard, "rb") as file:
+            file.seek(offset)
+            return file.read(size)
+
+    return load
+
+
+def laion_parquet(path: str | Path, images: str | Path, options: ImageOptions, caption_column: str = "TEXT",
+                  filters: MetadataFilters = MetadataFilters(), log: Callable[[str], None] = print) -> FileImages:
+    """A LAION-style metadata parquet (``URL``, ``TEXT``, ``WIDTH``, ``HEIGHT``, ``similarity``, ``pwatermark``,
+    ``punsafe``), filtered on the metadata, with images found by URL in img2dataset's output ``images``."""
+    import datasets
+
+    path = Path(path)
+    if not path.is_file():
+        raise FixativeError(f"parquet file {path} does not exist")
+    table = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    names = table.column_names
+    for column in (caption_column, "URL"):
+        if column not in names:
+            raise FixativeError(f"{path} has no {column!r} column; it has {', '.join(names)}")
+    needed = {column for _, column, _, _ in filters.rules()} | {caption_column, "URL"}
+    columns = {name: table[name] for name in names if name in needed}
+    kept, removed = filter_metadata(columns, filters)
+    by_url = img2dataset_images(images)
+    rows = [i for i in kept if columns["URL"][i] in by_url]
+    log(f"parquet {path.name}: {len(table)} rows; " + "".join(f"--{n.replace('_', '-')} removed {c}; " for n, c in removed)
+        + f"{len(kept)} kept, {len(rows)} with an image in {images}")
+    urls = [columns["URL"][i] for i in rows]
+    return FileImages([by_url[u] for u in urls], [columns[caption_column][i] for i in rows], options, names=urls)
