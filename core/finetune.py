@@ -286,6 +286,7 @@ class _Sampler:
         self.trains_text = objective.trains_text_encoder
         self.posteriors: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.text_cache: dict[str, torch.Tensor] = {}
+        self.text_key: str | None = None
         if config.cache_latents:
             for name, images in (("data", data), ("prior", prior)):
                 if images is not None:
@@ -300,7 +301,7 @@ class _Sampler:
         for indices in images.groups().values():
             todo = []
             for index in indices:
-                file = cache / f"{_hash(vae_key + images.key(index))}.pt" if cache else None
+                file = cache / f"latents-{_hash(vae_key + images.key(index))}.pt" if cache else None
                 if file is not None and file.exists():
                     self.posteriors[name, index] = torch.load(file, weights_only=True)
                 else:
@@ -312,7 +313,8 @@ class _Sampler:
                     self.posteriors[name, index] = (mean[j].clone(), std[j].clone())
                     if cache is not None:
                         cache.mkdir(parents=True, exist_ok=True)
-                        _save_atomic(self.posteriors[name, index], cache / f"{_hash(vae_key + images.key(index))}.pt")
+                        _save_atomic(self.posteriors[name, index],
+                                     cache / f"latents-{_hash(vae_key + images.key(index))}.pt")
 
     @torch.no_grad()
     def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,11 +371,27 @@ class _Sampler:
 
     @torch.no_grad()
     def _frozen_text(self, captions: list[str], input_ids: torch.Tensor) -> torch.Tensor:
-        missing = [i for i, c in enumerate(captions) if c not in self.text_cache]
+        """Embeddings of the frozen text encoder, kept per caption (and, with a cache folder, on disk keyed by
+        the encoder's weights and the caption)."""
+        cache = Path(self.config.cache_dir) if self.config.cache_latents and self.config.cache_dir else None
+        if cache is not None and self.text_key is None:
+            self.text_key = _module_hash(self.model.text_encoder)
+        missing = []
+        for i, caption in enumerate(captions):
+            if caption in self.text_cache:
+                continue
+            file = cache / f"text-{_hash(self.text_key + caption)}.pt" if cache is not None else None
+            if file is not None and file.exists():
+                self.text_cache[caption] = torch.load(file, weights_only=True).to(self.device)
+            elif i not in missing and caption not in [captions[j] for j in missing]:
+                missing.append(i)
         if missing:
             embeddings = self.model.text_encoder(input_ids[missing]).last_hidden_state
             for j, i in enumerate(missing):
                 self.text_cache[captions[i]] = embeddings[j]
+                if cache is not None:
+                    cache.mkdir(parents=True, exist_ok=True)
+                    _save_atomic(embeddings[j].cpu().clone(), cache / f"text-{_hash(self.text_key + captions[i])}.pt")
         return torch.stack([self.text_cache[c] for c in captions])
 
 
@@ -428,19 +446,19 @@ def _lr_schedule(optimizer, config: FinetuneConfig):
 
 def fine_tune(model, data, config: FinetuneConfig = FinetuneConfig(), objective: Objective | None = None, *,
               out: str | Path | None = None, prior_data=None, resume: bool = False, caption_column: str = "text",
-              save: bool = True, progress: bool = True, log: Callable[[str], None] = print):
+              save: bool = True, device: str = "auto", progress: bool = True, log: Callable[[str], None] = print):
     """Train ``model`` (a StableDiffusionModel, in place) on ``data`` with ``config``; returns the model.
 
     objective: what is trained and how (default ``DenoisingObjective``; see the module docstring).
     out: a folder for checkpoints (``checkpoints/step-N``), validation images and the result; without it
     nothing is written; ``save=False``: checkpoints and validation images only, no result. prior_data:
     DreamBooth's class images (as ``data``). resume: continue from the latest checkpoint in ``out`` (without
-    it, a folder with checkpoints is refused).
+    it, a folder with checkpoints is refused). device: "auto" (accelerate's device for this process) or "cpu".
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=device == "cpu")
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     out = Path(out) if out is not None else None
     checkpoint = _latest_checkpoint(out)

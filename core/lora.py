@@ -193,11 +193,11 @@ def apply_lora(model, path: str | Path, scale: float = 1.0) -> int:
     layer; returns how many layers changed. Files stack: apply several in turn."""
     pairs = _lora_pairs(read_lora(path), model)
     for module, up, down, factor in pairs:
+        # linear: B (out, r) A (r, in); convolution: B (out, r, 1, 1) after A (r, in, k, k) -> (out, in, k, k)
         delta = up.flatten(1) @ down.flatten(1)
-        if down.ndim == 4 and down.shape[2:] != (1, 1):  # a k x k convolution: B (out, r, 1, 1) after A (r, in, k, k)
-            delta = (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
         if delta.numel() != module.weight.numel():
             raise FixativeError(f"LoRA file {path}: a layer's update has shape {tuple(delta.shape)} but the model's "
                                 f"weight is {tuple(module.weight.shape)}; is it for another model?")
-        module.weight += (scale * factor * delta).reshape(module.weight.shape).to(module.weight.dtype)
+        delta = scale * factor * delta.to(module.weight.device).reshape(module.weight.shape)
+        module.weight.copy_((module.weight.float() + delta).to(module.weight.dtype))
     return len(pairs)
