@@ -139,7 +139,7 @@ def test_fine_tune_trains_on_a_folder_with_a_corrupt_image(tmp_path):
     fine_tune(model, folder, config, progress=False, log=lines.append)
     assert lines == ["fine-tune: 3 images; skipped; 1 unreadable"]
     assert len(list((tmp_path / "cache").glob("latents-*.pt"))) == 3  # cached by content hash for the next run
-    assert len(list((tmp_path / "cache").glob("text-*.pt"))) == 3
+    assert 1 <= len(list((tmp_path / "cache").glob("text-*.pt"))) <= 3  # one per caption drawn
 
 
 def test_shuffle_tags_keeps_the_first_tags():
