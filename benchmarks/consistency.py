@@ -1,0 +1,173 @@
+"""Distilled samplers of the toy world against the teacher's DDIM: FID, attribution and speed.
+
+    python benchmarks/consistency.py --lcd RUNS/lcd --lora RUNS/lcm-lora/pytorch_lora_weights.safetensors
+
+Prompts: the captions of the Toy Atelier's test split (the trained artists' paintings; seeds 0..n-1).
+- FID on the toy CLIP's image features (``get_image_features``, 64-d) against the same test images; the
+  teacher at 1, 2, 4 and 25 DDIM steps (guidance ``--guidance``), the full LCD student at 1, 2, 4 LCM steps
+  (same guidance: it embeds w = guidance - 1) and the LCM-LoRA on the teacher at 1, 2, 4 LCM steps
+  (guidance 1, as LCM-LoRA samples).
+- Attribution: the share of samples the toy CLIP judge (core/toy/judge.py) gives to the prompted artist.
+- Speed: wall time of one batch (``--batch``) at one LCM step against the teacher's 25 guided DDIM steps,
+  decode included, interleaved ``--repeats`` times, medians.
+Every figure is printed as a ratio to the teacher's 25-step row of the same run, with the issue-11 targets.
+The Fréchet distance is eval's (fixative.eval.fid) where that package is installed, else the same
+formula here (Heusel et al. 2017, eq. 6); the output says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from fixative.core.checkpoints import load_model
+from fixative.core.lora import apply_lora
+from fixative.core.pipelines import generate
+from fixative.core.toy import SHIPPED, clip_folder
+from fixative.core.toy.atelier import AtelierConfig, load_split, write_atelier
+from fixative.core.toy.judge import ToyJudge
+
+
+def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """d² = ||μ_r − μ_f||² + Tr(Σ_r + Σ_f − 2 (Σ_r Σ_f)^½) (Heusel et al. 2017, eq. 6), float64;
+    Tr (Σ_r Σ_f)^½ as the nuclear norm of Σ_f^½ Σ_r^½ (symmetric-eigen square roots)."""
+    def stats(x):
+        x = x.double()
+        mean = x.mean(0)
+        centred = x - mean
+        return mean, centred.T @ centred / (len(x) - 1)
+
+    def psd_sqrt(m):
+        values, vectors = torch.linalg.eigh((m + m.T) / 2)
+        return (vectors * values.clamp(min=0).sqrt()) @ vectors.T
+
+    (mu_r, cov_r), (mu_f, cov_f) = stats(real), stats(fake)
+    trace_sqrt = torch.linalg.svdvals(psd_sqrt(cov_f) @ psd_sqrt(cov_r)).sum()
+    return float((mu_r - mu_f).square().sum() + cov_r.trace() + cov_f.trace() - 2 * trace_sqrt)
+
+
+try:  # eval's metric once it is installed (branch i12-eval); the same formula otherwise
+    from fixative.eval.fid import fid as fid_metric
+    FID_SOURCE = "fixative.eval.fid"
+except ImportError:
+    fid_metric, FID_SOURCE = frechet_distance, "benchmarks/consistency.py (eval not installed)"
+
+
+def test_set(data: Path | None, limit: int | None) -> tuple[list[str], list[str], torch.Tensor]:
+    """Captions, artists and pixels in [-1, 1] of the test split's trained-artist paintings."""
+    from PIL import Image
+    import numpy as np
+
+    if data is None:
+        data = Path("outputs") / "atelier"
+        if not (data / "test" / "metadata.jsonl").is_file():
+            write_atelier(data, AtelierConfig(), progress=False)
+    rows = [r for r in load_split(data, "test") if not r["held_out"]][:limit]
+    pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(r["path"]).convert("RGB"), dtype=np.float32))
+                          for r in rows]).permute(0, 3, 1, 2) / 127.5 - 1
+    return [r["text"] for r in rows], [r["artist"] for r in rows], pixels
+
+
+@torch.no_grad()
+def clip_features(judge: ToyJudge, pixels: torch.Tensor, batch: int = 128) -> torch.Tensor:
+    return torch.cat([judge.clip.get_image_features(pixel_values=chunk).pooler_output.float()
+                      for chunk in pixels.split(batch)])
+
+
+def sample(model, prompts: list[str], steps: int, scheduler: str, guidance: float, batch: int) -> torch.Tensor:
+    """Pixels in [-1, 1]; prompt i is drawn with seed i."""
+    out = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start:start + batch]
+        images = generate(model, chunk, num_inference_steps=steps, scheduler=scheduler, guidance_scale=guidance,
+                          seed=list(range(start, start + len(chunk))), output="images", progress=False)
+        out.append(images * 2 - 1)
+    return torch.cat(out)
+
+
+def timed(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lcd", type=Path, default=None, help="a distilled student folder (fixative distill --method lcd)")
+    parser.add_argument("--lora", type=Path, default=None,
+                        help="an LCM-LoRA file for the toy teacher (default: the shipped one, if any)")
+    parser.add_argument("--data", type=Path, default=None, help="a Toy Atelier folder (default: outputs/atelier, painted)")
+    parser.add_argument("--images", type=int, default=None, help="use the first N test images (default: all)")
+    parser.add_argument("--guidance", type=float, default=5.0, help="teacher and LCD guidance scale (the toy report's)")
+    parser.add_argument("--batch", type=int, default=64, help="images per sampling batch (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5, help="timing repeats (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    lora = args.lora or (SHIPPED / "lcm-lora" / "pytorch_lora_weights.safetensors")
+
+    captions, artists, real = test_set(args.data, args.images)
+    judge = ToyJudge(clip_folder())
+    real_features = clip_features(judge, real)
+    teacher = load_model("toy")
+    samplers = {"teacher DDIM": (teacher, "ddim", args.guidance, (1, 2, 4, 25))}
+    if args.lcd is not None:
+        samplers["LCD"] = (load_model(args.lcd), "lcm", args.guidance, (1, 2, 4))
+    if lora.is_file():
+        lora_model = load_model("toy")
+        apply_lora(lora_model, lora)
+        samplers["LCM-LoRA"] = (lora_model, "lcm", 1.0, (1, 2, 4))
+
+    print(f"{len(captions)} test images; FID on toy CLIP image features ({real_features.shape[1]}-d) by {FID_SOURCE}")
+    rows = {}
+    for name, (model, scheduler, guidance, step_counts) in samplers.items():
+        for steps in step_counts:
+            started = time.perf_counter()
+            pixels = sample(model, captions, steps, scheduler, guidance, args.batch)
+            fid = fid_metric(real_features, clip_features(judge, pixels))
+            attributed, _ = judge.classify(pixels)
+            attribution = sum(a == b for a, b in zip(attributed, artists)) / len(artists)
+            rows[name, steps] = (fid, attribution)
+            print(f"  {name:13s} {steps:2d} steps  FID {fid:8.3f}  attribution {attribution:6.1%}  "
+                  f"({time.perf_counter() - started:.0f} s)", flush=True)
+
+    reference_fid, reference_attribution = rows["teacher DDIM", 25]
+    print(f"\n{'sampler':13s} {'steps':>5s} {'FID':>9s} {'FID / teacher-25':>17s} {'attribution':>12s} "
+          f"{'/ teacher-25':>13s}")
+    for (name, steps), (fid, attribution) in rows.items():
+        print(f"{name:13s} {steps:5d} {fid:9.3f} {fid / reference_fid:17.2f} {attribution:12.1%} "
+              f"{attribution / reference_attribution:13.2f}")
+
+    print("\nissue-11 targets (x = distilled FID / teacher 25-step FID):")
+    for name in ("LCD", "LCM-LoRA"):
+        if (name, 1) not in rows:
+            continue
+        for steps, bound in ((1, 1.5), (2, 1.2), (4, 1.2)):
+            ratio = rows[name, steps][0] / reference_fid
+            below_ddim = rows[name, steps][0] < rows["teacher DDIM", steps][0]
+            print(f"  {name} {steps} step(s): x = {ratio:.2f} (target <= {bound}: {'met' if ratio <= bound else 'NOT met'}); "
+                  f"FID below the teacher's own {steps}-step DDIM: {'yes' if below_ddim else 'NO'}")
+        share = rows[name, 2][1] / reference_attribution
+        print(f"  {name} attribution at 2 steps: {share:.2f} of the teacher's 25-step "
+              f"(target >= 0.90: {'met' if share >= 0.9 else 'NOT met'})")
+
+    fast = samplers.get("LCD") or samplers.get("LCM-LoRA")
+    if fast is not None:
+        prompts = (captions * (args.batch // len(captions) + 1))[:args.batch]
+        one_step, teacher_25 = [], []
+        for _ in range(args.repeats):  # interleaved, so that load on the machine affects both alike
+            one_step.append(timed(lambda: sample(fast[0], prompts, 1, "lcm", fast[2], args.batch)))
+            teacher_25.append(timed(lambda: sample(teacher, prompts, 25, "ddim", args.guidance, args.batch)))
+        one, many = statistics.median(one_step), statistics.median(teacher_25)
+        which = "LCD" if "LCD" in samplers else "LCM-LoRA"
+        print(f"\nspeed, batch {args.batch}, decode included, median of {args.repeats}: {which} 1 step {one:.3f} s, "
+              f"teacher 25 guided DDIM steps {many:.3f} s: {many / one:.1f}x faster (target >= 20x: "
+              f"{'met' if many / one >= 20 else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()
