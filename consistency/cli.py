@@ -24,8 +24,11 @@ def register(subparsers) -> None:
                              "(default: %(default)s)")
     parser.add_argument("--data", type=Path, required=True,
                         help="captioned images, as `fixative finetune` reads them: an image folder with "
-                             "metadata.jsonl / metadata.csv, or a LAION-style .parquet; required")
-    parser.add_argument("--caption-column", default="text", help="the caption column of the metadata (default: %(default)s)")
+                             "metadata.jsonl / metadata.csv, or a LAION-style .parquet (with --images); required")
+    parser.add_argument("--images", type=Path, default=None,
+                        help="with a .parquet: img2dataset's output folder holding the images (default: none)")
+    parser.add_argument("--caption-column", default=None,
+                        help="the caption column of the metadata (default: text; TEXT for a parquet)")
     parser.add_argument("--resolution", type=int, default=None,
                         help="training image side in pixels; default: the teacher's (UNet sample size x 8)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (checkpoints, the result); required")
@@ -64,46 +67,53 @@ def register(subparsers) -> None:
                         help="rendered with the student at each checkpoint and at the end; repeatable (default: none)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default: %(default)s)")
     parser.add_argument("--device", default="auto",
-                        help="cpu, or auto: accelerate's choice (the GPU of each process under accelerate launch) "
-                             "(default: %(default)s)")
+                        help="cpu, or auto: accelerate's device for this process (cuda > mps > cpu) (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (default: show it)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
+    import torch
 
     from fixative.core.checkpoints import load_model
-    from fixative.core.datasets import ImageOptions
+    from fixative.core.datasets import ImageOptions, image_folder, laion_parquet
     from fixative.core.errors import FixativeError
     from fixative.core.finetune import FinetuneConfig, fine_tune
 
     from .objective import ConsistencyDistillation, DistillSettings
 
     if args.device not in ("auto", "cpu"):
-        raise FixativeError(f"--device {args.device}: use cpu or auto (accelerate places the processes on GPUs)")
-    if args.device == "cpu":
-        os.environ["ACCELERATE_USE_CPU"] = "true"  # read by accelerate's Accelerator()
+        raise FixativeError(f"--device {args.device}: use auto (accelerate chooses each process's device) or cpu")
     if not args.data.exists():
         raise FixativeError(f"--data {args.data} does not exist")
+    log = (lambda _: None) if args.quiet else print
     settings = DistillSettings(
         method=args.method, num_ddim_timesteps=args.num_ddim_timesteps, w_min=args.w_min, w_max=args.w_max,
         loss=args.loss, huber_c=args.huber_c, ema_decay=args.ema_decay, time_cond_proj_dim=args.time_cond_proj_dim,
         rank=args.rank, alpha=args.alpha,
     )
-    teacher = load_model(args.teacher)
-    resolution = args.resolution or teacher.unet.config.sample_size * teacher.vae.config.downsampling_factor
+    teacher = load_model(args.teacher, device="cpu", dtype=torch.float32)
+    vae_factor = teacher.vae.config.downsampling_factor
+    image = ImageOptions(resolution=args.resolution or teacher.unet.config.sample_size * vae_factor,
+                         bucket_step=vae_factor * 2 ** (len(teacher.unet.config.block_out_channels) - 1))
+    if args.data.suffix == ".parquet":
+        if args.images is None:
+            raise FixativeError("a parquet holds metadata only; give --images (img2dataset's output folder)")
+        data = laion_parquet(args.data, args.images, image, args.caption_column or "TEXT", log=log)
+    else:
+        data = image_folder(args.data, image, args.caption_column or "text")
     lr = args.lr if args.lr is not None else (1e-6 if args.method == "lcd" else 1e-4)
     config = FinetuneConfig(
         max_steps=args.max_steps, batch_size=args.batch_size, gradient_accumulation=args.gradient_accumulation,
         lr=lr, warmup=args.warmup, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, cache_latents=True,
-        cache_dir=str(args.out / "latent-cache"), checkpoint_every=args.checkpoint_every,
+        cache_dir=str(args.out.parent / ".fixative-cache"), checkpoint_every=args.checkpoint_every,
         validation_prompts=tuple(args.validation_prompt), validation_steps=4, seed=args.seed,
-        seed_stream="distill", image=ImageOptions(resolution=resolution),
+        seed_stream="distill", image=image,
     )
-    fine_tune(teacher, args.data, config, ConsistencyDistillation(settings), out=args.out, resume=args.resume,
-              caption_column=args.caption_column, progress=not args.quiet)
+    log(f"distill: {len(data)} images, {args.method}, {args.max_steps} steps -> {args.out}")
+    fine_tune(teacher, data, config, ConsistencyDistillation(settings), out=args.out, resume=args.resume,
+              device=args.device, progress=not args.quiet, log=log)
     result = "pytorch_lora_weights.safetensors" if args.method == "lcm-lora" else "the model folder"
     print(f"{args.out}: {result}")
     return 0
