@@ -8,6 +8,9 @@ Prompts: the captions of the Toy Atelier's test split (the trained artists' pain
   (same guidance: it embeds w = guidance - 1) and the LCM-LoRA on the teacher at 1, 2, 4 LCM steps
   (guidance 1, as LCM-LoRA samples).
 - Attribution: the share of samples the toy CLIP judge (core/toy/judge.py) gives to the prompted artist.
+- Carry-over (``--mimic ARTIST``): the toy report's mimic (its ``mimic``: 24 paintings of a held-out artist
+  under a new name) sampled at 25 DDIM steps and with the LCM-LoRA applied to it at 2 and 4 steps; the share
+  of samples the judge attributes to the held-out artist, LCM-LoRA over DDIM.
 - Speed: wall time of one batch (``--batch``) at one LCM step against the teacher's 25 guided DDIM steps,
   decode included, interleaved ``--repeats`` times, medians.
 Every figure is printed as a ratio to the teacher's 25-step row of the same run, with the issue-11 targets.
@@ -18,6 +21,7 @@ formula here (Heusel et al. 2017, eq. 6); the output says which.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from pathlib import Path
@@ -30,6 +34,7 @@ from fixative.core.pipelines import generate
 from fixative.core.toy import SHIPPED, clip_folder
 from fixative.core.toy.atelier import AtelierConfig, load_split, write_atelier
 from fixative.core.toy.judge import ToyJudge
+from fixative.core.toy.report import ReportConfig, mimic
 
 
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
@@ -95,6 +100,31 @@ def timed(run) -> float:
     return time.perf_counter() - start
 
 
+def carry_over(args, lora: Path, judge: ToyJudge) -> None:
+    from fixative.core.toy.atelier import SUBJECTS, caption
+
+    data = args.data or Path("outputs") / "atelier"
+    config = ReportConfig()
+    name = "sks"
+    mimic_model, seconds = mimic(load_model("toy"), load_split(data, "train"), args.mimic, name, config)
+    prompts = [caption(subject, name) for subject in SUBJECTS for _ in range(config.mimic_samples_per_subject)]
+    shares = {}
+    for label, steps in (("DDIM", 25), ("LCM-LoRA", 2), ("LCM-LoRA", 4)):
+        model = mimic_model
+        if label == "LCM-LoRA":
+            model = copy.copy(mimic_model)
+            model.unet = copy.deepcopy(mimic_model.unet)
+            apply_lora(model, lora)
+        pixels = sample(model, prompts, steps, "ddim" if label == "DDIM" else "lcm",
+                        args.guidance if label == "DDIM" else 1.0, args.batch)
+        attributed, _ = judge.classify(pixels)
+        shares[label, steps] = sum(a == args.mimic for a in attributed) / len(prompts)
+    print(f"\nmimic of {args.mimic} as '{name}' ({seconds:.0f} s fine-tuning), {len(prompts)} samples attributed "
+          f"to {args.mimic}: DDIM 25 steps {shares['DDIM', 25]:.1%}; LCM-LoRA 2 steps {shares['LCM-LoRA', 2]:.1%} "
+          f"({shares['LCM-LoRA', 2] / max(shares['DDIM', 25], 1e-9):.2f} of DDIM), 4 steps "
+          f"{shares['LCM-LoRA', 4]:.1%} ({shares['LCM-LoRA', 4] / max(shares['DDIM', 25], 1e-9):.2f} of DDIM)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lcd", type=Path, default=None, help="a distilled student folder (fixative distill --method lcd)")
@@ -105,6 +135,8 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=5.0, help="teacher and LCD guidance scale (the toy report's)")
     parser.add_argument("--batch", type=int, default=64, help="images per sampling batch (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timing repeats (default: %(default)s)")
+    parser.add_argument("--mimic", default=None,
+                        help="also measure the LCM-LoRA on the toy report's mimic of this held-out artist (zenji, tovik)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -154,6 +186,9 @@ def main() -> None:
         share = rows[name, 2][1] / reference_attribution
         print(f"  {name} attribution at 2 steps: {share:.2f} of the teacher's 25-step "
               f"(target >= 0.90: {'met' if share >= 0.9 else 'NOT met'})")
+
+    if args.mimic and "LCM-LoRA" in samplers:
+        carry_over(args, lora, judge)
 
     fast = samplers.get("LCD") or samplers.get("LCM-LoRA")
     if fast is not None:

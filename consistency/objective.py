@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -145,7 +146,12 @@ class ConsistencyDistillation:
             self.ema.load_state_dict(state["ema"])
 
     def save(self, out: Path) -> None:
+        """The result (a model folder, or pytorch_lora_weights.safetensors) and distill_config.json."""
         if self.settings.method == "lcm-lora":
             save_lora({"unet": self.student}, out)
         else:
             save_model_into(self.model, out)
+        record = out / "distill_config.json"
+        partial = record.with_name(record.name + ".partial")
+        partial.write_text(json.dumps(asdict(self.settings), indent=1))
+        partial.replace(record)

@@ -43,6 +43,7 @@ def test_distill_then_generate(setup, method, result, generate_options, capsys):
                  "--rank", "2", "--lr", "1e-3", "--resolution", "16", "--seed", "1", "--device", "cpu", "--quiet"])
     assert code == 0
     assert (out / result).is_file()
+    assert json.loads((out / "distill_config.json").read_text())["method"] == method
     model = out if method == "lcd" else teacher
     extra = [] if method == "lcd" else ["--lora", str(out)]
     code = main(["generate", "--model", str(model), *extra, "--scheduler", "lcm", "--steps", "2", *generate_options,
