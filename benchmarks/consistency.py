@@ -11,7 +11,7 @@ Prompts: the captions of the Toy Atelier's test split (the trained artists' pain
 - Carry-over (``--mimic ARTIST``): the toy report's mimic (its ``mimic``: 24 paintings of a held-out artist
   under a new name) sampled at 25 DDIM steps and with the LCM-LoRA applied to it at 2 and 4 steps; the share
   of samples the judge attributes to the held-out artist, LCM-LoRA over DDIM.
-- Speed: wall time of one batch (``--batch``) at one LCM step against the teacher's 25 guided DDIM steps,
+- Speed: wall time of one batch (``--speed-batch``) at one LCM step against the teacher's 25 guided DDIM steps,
   decode included, interleaved ``--repeats`` times, medians.
 Every figure is printed as a ratio to the teacher's 25-step row of the same run, with the issue-11 targets.
 The Fréchet distance is eval's (fixative.eval.fid) where that package is installed, else the same
@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from fixative.consistency.export import lcm_scheduler_config
 from fixative.core.checkpoints import load_model
 from fixative.core.lora import apply_lora
 from fixative.core.pipelines import generate
@@ -71,7 +73,9 @@ def test_set(data: Path | None, limit: int | None) -> tuple[list[str], list[str]
         data = Path("outputs") / "atelier"
         if not (data / "test" / "metadata.jsonl").is_file():
             write_atelier(data, AtelierConfig(), progress=False)
-    rows = [r for r in load_split(data, "test") if not r["held_out"]][:limit]
+    rows = [r for r in load_split(data, "test") if not r["held_out"]]
+    if limit:  # evenly spaced, so that every artist and subject stays represented
+        rows = rows[::max(1, len(rows) // limit)][:limit]
     pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(r["path"]).convert("RGB"), dtype=np.float32))
                           for r in rows]).permute(0, 3, 1, 2) / 127.5 - 1
     return [r["text"] for r in rows], [r["artist"] for r in rows], pixels
@@ -100,6 +104,18 @@ def timed(run) -> float:
     return time.perf_counter() - start
 
 
+def with_lora(model, lora: Path):
+    """A copy of ``model`` with the LCM-LoRA merged into a copy of its UNet, sampling with the LCM schedule the
+    LoRA was distilled on (``original_inference_steps`` from the distill_config.json beside it, else 50)."""
+    record = lora.parent / "distill_config.json"
+    steps = json.loads(record.read_text())["num_ddim_timesteps"] if record.is_file() else 50
+    adapted = copy.copy(model)
+    adapted.unet = copy.deepcopy(model.unet)
+    apply_lora(adapted, lora)
+    adapted.scheduler_config = lcm_scheduler_config(model.scheduler_config, steps)
+    return adapted
+
+
 def carry_over(args, lora: Path, judge: ToyJudge) -> None:
     from fixative.core.toy.atelier import SUBJECTS, caption
 
@@ -110,11 +126,7 @@ def carry_over(args, lora: Path, judge: ToyJudge) -> None:
     prompts = [caption(subject, name) for subject in SUBJECTS for _ in range(config.mimic_samples_per_subject)]
     shares = {}
     for label, steps in (("DDIM", 25), ("LCM-LoRA", 2), ("LCM-LoRA", 4)):
-        model = mimic_model
-        if label == "LCM-LoRA":
-            model = copy.copy(mimic_model)
-            model.unet = copy.deepcopy(mimic_model.unet)
-            apply_lora(model, lora)
+        model = with_lora(mimic_model, lora) if label == "LCM-LoRA" else mimic_model
         pixels = sample(model, prompts, steps, "ddim" if label == "DDIM" else "lcm",
                         args.guidance if label == "DDIM" else 1.0, args.batch)
         attributed, _ = judge.classify(pixels)
@@ -131,12 +143,17 @@ def main() -> None:
     parser.add_argument("--lora", type=Path, default=None,
                         help="an LCM-LoRA file for the toy teacher (default: the shipped one, if any)")
     parser.add_argument("--data", type=Path, default=None, help="a Toy Atelier folder (default: outputs/atelier, painted)")
-    parser.add_argument("--images", type=int, default=None, help="use the first N test images (default: all)")
+    parser.add_argument("--images", type=int, default=None, help="use N evenly spaced test images (default: all)")
     parser.add_argument("--guidance", type=float, default=5.0, help="teacher and LCD guidance scale (the toy report's)")
     parser.add_argument("--batch", type=int, default=64, help="images per sampling batch (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timing repeats (default: %(default)s)")
     parser.add_argument("--mimic", default=None,
                         help="also measure the LCM-LoRA on the toy report's mimic of this held-out artist (zenji, tovik)")
+    parser.add_argument("--speed-batch", type=int, default=16, help="images per timed batch (default: %(default)s)")
+    parser.add_argument("--cache", type=Path, default=Path("outputs/consistency_bench.json"),
+                        help="rows already measured (same sampler, weights path, steps, image count and guidance) are "
+                             "read from and written to this file (default: %(default)s)")
+    parser.add_argument("--only-teacher", action="store_true", help="measure (and cache) the teacher's rows only")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -150,22 +167,33 @@ def main() -> None:
     if args.lcd is not None:
         samplers["LCD"] = (load_model(args.lcd), "lcm", args.guidance, (1, 2, 4))
     if lora.is_file():
-        lora_model = load_model("toy")
-        apply_lora(lora_model, lora)
-        samplers["LCM-LoRA"] = (lora_model, "lcm", 1.0, (1, 2, 4))
+        samplers["LCM-LoRA"] = (with_lora(teacher, lora), "lcm", 1.0, (1, 2, 4))
+
+    if args.only_teacher:
+        samplers = {"teacher DDIM": samplers["teacher DDIM"]}
+    sources = {"teacher DDIM": "toy", "LCD": str(args.lcd), "LCM-LoRA": str(lora)}
+    cache = json.loads(args.cache.read_text()) if args.cache.is_file() else {}
 
     print(f"{len(captions)} test images; FID on toy CLIP image features ({real_features.shape[1]}-d) by {FID_SOURCE}")
     rows = {}
     for name, (model, scheduler, guidance, step_counts) in samplers.items():
         for steps in step_counts:
+            key = f"{name}|{sources[name]}|{steps} steps|{len(captions)} images|guidance {guidance}"
             started = time.perf_counter()
-            pixels = sample(model, captions, steps, scheduler, guidance, args.batch)
-            fid = fid_metric(real_features, clip_features(judge, pixels))
-            attributed, _ = judge.classify(pixels)
-            attribution = sum(a == b for a, b in zip(attributed, artists)) / len(artists)
-            rows[name, steps] = (fid, attribution)
+            if key not in cache:
+                pixels = sample(model, captions, steps, scheduler, guidance, args.batch)
+                attributed, _ = judge.classify(pixels)
+                cache[key] = (fid_metric(real_features, clip_features(judge, pixels)),
+                              sum(a == b for a, b in zip(attributed, artists)) / len(artists))
+                args.cache.parent.mkdir(parents=True, exist_ok=True)
+                partial = args.cache.with_name(args.cache.name + ".partial")
+                partial.write_text(json.dumps(cache, indent=1))
+                partial.replace(args.cache)
+            fid, attribution = rows[name, steps] = cache[key]
             print(f"  {name:13s} {steps:2d} steps  FID {fid:8.3f}  attribution {attribution:6.1%}  "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)
+    if args.only_teacher:
+        return
 
     reference_fid, reference_attribution = rows["teacher DDIM", 25]
     print(f"\n{'sampler':13s} {'steps':>5s} {'FID':>9s} {'FID / teacher-25':>17s} {'attribution':>12s} "
@@ -192,14 +220,14 @@ def main() -> None:
 
     fast = samplers.get("LCD") or samplers.get("LCM-LoRA")
     if fast is not None:
-        prompts = (captions * (args.batch // len(captions) + 1))[:args.batch]
+        prompts = (captions * (args.speed_batch // len(captions) + 1))[:args.speed_batch]
         one_step, teacher_25 = [], []
         for _ in range(args.repeats):  # interleaved, so that load on the machine affects both alike
-            one_step.append(timed(lambda: sample(fast[0], prompts, 1, "lcm", fast[2], args.batch)))
-            teacher_25.append(timed(lambda: sample(teacher, prompts, 25, "ddim", args.guidance, args.batch)))
+            one_step.append(timed(lambda: sample(fast[0], prompts, 1, "lcm", fast[2], args.speed_batch)))
+            teacher_25.append(timed(lambda: sample(teacher, prompts, 25, "ddim", args.guidance, args.speed_batch)))
         one, many = statistics.median(one_step), statistics.median(teacher_25)
         which = "LCD" if "LCD" in samplers else "LCM-LoRA"
-        print(f"\nspeed, batch {args.batch}, decode included, median of {args.repeats}: {which} 1 step {one:.3f} s, "
+        print(f"\nspeed, batch {args.speed_batch}, decode included, median of {args.repeats}: {which} 1 step {one:.3f} s, "
               f"teacher 25 guided DDIM steps {many:.3f} s: {many / one:.1f}x faster (target >= 20x: "
               f"{'met' if many / one >= 20 else 'NOT met'})")
 
