@@ -21,7 +21,6 @@ formula here (Heusel et al. 2017, eq. 6); the output says which.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import time
@@ -29,11 +28,10 @@ from pathlib import Path
 
 import torch
 
-from fixative.consistency.export import lcm_scheduler_config
+from fixative.consistency.toy import TOY_LCM_LORA, lcm_sampler
 from fixative.core.checkpoints import load_model
-from fixative.core.lora import apply_lora
 from fixative.core.pipelines import generate
-from fixative.core.toy import SHIPPED, clip_folder
+from fixative.core.toy import clip_folder
 from fixative.core.toy.atelier import AtelierConfig, load_split, write_atelier
 from fixative.core.toy.judge import ToyJudge
 from fixative.core.toy.report import ReportConfig, mimic
@@ -104,18 +102,6 @@ def timed(run) -> float:
     return time.perf_counter() - start
 
 
-def with_lora(model, lora: Path):
-    """A copy of ``model`` with the LCM-LoRA merged into a copy of its UNet, sampling with the LCM schedule the
-    LoRA was distilled on (``original_inference_steps`` from the distill_config.json beside it, else 50)."""
-    record = lora.parent / "distill_config.json"
-    steps = json.loads(record.read_text())["num_ddim_timesteps"] if record.is_file() else 50
-    adapted = copy.copy(model)
-    adapted.unet = copy.deepcopy(model.unet)
-    apply_lora(adapted, lora)
-    adapted.scheduler_config = lcm_scheduler_config(model.scheduler_config, steps)
-    return adapted
-
-
 def carry_over(args, lora: Path, judge: ToyJudge) -> None:
     from fixative.core.toy.atelier import SUBJECTS, caption
 
@@ -126,7 +112,7 @@ def carry_over(args, lora: Path, judge: ToyJudge) -> None:
     prompts = [caption(subject, name) for subject in SUBJECTS for _ in range(config.mimic_samples_per_subject)]
     shares = {}
     for label, steps in (("DDIM", 25), ("LCM-LoRA", 2), ("LCM-LoRA", 4)):
-        model = with_lora(mimic_model, lora) if label == "LCM-LoRA" else mimic_model
+        model = lcm_sampler(mimic_model, lora) if label == "LCM-LoRA" else mimic_model
         pixels = sample(model, prompts, steps, "ddim" if label == "DDIM" else "lcm",
                         args.guidance if label == "DDIM" else 1.0, args.batch)
         attributed, _ = judge.classify(pixels)
@@ -157,7 +143,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    lora = args.lora or (SHIPPED / "lcm-lora" / "pytorch_lora_weights.safetensors")
+    lora = args.lora or (TOY_LCM_LORA / "pytorch_lora_weights.safetensors")
 
     captions, artists, real = test_set(args.data, args.images)
     judge = ToyJudge(clip_folder())
@@ -167,7 +153,7 @@ def main() -> None:
     if args.lcd is not None:
         samplers["LCD"] = (load_model(args.lcd), "lcm", args.guidance, (1, 2, 4))
     if lora.is_file():
-        samplers["LCM-LoRA"] = (with_lora(teacher, lora), "lcm", 1.0, (1, 2, 4))
+        samplers["LCM-LoRA"] = (lcm_sampler(teacher, lora), "lcm", 1.0, (1, 2, 4))
 
     if args.only_teacher:
         samplers = {"teacher DDIM": samplers["teacher DDIM"]}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fixative.core.datasets import ImageCaptions
 from fixative.core.model import StableDiffusionModel
 from fixative.core.presets import get_preset, scheduler_config
 
@@ -28,3 +29,12 @@ def tiny_teacher(prediction_type: str = "epsilon", seed: int = 0) -> StableDiffu
 @pytest.fixture
 def teacher() -> StableDiffusionModel:
     return tiny_teacher()
+
+
+CAPTIONS = ["a red square", "a blue circle", "a green line", "a dark sky"]
+
+
+def toy_data(n: int = 4) -> ImageCaptions:
+    """n random 16 x 16 images (the tiny teacher's size) with captions."""
+    pixels = torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return ImageCaptions(pixels, CAPTIONS[:n])

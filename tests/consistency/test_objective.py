@@ -8,23 +8,16 @@ import pytest
 import torch
 
 from fixative.core.checkpoints import load_model, save_diffusers
-from fixative.core.datasets import ImageCaptions
 from fixative.core.errors import FixativeError
 from fixative.core.finetune import Batch, FinetuneConfig, fine_tune
 from fixative.core.lora import LoRALinear, apply_lora
 from fixative.core.pipelines import encode_prompt, generate
 from fixative.consistency.objective import ConsistencyDistillation, DistillSettings
 
-from conftest import tiny_teacher
+from conftest import CAPTIONS, tiny_teacher, toy_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CAPTIONS = ["a red square", "a blue circle", "a green line", "a dark sky"]
-
-
-def toy_data(n: int = 4) -> ImageCaptions:
-    pixels = torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    return ImageCaptions(pixels, CAPTIONS[:n])
 
 
 def settings(method: str, **overrides) -> DistillSettings:
