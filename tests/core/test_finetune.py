@@ -225,3 +225,39 @@ def test_a_kohya_file_renders_as_diffusers_renders_it(tmp_path, base_folder):
     pipe.load_lora_weights(path, adapter_name="kohya")
     pipe.set_adapters(["kohya"], adapter_weights=[0.8])
     assert_same_render(ours, render_diffusers(pipe))
+
+
+MULTI_PROCESS_SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+sys.path.insert(0, sys.argv[2])
+from test_finetune import tiny_data, tiny_model
+from fixative.core.finetune import FinetuneConfig, fine_tune
+import accelerate
+model = tiny_model()
+fine_tune(model, tiny_data(), FinetuneConfig(max_steps=2, batch_size=2, lr=1e-3, checkpoint_every=1), out=sys.argv[1],
+          device="cpu", progress=False)
+state = accelerate.PartialState()
+torch.save({n: p.detach() for n, p in model.unet.named_parameters()}, f"{sys.argv[1]}/../rank{state.process_index}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_keep_the_same_weights_and_one_writes(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed beside the interpreter")
+    script = tmp_path / "train.py"
+    script.write_text(MULTI_PROCESS_SCRIPT)
+    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", str(script), str(tmp_path / "out"),
+                             str(Path(__file__).parent)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)
+    before = {n: p for n, p in tiny_model().unet.named_parameters()}
+    assert any(not torch.equal(rank0[n], before[n]) for n in rank0)
+    assert (tmp_path / "out" / "model_index.json").exists() and not (tmp_path / "out" / "checkpoints").exists()
