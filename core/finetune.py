@@ -266,6 +266,8 @@ def as_image_set(data, options: ImageOptions, caption_column: str = "text") -> I
     if isinstance(data, ImageCaptions):
         return TensorImages(data, options.random_flip)
     if isinstance(data, (str, Path)):
+        if Path(data).suffix == ".parquet":
+            raise FixativeError("a parquet holds metadata only: read it with core.datasets.laion_parquet(path, images)")
         return image_folder(data, options, caption_column)
     raise FixativeError(f"cannot train on {type(data).__name__}; give ImageCaptions, an ImageSet or a folder")
 

@@ -94,6 +94,30 @@ def test_prior_preservation_loss_equals_a_hand_computation():
     assert torch.allclose(loss, expected, rtol=1e-5), (loss.item(), expected.item())
 
 
+class Recording(DenoisingObjective):
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def loss(self, batch, generator):
+        self.batches.append(batch)
+        return super().loss(batch, generator)
+
+
+def test_dreambooth_batches_hold_instance_images_then_generated_class_images(tmp_path):
+    model = tiny_model()
+    objective = Recording()
+    config = FinetuneConfig(method="dreambooth", instance_prompt="a painting by sks", class_prompt="a painting",
+                            prior_images=3, prior_batch_size=1, max_steps=2, batch_size=2,
+                            validation_prompts=("a painting by sks",), validation_steps=2)
+    fine_tune(model, tiny_data(), config, objective, out=tmp_path / "out", progress=False)
+    for batch in objective.batches:
+        assert batch.captions == ["a painting by sks"] * 2 + ["a painting"]
+        assert batch.is_prior.tolist() == [False, False, True] and batch.latents.shape == (3, 4, 8, 8)
+    assert (tmp_path / "out" / "validation" / "final" / "00.png").exists()
+    assert (tmp_path / "out" / "model_index.json").exists()
+
+
 class Interrupt(DenoisingObjective):
     """Stops the run (as a kill would) at the ``at``-th loss."""
 
