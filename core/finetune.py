@@ -485,7 +485,8 @@ def fine_tune(model, data, config: FinetuneConfig = FinetuneConfig(), objective:
         if len(sizes) > 1:
             raise FixativeError("generated prior images need instance images of one size; turn bucketing off")
         prior = TensorImages(generated_prior(model, config, sizes[0]))
-    sampler = _Sampler(model, images, prior, config, objective, rank, world, device)
+    with accelerator.main_process_first():  # the main process fills the latent cache, the others read it
+        sampler = _Sampler(model, images, prior, config, objective, rank, world, device)
 
     parameters = objective.parameters()
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
