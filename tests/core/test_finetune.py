@@ -217,18 +217,26 @@ def test_lora_output_loads_in_diffusers_and_renders_the_same(tmp_path, base_fold
 
 
 def kohya_file(model, path, rank=4):
-    """A kohya-style LoRA (lora_unet_* / lora_te_*, lora_down / lora_up / alpha) with random weights."""
+    """A kohya-style LoRA (lora_unet_* / lora_te_*, lora_down / lora_up / alpha) with random weights: the
+    attention projections, the transformers' 1x1 convolutions proj_in / proj_out and one 3x3 resnet
+    convolution (LoCon)."""
     from safetensors.torch import save_file
 
     generator = torch.Generator().manual_seed(5)
     state = {}
-    for prefix, network, targets in (("lora_unet_", model.unet, ("to_q", "to_k", "to_v", "to_out.0")),
+    unet_targets = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "down_blocks.0.resnets.0.conv1")
+    for prefix, network, targets in (("lora_unet_", model.unet, unet_targets),
                                      ("lora_te_", model.text_encoder, ("q_proj", "k_proj", "v_proj", "out_proj"))):
         for name, module in network.named_modules():
-            if isinstance(module, torch.nn.Linear) and name.endswith(targets):
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and name.endswith(targets):
                 key = prefix + name.replace(".", "_")
-                state[key + ".lora_down.weight"] = torch.randn(rank, module.in_features, generator=generator) * 0.3
-                state[key + ".lora_up.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.3
+                if isinstance(module, torch.nn.Linear):
+                    down_shape, up_shape = (rank, module.in_features), (module.out_features, rank)
+                else:
+                    down_shape = (rank, module.in_channels, *module.kernel_size)
+                    up_shape = (module.out_channels, rank, 1, 1)
+                state[key + ".lora_down.weight"] = torch.randn(down_shape, generator=generator) * 0.3 / down_shape[1]**0.5
+                state[key + ".lora_up.weight"] = torch.randn(up_shape, generator=generator) * 0.3
                 state[key + ".alpha"] = torch.tensor(2.0)
     save_file(state, path)
     return path
@@ -242,7 +250,8 @@ def test_a_kohya_file_renders_as_diffusers_renders_it(tmp_path, base_folder):
     model = load_model(base_folder)
     path = kohya_file(model, tmp_path / "kohya.safetensors")
     plain = render_ours(model)
-    assert apply_lora(model, path, scale=0.8) == 4 * 8 + 2 * 4  # 4 transformers x 2 attentions x 4, 2 text layers x 4
+    # 4 transformers x (2 attentions x 4 + proj_in + proj_out), one resnet convolution, 2 text layers x 4
+    assert apply_lora(model, path, scale=0.8) == 4 * 10 + 1 + 2 * 4
     ours = render_ours(model)
     assert np.abs(ours - plain).max() > 2 / 255
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(base_folder)
