@@ -94,6 +94,7 @@ class FinetuneConfig:
     method: str = "full"  # full | lora | dreambooth (full weights, instance prompt, prior preservation)
     rank: int = 4  # LoRA rank r
     alpha: float | None = None  # LoRA α (the update is scaled by α / r); None: α = r
+    lora_targets: tuple[str, ...] = UNET_TARGETS  # UNet Linear layers (name endings) that get adapters
     train_text_encoder: bool = False  # also train the text encoder (its attention, with LoRA)
     instance_prompt: str | None = None  # replaces every caption of the data (DreamBooth's "a sks dog")
     class_prompt: str | None = None  # DreamBooth: the prior images' caption (and prompt when generated)
@@ -190,7 +191,7 @@ class DenoisingObjective:
         if config.method == "lora":
             model.unet.requires_grad_(False)
             model.text_encoder.requires_grad_(False)
-            inject_lora(model.unet, config.rank, config.alpha, UNET_TARGETS)
+            inject_lora(model.unet, config.rank, config.alpha, config.lora_targets)
             if config.train_text_encoder:
                 inject_lora(model.text_encoder, config.rank, config.alpha, TEXT_ENCODER_TARGETS)
         else:

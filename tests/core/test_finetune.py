@@ -203,8 +203,9 @@ def test_lora_output_loads_in_diffusers_and_renders_the_same(tmp_path, base_fold
 
     model = load_model(base_folder)
     torch.manual_seed(0)
-    fine_tune(model, tiny_data(), FinetuneConfig(method="lora", rank=4, alpha=8, max_steps=3, batch_size=2, lr=3e-2,
-                                                 train_text_encoder=True), out=tmp_path / "lora", progress=False)
+    config = FinetuneConfig(method="lora", rank=4, alpha=8, max_steps=3, batch_size=2, lr=3e-2, train_text_encoder=True,
+                            lora_targets=("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"))
+    fine_tune(model, tiny_data(), config, out=tmp_path / "lora", progress=False)
     ours = render_ours(model)
     assert np.abs(ours - render_ours(load_model(base_folder))).max() > 2 / 255
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(base_folder)
