@@ -495,7 +495,7 @@ def fine_tune(model, data, config: FinetuneConfig = FinetuneConfig(), objective:
     scaler = torch.amp.GradScaler(device.type) if config.mixed_precision == "fp16" else None
     start = 0
     if checkpoint is not None:
-        state = torch.load(checkpoint / "state.pt", weights_only=False, map_location="cpu")
+        state = torch.load(checkpoint / "state.pt", weights_only=True, map_location="cpu")
         objective.load_state_dict(state["objective"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -506,7 +506,9 @@ def fine_tune(model, data, config: FinetuneConfig = FinetuneConfig(), objective:
         log(f"fine-tune: resuming from {checkpoint} (step {start} of {config.max_steps})")
     if out is not None and accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "finetune_config.json").write_text(json.dumps(asdict(config), indent=1, default=str))
+        tmp = out / ".finetune_config.json.tmp"
+        tmp.write_text(json.dumps(asdict(config), indent=1, default=str))
+        os.replace(tmp, out / "finetune_config.json")
 
     bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, desc="fine-tune", unit="step",
                disable=not progress or not accelerator.is_main_process, dynamic_ncols=True)
