@@ -37,6 +37,9 @@ def register(subparsers) -> None:
              "prior preservation (default: %(default)s)")
     add("--rank", type=int, default=4, help="LoRA rank (default: %(default)s)")
     add("--alpha", type=float, default=None, help="LoRA alpha; the update is scaled by alpha/rank (default: the rank)")
+    add("--lora-targets", default="to_q,to_k,to_v,to_out.0",
+        help="comma-separated endings of the UNet Linear layers LoRA adapts, e.g. add ff.net.0.proj,ff.net.2 for "
+             "the feed-forward layers (default: %(default)s, the attention projections)")
     add("--train-text-encoder", action="store_true", help="also train the text encoder (default: frozen)")
     add("--instance-prompt", default=None, help="caption every training image with this (default: their captions)")
     add("--class-prompt", default=None, help="DreamBooth prior preservation: the class images' prompt (default: none)")
@@ -119,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
     cache_dir = args.cache_dir or args.out.parent / ".fixative-cache"
     config = FinetuneConfig(
         method=args.method, rank=args.rank, alpha=args.alpha, train_text_encoder=args.train_text_encoder,
+        lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
         instance_prompt=args.instance_prompt, class_prompt=args.class_prompt, prior_images=args.prior_images,
         prior_loss_weight=args.prior_loss_weight, prior_batch_size=args.prior_batch_size, max_steps=args.max_steps,
         batch_size=args.batch_size, gradient_accumulation=args.gradient_accumulation, lr=args.lr,
