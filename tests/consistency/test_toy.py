@@ -33,3 +33,23 @@ def test_missing_toy_lcm_lora_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setattr(toy, "TOY_LCM_LORA", tmp_path / "none")
     with pytest.raises(FixativeError, match="not shipped"):
         toy.toy_lcm_lora()
+
+
+def test_shipped_toy_lcm_lora_samples_the_prompted_artists_in_two_steps():
+    """The shipped LCM-LoRA on the toy teacher, 2 steps, guidance 1: the toy CLIP names the prompted artist."""
+    if not toy.TOY_LCM_LORA.is_dir():
+        pytest.skip("no toy LCM-LoRA shipped in this checkout")
+    from fixative.core.checkpoints import load_model
+    from fixative.core.pipelines import generate
+    from fixative.core.toy import clip_folder
+    from fixative.core.toy.atelier import artist_names, caption
+    from fixative.core.toy.judge import ToyJudge
+
+    artists = artist_names(held_out=False)
+    prompts = [caption(subject, artist) for artist in artists for subject in ("boat", "house")]
+    sampler = toy.lcm_sampler(load_model("toy"))
+    images = generate(sampler, prompts, num_inference_steps=2, guidance_scale=1.0, scheduler="lcm",
+                      seed=list(range(len(prompts))), output="images", progress=False)
+    attributed, _ = ToyJudge(clip_folder()).classify(images * 2 - 1)
+    expected = [artist for artist in artists for _ in range(2)]
+    assert sum(a == b for a, b in zip(attributed, expected)) / len(prompts) >= 0.75
