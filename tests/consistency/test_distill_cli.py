@@ -12,7 +12,7 @@ from PIL import Image
 from fixative.cli import main
 from fixative.core.checkpoints import save_diffusers
 
-from conftest import tiny_teacher
+from distill_helpers import tiny_teacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

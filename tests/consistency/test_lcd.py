@@ -19,7 +19,7 @@ from fixative.consistency.lcd import (
     teacher_ddim_step,
 )
 
-from conftest import tiny_teacher
+from distill_helpers import tiny_teacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,7 +14,7 @@ from fixative.core.lora import LoRALinear, apply_lora
 from fixative.core.pipelines import encode_prompt, generate
 from fixative.consistency.objective import ConsistencyDistillation, DistillSettings
 
-from conftest import CAPTIONS, tiny_teacher, toy_data
+from distill_helpers import CAPTIONS, tiny_teacher, toy_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,7 +10,7 @@ from fixative.core.finetune import FinetuneConfig, fine_tune
 from fixative.consistency import toy
 from fixative.consistency.objective import ConsistencyDistillation, DistillSettings
 
-from conftest import tiny_teacher, toy_data
+from distill_helpers import tiny_teacher, toy_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
