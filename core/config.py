@@ -66,9 +66,6 @@ class UNetConfig:
         n = len(self.block_out_channels)
         self.cross_attention_blocks = _as_tuple(self.cross_attention_blocks, n)
         self.num_heads = _as_tuple(self.num_heads, n)
-        for channels, heads in zip(self.block_out_channels, self.num_heads):
-            if channels % heads:
-                raise FixativeError(f"UNet block width {channels} is not divisible by {heads} heads")
 
     @property
     def time_embed_dim(self) -> int:
@@ -264,8 +261,6 @@ class CLIPTextConfig:
     def __post_init__(self) -> None:
         if self.hidden_act not in ("quick_gelu", "gelu"):
             raise FixativeError(f"text encoder activation {self.hidden_act!r} is not supported (quick_gelu or gelu)")
-        if self.hidden_size % self.num_attention_heads:
-            raise FixativeError("text encoder hidden_size is not divisible by num_attention_heads")
 
     @classmethod
     def from_diffusers(cls, config: dict) -> "CLIPTextConfig":
@@ -288,3 +283,26 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: AutoencoderKLConfig = field(default_factory=AutoencoderKLConfig)
     text_encoder: CLIPTextConfig = field(default_factory=CLIPTextConfig)
+
+
+def architecture_problems(config: ModelConfig) -> list[str]:
+    """What keeps these configs from building networks: every GroupNorm's channels divisible by its groups,
+    every attention's heads dividing its width. Empty when the architecture is consistent."""
+    problems = []
+    unet, vae, text = config.unet, config.vae, config.text_encoder
+    for channels in unet.block_out_channels:
+        if channels % unet.norm_num_groups:
+            problems.append(f"UNet block width {channels} is not divisible by its {unet.norm_num_groups} GroupNorm groups")
+    for channels, heads, attention in zip(unet.block_out_channels, unet.num_heads, unet.cross_attention_blocks):
+        if attention and (heads < 1 or channels % heads):
+            problems.append(f"UNet block width {channels} is not divisible by its {heads} attention heads")
+    if unet.block_out_channels[-1] % unet.num_heads[-1]:
+        problems.append(f"UNet mid-block width {unet.block_out_channels[-1]} is not divisible by its "
+                        f"{unet.num_heads[-1]} attention heads")
+    for channels in vae.block_out_channels:
+        if channels % vae.norm_num_groups:
+            problems.append(f"VAE block width {channels} is not divisible by its {vae.norm_num_groups} GroupNorm groups")
+    if text.num_attention_heads < 1 or text.hidden_size % text.num_attention_heads:
+        problems.append(f"text encoder width {text.hidden_size} is not divisible by its {text.num_attention_heads} "
+                        "attention heads")
+    return list(dict.fromkeys(problems))

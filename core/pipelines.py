@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .defaults import default_strength
 from .errors import FixativeError
 from .images import default_size, images_to_pixels, masks_to_tensor, pixels_to_images, pixels_to_unit
 from .schedulers import SCHEDULERS, make_scheduler, randn_tensor
@@ -270,8 +271,7 @@ def generate(model: "StableDiffusionModel", prompt: str | Sequence[str],
     in [0, 1], white (>= 0.5) where the model paints. Inpainting uses the mask and masked-image latents
     as extra UNet channels for 9-channel inpainting UNets, and latent blending for ordinary UNets.
     For outpainting, pad the image with ``images.pad_for_outpainting`` and inpaint.
-    strength: how far the image is noised, 1 = from pure noise (default 0.8 for img2img, 1.0 for
-    inpainting). height/width default to the image's size rounded down to a multiple of 8, or to the
+    strength: how far the image is noised, 1 = from pure noise (default: ``defaults.default_strength``). height/width default to the image's size rounded down to a multiple of 8, or to the
     UNet's sample size * 8. seed: an int (diffusers' ``torch.Generator("cpu").manual_seed(seed)``) or one
     per image; or pass ``generator`` directly. scheduler: a name of ``make_scheduler`` (keeping the model's
     schedule settings), a Scheduler, or None for the model's own one; eta: DDIM's noise (0 = deterministic,
@@ -286,7 +286,7 @@ def generate(model: "StableDiffusionModel", prompt: str | Sequence[str],
         raise FixativeError("inpainting needs the image to paint into as well as the mask")
     prompts = _prompt_list(prompt)
     batch = len(prompts) * num_images_per_prompt
-    multiple = model.vae.config.downsampling_factor
+    multiple = model.size_multiple
     if image is not None and (height is None or width is None):
         first = image if isinstance(image, (Image.Image, torch.Tensor)) else image[0]
         default_height, default_width = default_size(first, multiple)
@@ -295,7 +295,7 @@ def generate(model: "StableDiffusionModel", prompt: str | Sequence[str],
     width = width or model.unet.config.sample_size * multiple
     _check_size(height, width, multiple)
     if strength is None:
-        strength = 1.0 if mask is not None or image is None else 0.8
+        strength = default_strength(inpainting=mask is not None or image is None)
     if not 0.0 < strength <= 1.0:
         raise FixativeError(f"strength must be in (0, 1], got {strength}")
     if generator is None:

@@ -1,5 +1,6 @@
 """The toy world: a miniature Stable Diffusion stack (CLIP, VAE, UNet) trained by fixative itself on the
-procedurally painted Toy Atelier. ``--model toy`` resolves to :func:`model_folder`.
+procedurally painted Toy Atelier. ``--model toy`` resolves to :func:`model_folder` (the entry point
+``fixative.models: toy`` names it in core's model registry).
 
 Where the toy world comes from, in order: a full build the user made with ``fixative toy build``
 (``$FIXATIVE_HOME/toy/full-seed0``), else the weights shipped in the package (``core/toy/weights``).

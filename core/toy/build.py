@@ -266,6 +266,11 @@ def save_clip(clip, tokenizer: CLIPTokenizer, folder: Path) -> None:
 
     clip.to(torch.float16).save_pretrained(folder)
     clip.to(torch.float32)
+    # released folders say float32 whatever their weights are stored in: transformers then builds the model in
+    # float32 by default, as diffusers does its networks, and the two work together without a dtype argument
+    config_file = folder / "config.json"
+    config = {k: v for k, v in json.loads(config_file.read_text()).items() if k != "torch_dtype"}
+    config_file.write_text(json.dumps({**config, "dtype": "float32"}, indent=2, sort_keys=True) + "\n")
     tokenizer.save(folder)
     transformers.CLIPImageProcessor(size={"shortest_edge": TOY_VISION["image_size"]},
                                     crop_size={"height": TOY_VISION["image_size"], "width": TOY_VISION["image_size"]},

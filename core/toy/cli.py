@@ -1,4 +1,4 @@
-"""``fixative toy dataset | build | report``: the toy world's commands (registered by core/cli)."""
+"""``fixative toy dataset | build | report``: the toy world's commands (entry point ``fixative.commands: toy``)."""
 
 from __future__ import annotations
 

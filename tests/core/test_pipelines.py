@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close
 from PIL import Image
 
 diffusers = pytest.importorskip("diffusers")
@@ -31,7 +32,7 @@ from fixative.core.pipelines import (  # noqa: E402
 )
 from fixative.core.tokenizer import CLIPTokenizer  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/core/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 SIZE = 64  # pixels; latents are 8x8
 STEPS = 4
@@ -112,10 +113,7 @@ def max_pixel_difference(ours: list[Image.Image], theirs: list[Image.Image]) -> 
 
 
 def assert_latents_close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
-    assert ours.shape == theirs.shape
-    tolerance = 1e-4 * max(1.0, theirs.abs().max().item())
-    difference = (ours.float() - theirs.float()).abs().max().item()
-    assert difference <= tolerance, f"latents differ by {difference:.3g} (tolerance {tolerance:.3g})"
+    assert_close(ours, theirs, what="latents")
 
 
 def render_both(folder: Path, model, kind: str, scheduler: str, seed=0, **settings):

@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import assert_close
 import transformers
 
 from fixative.core.config import CLIPTextConfig
@@ -39,12 +40,6 @@ def prompt_ids(batch: int, pad_id: int, lengths: tuple[int, ...], seed: int = 1)
         ids[row, 1 : length + 1] = torch.randint(1, 49400, (length,), generator=generator)
         ids[row, length + 1] = EOS
     return ids
-
-
-def assert_close(ours: torch.Tensor, reference: torch.Tensor) -> None:
-    tolerance = 1e-4 * max(1.0, reference.abs().max().item())
-    assert ours.shape == reference.shape
-    assert (ours - reference).abs().max().item() <= tolerance
 
 
 def test_state_dict_uses_released_sd_keys_without_position_ids():
