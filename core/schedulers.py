@@ -24,12 +24,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from .errors import FixativeError
+from .noise import randn_tensor
 from .parameterization import ConsistencyBoundary, parameterization
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -213,21 +213,6 @@ def sigma_to_timestep(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     high = low + 1
     w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high]), 0, 1)
     return (1 - w) * low + w * high
-
-
-def randn_tensor(shape: Sequence[int], generator: torch.Generator | list[torch.Generator] | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Standard normal noise drawn as diffusers' ``randn_tensor`` draws it: a CPU generator draws on the
-    CPU and the tensor then moves to ``device``; a list of generators draws one batch row from each."""
-    device = torch.device(device or "cpu")
-    generators = generator if isinstance(generator, list) else [generator]
-    draw_device = "cpu" if generators[0] is not None and generators[0].device.type == "cpu" else device
-    if len(generators) == 1:
-        return torch.randn(tuple(shape), generator=generators[0], device=draw_device, dtype=dtype).to(device)
-    if len(generators) != shape[0]:
-        raise FixativeError(f"{len(generators)} generators for a batch of {shape[0]}; pass one per image")
-    rows = [torch.randn((1, *shape[1:]), generator=g, device=draw_device, dtype=dtype) for g in generators]
-    return torch.cat(rows).to(device)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -5,6 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fixative.core.checkpoints import save_diffusers
+from fixative.core.model import StableDiffusionModel
+from fixative.core.presets import get_preset
+
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float = 1e-4, what: str = "outputs") -> None:
     """Parity with a reference: max |actual - expected| within ``tolerance`` x max(1, max |expected|), compared in
@@ -29,3 +33,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def sd_folder(tmp_path_factory):
+    """Factory of diffusers folders holding random-weight models written by fixative, each made once per session:
+    ``sd_folder("tiny-sd2", seed=0, dtype=torch.float16, prediction_type="v_prediction")`` (keyword arguments
+    beyond seed and dtype override the preset's scheduler settings). Tests must not modify the folders."""
+    made = {}
+
+    def make(preset: str = "tiny-sd1", seed: int = 0, dtype: torch.dtype | None = None, **scheduler_settings):
+        key = (preset, seed, str(dtype), tuple(sorted(scheduler_settings.items())))
+        if key not in made:
+            config = get_preset(preset)
+            torch.manual_seed(seed)
+            model = StableDiffusionModel.from_config(config.model_config,
+                                                     {**config.scheduler_config, **scheduler_settings})
+            made[key] = save_diffusers(model, tmp_path_factory.mktemp(preset) / preset, dtype=dtype)
+        return made[key]
+
+    return make

@@ -75,14 +75,13 @@ def _output_paths(out: Path, count: int) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from importlib.metadata import PackageNotFoundError, version
-
-    import torch
+    import json
 
     from ..checkpoints import load_model
     from ..errors import FixativeError
     from ..images import load_image, load_mask, save_png
     from ..pipelines import default_scheduler_name, generate
+    from ..provenance import provenance
 
     if args.steps < 1 or args.num_images < 1:
         raise FixativeError("--steps and --num-images must be at least 1")
@@ -109,16 +108,12 @@ def run(args: argparse.Namespace) -> int:
         guidance_rescale=args.guidance_rescale, scheduler=scheduler, num_images_per_prompt=args.num_images,
         seed=args.seed, clip_skip=args.clip_skip, vae_tiling=args.vae_tiling, progress=not args.quiet,
     )
-    try:
-        fixative_version = version("fixative")
-    except PackageNotFoundError:
-        fixative_version = "unknown"
     settings = {
         "prompt": args.prompt, "negative_prompt": args.negative_prompt or "", "seed": args.seed,
         "steps": args.steps, "guidance_scale": args.guidance, "guidance_rescale": args.guidance_rescale,
         "scheduler": scheduler, "model": str(getattr(model, "source", args.model)),
         "height": images[0].height, "width": images[0].width, "clip_skip": args.clip_skip, "dtype": args.dtype,
-        "fixative_version": fixative_version,
+        "provenance": json.dumps(provenance({"model": args.model}, model.unet.device, model.unet.dtype)),
     }
     if image is not None:
         settings.update(init_image=str(args.init_image), strength=args.strength if args.strength is not None

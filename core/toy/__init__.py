@@ -9,17 +9,12 @@ Each holds ``sd/`` (a diffusers Stable Diffusion folder) and ``clip/`` (a transf
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ..errors import FixativeError
+from ..home import fixative_home
 
 SHIPPED = Path(__file__).parent / "weights"
-
-
-def fixative_home() -> Path:
-    """``$FIXATIVE_HOME``, default ``~/.cache/fixative``."""
-    return Path(os.environ.get("FIXATIVE_HOME") or Path.home() / ".cache" / "fixative")
 
 
 def build_folder(size: str = "full", seed: int = 0, home: str | Path | None = None) -> Path:

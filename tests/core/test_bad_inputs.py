@@ -27,9 +27,7 @@ from safetensors.torch import save_file
 
 from fixative.cli import main
 from fixative.core import single_file
-from fixative.core.checkpoints import save_diffusers
-from fixative.core.model import StableDiffusionModel
-from fixative.core.presets import get_preset
+from fixative.core.checkpoints import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -55,12 +53,10 @@ def png_header_only(path: Path, width: int, height: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> dict[str, Path]:
+def corpus(tmp_path_factory, sd_folder) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("corpus")
-    torch.manual_seed(0)
-    preset = get_preset("tiny-sd1")
-    model = StableDiffusionModel.from_config(preset.model_config, preset.scheduler_config)
-    folder = save_diffusers(model, root / "good")
+    folder = Path(shutil.copytree(sd_folder("tiny-sd1"), root / "good"))
+    model = load_model(folder)
     state = single_file.to_original({n: m.state_dict() for n, m in model.networks().items()}, model.config)
     save_file({k: v.contiguous() for k, v in state.items()}, root / "whole.safetensors")
     torch.save({"state_dict": state}, root / "whole.ckpt")

@@ -309,7 +309,10 @@ def test_guidance_embedding_unet_matches_diffusers_without_cfg(lcm_folder):
 def test_guidance_scale_embedding_matches_diffusers():
     w = torch.tensor([0.0, 3.5, 7.0])
     reference = diffusers.StableDiffusionPipeline.get_guidance_scale_embedding(None, w, embedding_dim=16)
-    torch.testing.assert_close(guidance_scale_embedding(w, 16), reference)
+    # one sinusoid serves the UNet's timesteps and this (unet.timestep_embedding, bit-exact with diffusers' timestep
+    # embedding); diffusers rounds the guidance frequencies in another order, which at angles of thousands of
+    # radians (t = 1000 w) moves a few entries by up to ~5e-5
+    assert_close(guidance_scale_embedding(w, 16), reference, 1e-4, what="guidance embeddings")
 
 
 @pytest.mark.slow
