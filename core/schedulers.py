@@ -30,7 +30,7 @@ import torch
 
 from .errors import FixativeError
 from .noise import randn_tensor
-from .parameterization import ConsistencyBoundary, parameterization
+from .parameterization import PREDICTION_TYPES, ConsistencyBoundary, parameterization
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -325,7 +325,7 @@ class Scheduler:
     name: str
     diffusers_class: str
     Settings: type[ScheduleSettings] = ScheduleSettings
-    prediction_types: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
+    prediction_types: tuple[str, ...] = PREDICTION_TYPES
     # config keys whose other values fixative does not implement -> the value(s) it accepts
     unsupported: dict[str, tuple] = {"thresholding": (False,)}
     order = 1  # model evaluations per step
