@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import assert_close, randomize
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig as HFCLIPTextConfig
@@ -18,51 +18,13 @@ from fixative.core.checkpoints import load_model, save_diffusers, save_single_fi
 from fixative.core.errors import FixativeError
 from fixative.core.model import StableDiffusionModel
 from fixative.core.presets import Preset, get_preset
-from fixative.core.tokenizer import CLIPTokenizer
 
 PROMPTS = ["a photo of a cat", "an oil painting of a lighthouse at dusk"]
 
 
-def randomize(module: torch.nn.Module, seed: int) -> None:
-    """Every parameter random (norm scales and biases too), so a swapped or skipped tensor shows in outputs."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2 + (parameter == 1) * 1.0)
-
-
-def write_released_folder(folder: Path, preset: str = "tiny-sd1") -> Path:
-    """A diffusers folder shaped like a released SD one, written by diffusers and transformers themselves;
-    the text encoder stored under text_model.* as released folders have it."""
-    torch.manual_seed(0)
-    config = get_preset(preset)
-    unet = UNet2DConditionModel.from_config(config.model_config.unet.to_diffusers())
-    vae = AutoencoderKL.from_config(config.model_config.vae.to_diffusers())
-    text = config.model_config.text_encoder
-    text_encoder = HFCLIPTextModel(HFCLIPTextConfig(**{k: v for k, v in vars(text).items()}))
-    for seed, module in enumerate((unet, vae, text_encoder)):
-        randomize(module, seed)
-    unet.save_pretrained(folder / "unet")
-    vae.save_pretrained(folder / "vae")
-    text_encoder.save_pretrained(folder / "text_encoder")
-    weights = folder / "text_encoder" / "model.safetensors"
-    save_file({k if k.startswith("text_model.") else "text_model." + k: v for k, v in load_file(weights).items()},
-              weights, metadata={"format": "pt"})
-    CLIPTokenizer.bundled(pad_token="!" if text.hidden_act == "gelu" else "<|endoftext|>").save(folder / "tokenizer")
-    (folder / "scheduler").mkdir()
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config.scheduler_config))
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.6.0",
-        "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
-        "scheduler": ["diffusers", config.scheduler_config["_class_name"]], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"]}))
-    return folder
-
-
 @pytest.fixture(scope="module")
-def released(tmp_path_factory) -> Path:
-    return write_released_folder(tmp_path_factory.mktemp("released") / "sd")
+def released(sd_folder) -> Path:
+    return sd_folder("tiny-sd1", writer="diffusers")
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +91,8 @@ def test_saved_folder_loads_in_diffusers_with_the_same_outputs(ours, reference, 
     assert all(key.startswith("text_model.") for key in load_file(saved / "text_encoder" / "model.safetensors"))
 
 
-def test_sd2_folder_round_trips_through_diffusers(tmp_path):
-    folder = write_released_folder(tmp_path / "sd2", preset="tiny-sd2")
+def test_sd2_folder_round_trips_through_diffusers(sd_folder, tmp_path):
+    folder = sd_folder("tiny-sd2", writer="diffusers")
     model = load_model(folder)
     assert model.family == "SD 2.x" and model.tokenizer.pad_token == "!"
     saved = save_diffusers(model, tmp_path / "saved")
