@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CLIPTextConfig
+from .config import CLIPTextConfig, check_buildable, text_encoder_problems
 from .errors import FixativeError
 
 @dataclass
@@ -119,6 +119,7 @@ class CLIPTextModel(nn.Module):
 
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
+        check_buildable(text_encoder_problems(config))
         self.config = config
         self.text_model = CLIPTextTransformer(config)
 

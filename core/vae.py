@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import AutoencoderKLConfig
+from .config import AutoencoderKLConfig, check_buildable, vae_problems
 from .errors import FixativeError
 from .noise import randn_tensor
 
@@ -282,6 +282,7 @@ class AutoencoderKL(nn.Module):
 
     def __init__(self, config: AutoencoderKLConfig):
         super().__init__()
+        check_buildable(vae_problems(config))
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
