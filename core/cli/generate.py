@@ -37,8 +37,8 @@ def register(subparsers) -> None:
     parser.add_argument("--guidance-rescale", type=float, default=0.0,
                         help="guidance rescale phi (Lin et al. 2024, Sec. 3.4); 0.7 is typical for v-prediction "
                              "models (default: %(default)s)")
-    parser.add_argument("--scheduler", choices=RegistryChoices(_scheduler_names), default=None,
-                        help="sampler; default: the model's own scheduler (DDIM where fixative lacks it)")
+    parser.add_argument("--scheduler", choices=RegistryChoices(_scheduler_names), default=None, metavar="NAME",
+                        help="sampler: %(choices)s (default: the model's own scheduler, DDIM where fixative lacks it)")
     for side in ("height", "width"):
         parser.add_argument(f"--{side}", type=int, default=None,
                             help=f"image {side} in pixels, a multiple of the model's VAE down-sampling factor (8 for "

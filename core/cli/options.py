@@ -15,7 +15,8 @@ CONFIG_HELP = ("architecture of a single-file checkpoint where its tensor shapes
 
 class RegistryChoices:
     """argparse ``choices`` read from a registry when first needed (checking a value, printing help), so that
-    registering a command imports nothing heavy: ``RegistryChoices(lambda: SCHEDULERS)``."""
+    registering a command imports nothing heavy: ``RegistryChoices(lambda: SCHEDULERS)``. Give the option a
+    ``metavar``: argparse otherwise lists the choices while adding it."""
 
     def __init__(self, load):
         self._load = load

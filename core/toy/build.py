@@ -88,7 +88,7 @@ PLANS = {
 
 def _threads() -> int:
     """All cores on an idle machine, one on a busy one: where other processes share the cores, torch's
-    threads wait for each other at every barrier and two run slower than one (3-4x here)."""
+    threads wait for each other at every barrier and two run slower than one."""
     cores = os.cpu_count() or 1
     return 1 if os.getloadavg()[0] > cores else cores
 

@@ -38,3 +38,12 @@ def test_shared_options_have_one_meaning_everywhere():
                 meanings.setdefault(name, set()).add(meaning)
     assert meanings.keys() >= {"--device", "--quiet", "--config"}
     assert all(len(variants) == 1 for variants in meanings.values()), meanings
+
+
+def test_registering_the_commands_imports_no_torch():
+    """`fixative --help` and argument errors stay instant: heavy imports wait for a command to run."""
+    import subprocess
+    import sys
+
+    script = "import sys; from fixative.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout == "False\n"
