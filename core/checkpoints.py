@@ -32,10 +32,10 @@ from torch import nn
 from . import single_file
 from .config import ModelConfig, architecture_problems
 from .config_files import parse, read_configs, read_json
-from .parameterization import PREDICTION_TYPES
-from .registry import model_names, named_model_folder
 from .errors import FixativeError
 from .model import SourceDetails, StableDiffusionModel, default_tokenizer
+from .parameterization import PREDICTION_TYPES
+from .registry import model_names, named_model_folder
 from .text_encoder import CLIPTextModel
 from .tokenizer import CLIPTokenizer
 from .unet import UNet2DConditionModel

@@ -21,8 +21,10 @@ from typing import Any, Callable
 from .config import AutoencoderKLConfig, CLIPTextConfig, UNetConfig
 from .errors import FixativeError
 
-PARSERS: dict[str, Callable[[dict], Any]] = {"unet": UNetConfig.from_diffusers, "vae": AutoencoderKLConfig.from_diffusers,
-                                             "text_encoder": CLIPTextConfig.from_diffusers, "scheduler": dict}
+PARSERS: dict[str, Callable[[dict], Any]] = {
+    "unet": UNetConfig.from_diffusers, "vae": AutoencoderKLConfig.from_diffusers,
+    "text_encoder": CLIPTextConfig.from_diffusers, "scheduler": dict,
+}
 CONFIG_FILES = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
                 "scheduler": "scheduler_config.json"}
 KINDS = ("a diffusers model folder, one of its unet/ vae/ text_encoder/ scheduler/ folders or their config.json, "

@@ -94,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         raise FixativeError(f"mask {args.mask} is {mask.width}x{mask.height} but the init image is "
                             f"{image.width}x{image.height}; they must be the same size")
 
-    model = load_model(args.model, device=resolve_device(args.device), dtype=torch_dtype(args.dtype), config=args.config)
+    model = load_model(args.model, device=resolve_device(args.device), dtype=torch_dtype(args.dtype),
+                       config=args.config)
     multiple = model.size_multiple
     for name in ("height", "width"):
         value = getattr(args, name)

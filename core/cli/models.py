@@ -91,7 +91,8 @@ def run_info(args: argparse.Namespace) -> int:
     from ..checkpoints import load_model
     from ..single_file import is_open_clip
 
-    model = load_model(args.model, device="meta", prediction_type=args.prediction_type, config=args.config)  # shapes only
+    # shapes only
+    model = load_model(args.model, device="meta", prediction_type=args.prediction_type, config=args.config)
     unet, vae, text = model.unet.config, model.vae.config, model.text_encoder.config
     scheduler = model.scheduler_config
     sizes = {name: sum(p.numel() for p in network.parameters()) for name, network in model.networks().items()}
