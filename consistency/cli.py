@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fixative.core.cli.options import MODEL_HELP, add_device, add_quiet, add_seed
+
 METHODS = ("lcd", "lcm-lora")
 
 
@@ -19,9 +21,7 @@ def register(subparsers) -> None:
                     "folder; lcm-lora writes pytorch_lora_weights.safetensors for the teacher (and its "
                     "fine-tunes), used with guidance 1.",
     )
-    parser.add_argument("--teacher", default="toy",
-                        help="the model to distil: a diffusers folder, a single-file checkpoint or 'toy' "
-                             "(default: %(default)s)")
+    parser.add_argument("--teacher", default="toy", help=f"the model to distil: {MODEL_HELP} (default: %(default)s)")
     parser.add_argument("--data", type=Path, required=True,
                         help="captioned images, as `fixative finetune` reads them: an image folder with "
                              "metadata.jsonl / metadata.csv, or a LAION-style .parquet (with --images); required")
@@ -65,10 +65,9 @@ def register(subparsers) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out (default: off)")
     parser.add_argument("--validation-prompt", action="append", default=[],
                         help="rendered with the student at each checkpoint and at the end; repeatable (default: none)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default: %(default)s)")
-    parser.add_argument("--device", default="auto",
-                        help="cpu, or auto: accelerate's device for this process (cuda > mps > cpu) (default: %(default)s)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar (default: show it)")
+    add_seed(parser, "seed of every random draw")
+    add_device(parser)  # under accelerate launch, "auto" lets accelerate give each process its device
+    add_quiet(parser)
     parser.set_defaults(func=run)
 
 
@@ -83,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     from .objective import ConsistencyDistillation, DistillSettings
 
     if args.device not in ("auto", "cpu"):
-        raise FixativeError(f"--device {args.device}: use auto (accelerate chooses each process's device) or cpu")
+        raise FixativeError(f"--device {args.device}: distillation takes auto (accelerate gives each process its "
+                            "device; use `accelerate launch` for GPUs) or cpu")
     if not args.data.exists():
         raise FixativeError(f"--data {args.data} does not exist")
     log = (lambda _: None) if args.quiet else print
