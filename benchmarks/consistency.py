@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=None, help="use N evenly spaced test images (default: all)")
     parser.add_argument("--guidance", type=float, default=5.0, help="teacher and LCD guidance scale (the toy report's)")
     parser.add_argument("--batch", type=int, default=64, help="images per sampling batch (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=5, help="timing repeats (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5, help="timing repeats; 0: no timing (default: %(default)s)")
     parser.add_argument("--mimic", default=None,
                         help="also measure the LCM-LoRA on the toy report's mimic of this held-out artist (zenji, tovik)")
     parser.add_argument("--speed-batch", type=int, default=16, help="images per timed batch (default: %(default)s)")
@@ -205,7 +205,7 @@ def main() -> None:
         carry_over(args, lora, judge)
 
     fast = samplers.get("LCD") or samplers.get("LCM-LoRA")
-    if fast is not None:
+    if fast is not None and args.repeats > 0:
         prompts = (captions * (args.speed_batch // len(captions) + 1))[:args.speed_batch]
         one_step, teacher_25 = [], []
         for _ in range(args.repeats):  # interleaved, so that load on the machine affects both alike
