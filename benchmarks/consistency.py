@@ -125,16 +125,19 @@ def carry_over(args, lora: Path, judge: ToyJudge) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lcd", type=Path, default=None, help="a distilled student folder (fixative distill --method lcd)")
+    parser.add_argument("--lcd", type=Path, default=None,
+                        help="a distilled student folder (fixative distill --method lcd)")
     parser.add_argument("--lora", type=Path, default=None,
                         help="an LCM-LoRA file for the toy teacher (default: the shipped one, if any)")
-    parser.add_argument("--data", type=Path, default=None, help="a Toy Atelier folder (default: outputs/atelier, painted)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="a Toy Atelier folder (default: outputs/atelier, painted)")
     parser.add_argument("--images", type=int, default=None, help="use N evenly spaced test images (default: all)")
     parser.add_argument("--guidance", type=float, default=5.0, help="teacher and LCD guidance scale (the toy report's)")
     parser.add_argument("--batch", type=int, default=64, help="images per sampling batch (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timing repeats; 0: no timing (default: %(default)s)")
     parser.add_argument("--mimic", default=None,
-                        help="also measure the LCM-LoRA on the toy report's mimic of this held-out artist (zenji, tovik)")
+                        help="also measure the LCM-LoRA on the toy report's mimic of this held-out artist "
+                             "(zenji, tovik)")
     parser.add_argument("--speed-batch", type=int, default=16, help="images per timed batch (default: %(default)s)")
     parser.add_argument("--cache", type=Path, default=Path("outputs/consistency_bench.json"),
                         help="rows already measured (same sampler, weights path, steps, image count and guidance) are "
@@ -195,7 +198,8 @@ def main() -> None:
         for steps, bound in ((1, 1.5), (2, 1.2), (4, 1.2)):
             ratio = rows[name, steps][0] / reference_fid
             below_ddim = rows[name, steps][0] < rows["teacher DDIM", steps][0]
-            print(f"  {name} {steps} step(s): x = {ratio:.2f} (target <= {bound}: {'met' if ratio <= bound else 'NOT met'}); "
+            met = "met" if ratio <= bound else "NOT met"
+            print(f"  {name} {steps} step(s): x = {ratio:.2f} (target <= {bound}: {met}); "
                   f"FID below the teacher's own {steps}-step DDIM: {'yes' if below_ddim else 'NO'}")
         share = rows[name, 2][1] / reference_attribution
         print(f"  {name} attribution at 2 steps: {share:.2f} of the teacher's 25-step "
@@ -213,7 +217,8 @@ def main() -> None:
             teacher_25.append(timed(lambda: sample(teacher, prompts, 25, "ddim", args.guidance, args.speed_batch)))
         one, many = statistics.median(one_step), statistics.median(teacher_25)
         which = "LCD" if "LCD" in samplers else "LCM-LoRA"
-        print(f"\nspeed, batch {args.speed_batch}, decode included, median of {args.repeats}: {which} 1 step {one:.3f} s, "
+        print(f"\nspeed, batch {args.speed_batch}, decode included, median of {args.repeats}: "
+              f"{which} 1 step {one:.3f} s, "
               f"teacher 25 guided DDIM steps {many:.3f} s: {many / one:.1f}x faster (target >= 20x: "
               f"{'met' if many / one >= 20 else 'NOT met'})")
 

@@ -62,7 +62,8 @@ def register(subparsers) -> None:
                         help="recompute the student's activations in the backward pass (default: off)")
     parser.add_argument("--checkpoint-every", type=int, default=0,
                         help="steps between resumable checkpoints; 0: none (default: %(default)s)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out (default: off)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint in --out (default: off)")
     parser.add_argument("--validation-prompt", action="append", default=[],
                         help="rendered with the student at each checkpoint and at the end; repeatable (default: none)")
     add_seed(parser, "seed of every random draw")

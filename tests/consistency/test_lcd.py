@@ -153,7 +153,8 @@ def test_pseudo_huber_by_hand():
 def test_distillation_loss_is_algorithm_1_with_draws_in_order(teacher):
     """The loss equals the composition by hand, with t_{n+k}, noise and w drawn in that order."""
     alphas_cumprod = NoiseSchedule.from_config(teacher.scheduler_config).alphas_cumprod
-    schedule, settings = SkippingSchedule(NoiseSchedule(alphas_cumprod), 10), LCDSettings(num_ddim_timesteps=10, loss="l2")
+    schedule = SkippingSchedule(NoiseSchedule(alphas_cumprod), 10)
+    settings = LCDSettings(num_ddim_timesteps=10, loss="l2")
     student = student_from_teacher(teacher.unet, time_cond_proj_dim=16)
     torch.nn.init.normal_(student.time_embedding.cond_proj.weight, std=0.1)
     target = student_from_teacher(teacher.unet, time_cond_proj_dim=16)  # a different target network

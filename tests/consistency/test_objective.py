@@ -70,7 +70,7 @@ def test_one_lcm_lora_step_changes_only_the_adapters():
 
 
 def test_ema_target_update_and_result():
-    """θ⁻ ← μ θ⁻ + (1 − μ) θ after each step, the target starts as the student, and finish() keeps θ⁻."""
+    """θ⁻ ← μ θ⁻ + (1 − μ) θ after each step; the target starts as the student; finish() keeps θ⁻."""
     model = tiny_teacher()
     objective = ConsistencyDistillation(settings("lcd", ema_decay=0.9))
     objective.setup(model, config())
