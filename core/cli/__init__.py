@@ -4,9 +4,10 @@ Each module here adds its sub-commands; heavy imports (torch, models) happen ins
 functions so that ``fixative --help`` stays fast. The toy world registers its own (``fixative.core.toy.cli``).
 """
 
-from . import generate, models
+from . import finetune, generate, models
 
 
 def register(subparsers) -> None:
     models.register(subparsers)
     generate.register(subparsers)
+    finetune.register(subparsers)

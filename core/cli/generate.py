@@ -52,6 +52,9 @@ def register(subparsers) -> None:
     parser.add_argument("--mask", type=Path, default=None,
                         help="inpainting mask, same size as --init-image: white where the model paints "
                              "(default: none)")
+    parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                        help="apply a LoRA file (ours, diffusers' or kohya-style .safetensors; a folder means its "
+                             "pytorch_lora_weights.safetensors) at SCALE (default scale 1); repeatable (default: none)")
     parser.add_argument("--clip-skip", type=int, default=0, help="skip the text encoder's last N layers (default: %(default)s)")
     parser.add_argument("--vae-tiling", action="store_true", help="decode in tiles, for large images (default: off)")
     add_dtype(parser)
@@ -80,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoints import load_model
     from ..errors import FixativeError
     from ..images import load_image, load_mask, save_png
+    from ..lora import apply_lora, parse_lora_spec
     from ..pipelines import default_scheduler_name, generate
     from ..provenance import provenance
 
@@ -94,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         raise FixativeError(f"mask {args.mask} is {mask.width}x{mask.height} but the init image is "
                             f"{image.width}x{image.height}; they must be the same size")
 
+    loras = [parse_lora_spec(spec) for spec in args.lora]
     model = load_model(args.model, device=resolve_device(args.device), dtype=torch_dtype(args.dtype),
                        config=args.config)
     multiple = model.size_multiple
@@ -102,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and (value <= 0 or value % multiple):
             raise FixativeError(f"--{name} {value} is not a positive multiple of {multiple} (this model's VAE "
                                 f"down-sampling factor); use e.g. {max(multiple, value - value % multiple)}")
+    for path, lora_scale in loras:
+        apply_lora(model, path, lora_scale)
     scheduler = args.scheduler or default_scheduler_name(model)
     images = generate(
         model, args.prompt, args.negative_prompt, image=image, mask=mask, strength=args.strength,
@@ -116,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
         "height": images[0].height, "width": images[0].width, "clip_skip": args.clip_skip, "dtype": args.dtype,
         "provenance": json.dumps(provenance({"model": args.model}, model.unet.device, model.unet.dtype)),
     }
+    if loras:
+        settings["lora"] = ", ".join(f"{path}:{lora_scale:g}" for path, lora_scale in loras)
     if image is not None:
         settings.update(init_image=str(args.init_image), strength=args.strength if args.strength is not None
                         else default_strength(inpainting=mask is not None))
