@@ -23,7 +23,7 @@ with a new name, each batch of 16 mixed with 8 paintings of trained artists, Min
 
 (with a single batch of 24 the mimic's loss averaged prior and instance samples alike, which is
 ``prior_loss_weight=0.5`` up to a constant factor; here instance and prior means are summed, DreamBooth's
-eq. 2.) Without ``prior_data``, DreamBooth's class images are generated from ``class_prompt`` by the model
+eq. 2; and the latents are drawn from the VAE posterior anew at every step rather than once.) Without ``prior_data``, DreamBooth's class images are generated from ``class_prompt`` by the model
 itself before training (``prior_images`` of them).
 
 Randomness. Every micro-batch k (= step x gradient_accumulation + micro-step) draws from its own
