@@ -10,7 +10,7 @@ from .options import add_device, add_quiet, add_seed
 
 
 # core/finetune.py's METHODS, LR_SCHEDULES and MIXED_PRECISION names (it imports torch; --help must not);
-# tests/core/cli/test_finetune_cli.py checks that they agree
+# tests/core/cli/test_cli_finetune.py checks that they agree
 METHODS = ("full", "lora", "dreambooth")
 LR_SCHEDULES = ("constant", "cosine")
 MIXED_PRECISION = ("no", "bf16", "fp16")
