@@ -78,8 +78,13 @@ def worker_reference(size: int, steps: int, seed: int) -> dict:
     seconds = time.perf_counter() - started
     with torch.no_grad():
         latent_loss, loss = reference_objective(reference_vae, lpips_metric, pixels, delta, target_latents)
-    return {"seconds": seconds, "steps": steps, "objective": loss.item(), "latent_loss": latent_loss.item(),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "seconds": seconds,
+        "steps": steps,
+        "objective": loss.item(),
+        "latent_loss": latent_loss.item(),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def worker_fixative(size: int, steps: int, seed: int, stop_loss: float, autocast: str | None) -> dict:
@@ -104,13 +109,19 @@ def worker_fixative(size: int, steps: int, seed: int, stop_loss: float, autocast
     reference_vae = _diffusers_vae(config, vae)
     with torch.no_grad():
         latent_loss, loss = reference_objective(reference_vae, lpips_metric, pixels, delta, target_latents)
-    return {"seconds": seconds, "steps": run["steps"], "objective": loss.item(), "latent_loss": latent_loss.item(),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "seconds": seconds,
+        "steps": run["steps"],
+        "objective": loss.item(),
+        "latent_loss": latent_loss.item(),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def _run_worker(*args) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", *map(str, args)], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", *map(str, args)], capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -121,7 +132,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="reference steps (default: 500, --quick 30)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per worker (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and images (default: %(default)s)")
-    parser.add_argument("--autocast", default="bf16", help="fixative's autocast: bf16, fp16 or none (default: %(default)s)")
+    parser.add_argument(
+        "--autocast", default="bf16", help="fixative's autocast: bf16, fp16 or none (default: %(default)s)"
+    )
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -130,8 +143,9 @@ def main(argv=None) -> int:
         if kind == "reference":
             result = worker_reference(int(rest[0]), int(rest[1]), int(rest[2]))
         else:
-            result = worker_fixative(int(rest[0]), int(rest[1]), int(rest[2]), float(rest[3]),
-                                     None if rest[4] == "none" else rest[4])
+            result = worker_fixative(
+                int(rest[0]), int(rest[1]), int(rest[2]), float(rest[3]), None if rest[4] == "none" else rest[4]
+            )
         print(json.dumps(result))
         return 0
     size = args.size or (128 if args.quick else 512)
@@ -142,12 +156,16 @@ def main(argv=None) -> int:
     print(f"sd15 VAE architecture (random weights), {size}x{size}, CPU, {args.threads} threads; LPIPS backbone random")
     print(f"{'':<32}{'steps':>7}{'s/step':>9}{'s/image':>10}{'objective':>11}{'peak RSS MB':>13}")
     for name, r in (("reference (diffusers, fp32)", reference), (f"fixative ({args.autocast})", ours)):
-        print(f"{name:<32}{r['steps']:>7}{r['seconds'] / r['steps']:>9.3f}{r['seconds']:>10.1f}{r['objective']:>11.5f}"
-              f"{r['peak_rss_mb']:>13.0f}")
+        print(
+            f"{name:<32}{r['steps']:>7}{r['seconds'] / r['steps']:>9.3f}{r['seconds']:>10.1f}{r['objective']:>11.5f}"
+            f"{r['peak_rss_mb']:>13.0f}"
+        )
     reached = ours["objective"] <= reference["objective"] * 1.01
-    print(f"speed-up per image to the reference's final objective: {reference['seconds'] / ours['seconds']:.2f}x "
-          f"({'reached' if reached else 'NOT reached'}: {ours['objective']:.5f} vs {reference['objective']:.5f}); "
-          f"per step {reference['seconds'] / reference['steps'] / (ours['seconds'] / ours['steps']):.2f}x")
+    print(
+        f"speed-up per image to the reference's final objective: {reference['seconds'] / ours['seconds']:.2f}x "
+        f"({'reached' if reached else 'NOT reached'}: {ours['objective']:.5f} vs {reference['objective']:.5f}); "
+        f"per step {reference['seconds'] / reference['steps'] / (ours['seconds'] / ours['steps']):.2f}x"
+    )
     return 0
 
 

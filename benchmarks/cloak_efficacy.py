@@ -25,16 +25,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-# The mimicry attack and its judge: the one import to re-point when they move to fixative.eval.
-from fixative.core.toy.judge import ToyJudge
-from fixative.core.toy.report import MIMIC_NAMES, ReportConfig, mimic, sample
-
 from fixative.cloak.bounds import parse_budget
 from fixative.cloak.optimise import OptimiserConfig
 from fixative.cloak.protect import CloakConfig, cloak_pixels
 from fixative.cloak.targets import StyleTargetConfig
 from fixative.core.checkpoints import load_model
 from fixative.core.toy import atelier, clip_folder, toy_folder
+
+# The mimicry attack and its judge: the one import to re-point when they move to fixative.eval.
+from fixative.core.toy.judge import ToyJudge
+from fixative.core.toy.report import MIMIC_NAMES, ReportConfig, mimic, sample
 
 TARGETS = {"zenji": "lumo", "tovik": "dervo"}  # the plain-recipe targets
 SAMPLES_PER_SUBJECT = 8  # 8 subjects x 8 = 64 mimic samples per cell
@@ -73,11 +73,19 @@ def cloak_config(spec: dict, seed: int) -> CloakConfig:
     options = spec["options"]
     method = "glaze" if spec["method"] == "plain" else spec["method"]
     steps = int(options.get("steps", 100))
-    optimiser = OptimiserConfig(steps=steps, lr=options.get("lr", 0.01 if spec["method"] == "plain" else 0.005),
-                                optimiser=options.get("optimiser", "adam"))
-    config = CloakConfig(method=method, budget=parse_budget(spec["budget"]), optimiser=optimiser,
-                         style_target=StyleTargetConfig(strength=options.get("strength", 0.6)),
-                         robust=("jpeg", "resize", "blur", "noise") if spec["eot"] else (), seed=seed)
+    optimiser = OptimiserConfig(
+        steps=steps,
+        lr=options.get("lr", 0.01 if spec["method"] == "plain" else 0.005),
+        optimiser=options.get("optimiser", "adam"),
+    )
+    config = CloakConfig(
+        method=method,
+        budget=parse_budget(spec["budget"]),
+        optimiser=optimiser,
+        style_target=StyleTargetConfig(strength=options.get("strength", 0.6)),
+        robust=("jpeg", "resize", "blur", "noise") if spec["eot"] else (),
+        seed=seed,
+    )
     if "weight" in options:
         config.mist_semantic_weight = options["weight"]
     if "every" in options:
@@ -88,8 +96,12 @@ def cloak_config(spec: dict, seed: int) -> CloakConfig:
 
 
 def _load(paths: list[str]) -> torch.Tensor:
-    return torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB")).copy()) for p in paths]
-                       ).permute(0, 3, 1, 2).float() / 255
+    return (
+        torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB")).copy()) for p in paths])
+        .permute(0, 3, 1, 2)
+        .float()
+        / 255
+    )
 
 
 def _jpeg75(pixels: torch.Tensor) -> torch.Tensor:
@@ -141,9 +153,12 @@ def run_cell(model, judge, rows, artist: str, cell: str, out: Path, seed: int) -
     seeds = [seed * 100_000 + 50_000 + i for i in range(len(prompts))]
     predicted, _ = judge.classify(sample(mimic_model, prompts, seeds, report_config))
     protected = sum(p != artist for p in predicted)
-    record.update(samples=len(predicted), protection=protected / len(predicted),
-                  interval=wilson(protected, len(predicted)),
-                  attributed_to={a: predicted.count(a) for a in sorted(set(predicted), key=predicted.count, reverse=True)})
+    record.update(
+        samples=len(predicted),
+        protection=protected / len(predicted),
+        interval=wilson(protected, len(predicted)),
+        attributed_to={a: predicted.count(a) for a in sorted(set(predicted), key=predicted.count, reverse=True)},
+    )
     return record
 
 
@@ -153,41 +168,69 @@ def _slug(cell: str) -> str:
 
 def table(out: Path) -> str:
     records = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
-    lines = ["| artist | cell | PSNR dB | SSIM | L-inf | latent dist. reduced | projected | protection (95% CI) | samples went to |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| artist | cell | PSNR dB | SSIM | L-inf | latent dist. reduced | projected | protection (95% CI) "
+        "| samples went to |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(records, key=lambda r: (r["artist"], r["cell"])):
         low, high = r["interval"]
         went = ", ".join(f"{a} {n}" for a, n in r["attributed_to"].items())
         linf = f"{r['linf'] * 255:.1f}/255" if "linf" in r else "—"
         reduced = f"{100 * r['latent_distance_reduced']:.0f}%" if "latent_distance_reduced" in r else "—"
-        lines.append(f"| {r['artist']} | {r['cell']} | {r.get('psnr', float('nan')):.1f} | {r.get('ssim', float('nan')):.3f} "
-                     f"| {linf} | {reduced} | {r.get('final_projection', 0)} | {100 * r['protection']:.0f}% "
-                     f"({100 * low:.0f}-{100 * high:.0f}%) | {went} |")
+        lines.append(
+            f"| {r['artist']} | {r['cell']} | {r.get('psnr', float('nan')):.1f} | {r.get('ssim', float('nan')):.3f} "
+            f"| {linf} | {reduced} | {r.get('final_projection', 0)} | {100 * r['protection']:.0f}% "
+            f"({100 * low:.0f}-{100 * high:.0f}%) | {went} |"
+        )
     lines.append("")
     for artist in sorted({r["artist"] for r in records}):
         mine = [r for r in records if r["artist"] == artist and ":jpeg" not in r["cell"]]
         plain = [r for r in mine if r["cell"] == "plain:linf=32/255"]
         # "at 16/255 or the PSNR 16/255 gives": L-inf <= 16/255, or PSNR >= 24 dB (a saturated 16/255 box: 24.1 dB)
-        half = [r for r in mine if not r["cell"].startswith(("plain", "clean"))
-                and (r.get("linf", 1) <= 16 / 255 + 1e-6 or r.get("psnr", 0) >= 24.0 - 0.05)]
+        half = [
+            r
+            for r in mine
+            if not r["cell"].startswith(("plain", "clean"))
+            and (r.get("linf", 1) <= 16 / 255 + 1e-6 or r.get("psnr", 0) >= 24.0 - 0.05)
+        ]
         if plain and half:
             best = max(half, key=lambda r: r["protection"])
             verdict = "met" if best["protection"] >= plain[0]["protection"] else "NOT met"
-            lines.append(f"{artist}: best at half the budget {best['cell']} {100 * best['protection']:.0f}% vs plain "
-                         f"32/255 {100 * plain[0]['protection']:.0f}%: requirement {verdict}")
+            lines.append(
+                f"{artist}: best at half the budget {best['cell']} {100 * best['protection']:.0f}% vs plain "
+                f"32/255 {100 * plain[0]['protection']:.0f}%: requirement {verdict}"
+            )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artists", nargs="+", default=["zenji", "tovik"], help="held-out artists (default: both)")
-    parser.add_argument("--cells", nargs="+", default=[
-        "clean", "plain:linf=8/255", "plain:linf=16/255", "plain:linf=32/255",
-        "glaze:psnr=36", "glaze:psnr=32", "glaze:psnr=28", "glaze:psnr=24",
-        "glaze:psnr=24:jpeg", "plain:linf=32/255:jpeg"], help="cells to run (see the module docstring)")
-    parser.add_argument("--out", default="outputs/cloak_efficacy", help="cache folder (default: outputs/cloak_efficacy)")
+    parser.add_argument(
+        "--cells",
+        nargs="+",
+        default=[
+            "clean",
+            "plain:linf=8/255",
+            "plain:linf=16/255",
+            "plain:linf=32/255",
+            "glaze:psnr=36",
+            "glaze:psnr=32",
+            "glaze:psnr=28",
+            "glaze:psnr=24",
+            "glaze:psnr=24:jpeg",
+            "plain:linf=32/255:jpeg",
+        ],
+        help="cells to run (see the module docstring)",
+    )
+    parser.add_argument(
+        "--out", default="outputs/cloak_efficacy", help="cache folder (default: outputs/cloak_efficacy)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of cloaking, mimicry and sampling (default: 0)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1; faster than 2 on a shared machine)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default: 1; faster than 2 on a shared machine)"
+    )
     parser.add_argument("--table", action="store_true", help="only print the table of finished cells")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -208,9 +251,12 @@ def main(argv=None) -> int:
                 continue
             record = run_cell(model, judge, rows, artist, cell, out, args.seed)
             path.write_text(json.dumps(record, indent=1))
-            print(f"{artist} {cell}: protection {100 * record['protection']:.0f}% {record['attributed_to']} "
-                  f"psnr {record.get('psnr', float('nan')):.1f} reduced {record.get('latent_distance_reduced')} "
-                  f"cloak {record['cloak_seconds']:.0f}s mimic {record['mimic_seconds']:.0f}s", flush=True)
+            print(
+                f"{artist} {cell}: protection {100 * record['protection']:.0f}% {record['attributed_to']} "
+                f"psnr {record.get('psnr', float('nan')):.1f} reduced {record.get('latent_distance_reduced')} "
+                f"cloak {record['cloak_seconds']:.0f}s mimic {record['mimic_seconds']:.0f}s",
+                flush=True,
+            )
     print(table(out))
     return 0
 

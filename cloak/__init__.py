@@ -7,9 +7,22 @@ budget that holds on the stored file. Stands on fixative.core only.
 ``fixative.cloak.budget`` holds the suite's SSIM / PSNR / L-inf / LPIPS (eval imports them from there).
 """
 
-from .api import CloakResult, cloak, cloak_files
-from .bounds import Budget, parse_budget
-from .optimise import OptimiserConfig
-from .protect import CloakConfig
+_EXPORTS = {
+    "CloakResult": "api",
+    "cloak": "api",
+    "cloak_files": "api",
+    "Budget": "bounds",
+    "parse_budget": "bounds",
+    "OptimiserConfig": "optimise",
+    "CloakConfig": "protect",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = ["Budget", "CloakConfig", "CloakResult", "OptimiserConfig", "cloak", "cloak_files", "parse_budget"]
+
+def __getattr__(name: str):
+    """Import on first use, so that ``fixative --help`` (which imports fixative.cloak.cli) stays light."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'fixative.cloak' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

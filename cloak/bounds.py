@@ -37,8 +37,10 @@ class Budget:
     def describe(self) -> str:
         signs = {"linf": "<=", "psnr": ">=", "ssim": ">=", "lpips": "<="}
         shown = {"linf": lambda v: f"{v * 255:g}/255", "psnr": lambda v: f"{v:g} dB"}
-        return " and ".join(f"{name} {signs[name]} {shown.get(name, lambda v: f'{v:g}')(value)}"
-                            for name, value in self.as_dict().items())
+        return " and ".join(
+            f"{name} {signs[name]} {shown.get(name, lambda v: f'{v:g}')(value)}"
+            for name, value in self.as_dict().items()
+        )
 
 
 def parse_budget(items: list[str]) -> Budget:
@@ -60,8 +62,9 @@ def parse_budget(items: list[str]) -> Budget:
     return Budget(**values)
 
 
-def measure(budget: Budget, pixels: torch.Tensor, reference: torch.Tensor, lpips_metric=None,
-            every: bool = True) -> dict[str, torch.Tensor]:
+def measure(
+    budget: Budget, pixels: torch.Tensor, reference: torch.Tensor, lpips_metric=None, every: bool = True
+) -> dict[str, torch.Tensor]:
     """Per-image values (batch,) of the budget's metrics, or (``every``) of SSIM, PSNR, L-inf and LPIPS when
     there is a metric for it; pixels in [0, 1]."""
     values = {}

@@ -59,7 +59,9 @@ def ssim(pixels: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     sigma_y_sq = (yy - mu_y**2).clamp(min=0.0)
     sigma_xy = xy - mu_x * mu_y
     c1, c2 = SSIM_K1**2, SSIM_K2**2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * sigma_xy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sigma_x_sq + sigma_y_sq + c2))
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * sigma_xy + c2)) / (
+        (mu_x**2 + mu_y**2 + c1) * (sigma_x_sq + sigma_y_sq + c2)
+    )
     return ssim_map.flatten(1).mean(1)
 
 
@@ -78,8 +80,10 @@ def linf(pixels: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 def _check_pair(pixels: torch.Tensor, reference: torch.Tensor) -> None:
     if pixels.ndim != 4 or pixels.shape != reference.shape:
-        raise FixativeError(f"budget metrics take two (batch, channels, height, width) tensors of one shape; got "
-                            f"{tuple(pixels.shape)} and {tuple(reference.shape)}")
+        raise FixativeError(
+            f"budget metrics take two (batch, channels, height, width) tensors of one shape; got "
+            f"{tuple(pixels.shape)} and {tuple(reference.shape)}"
+        )
 
 
 def torch_hub_checkpoints() -> Path:
@@ -109,8 +113,12 @@ class LPIPS(torch.nn.Module):
         return self.network(pixels, reference, normalize=True).flatten(1).mean(1)
 
 
-def load_lpips(net: str = "alex", backbone: str = "pretrained", weights: str | Path | None = None,
-               device: torch.device | str = "cpu") -> LPIPS:
+def load_lpips(
+    net: str = "alex",
+    backbone: str = "pretrained",
+    weights: str | Path | None = None,
+    device: torch.device | str = "cpu",
+) -> LPIPS:
     """The LPIPS metric with ``net`` ("alex" or "vgg") and its backbone weights read from a local file.
 
     ``weights`` is torchvision's file for that backbone; without it the file is looked up in the torch hub cache
@@ -130,7 +138,8 @@ def load_lpips(net: str = "alex", backbone: str = "pretrained", weights: str | P
         if not weights_path.is_file():
             raise FixativeError(
                 f"LPIPS needs torchvision's {net} weights {file_name}: not found at {weights_path}; copy the file into "
-                f"{torch_hub_checkpoints()} (or $TORCH_HOME/hub/checkpoints) or pass its path (--lpips-weights)")
+                f"{torch_hub_checkpoints()} (or $TORCH_HOME/hub/checkpoints) or pass its path (--lpips-weights)"
+            )
     # pnet_rand=True builds the trunk without torchvision's download; the trained trunk is loaded below.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torchvision's deprecation note on lpips' `pretrained=` call
@@ -155,4 +164,3 @@ def _load_backbone(trunk: torch.nn.Module, weights_path: Path) -> None:
             raise FixativeError(f"{weights_path} is not torchvision's backbone for LPIPS: it lacks {source_key}")
         trunk_state[key] = state[source_key]
     trunk.load_state_dict(trunk_state, strict=True)
-

@@ -11,9 +11,9 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -48,8 +48,11 @@ def find_images(inputs: list[str | Path]) -> list[tuple[Path, Path]]:
     for item in inputs:
         item = Path(item)
         if item.is_dir():
-            found += [(p, p.relative_to(item)) for p in sorted(item.rglob("*"))
-                      if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+            found += [
+                (p, p.relative_to(item))
+                for p in sorted(item.rglob("*"))
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            ]
         elif item.exists():
             found.append((item, Path(item.name)))
         else:
@@ -65,8 +68,9 @@ def read_artwork(path: str | Path) -> Artwork:
             image.load()
             return artwork_from_image(image, path)
     except Image.DecompressionBombError:
-        raise FixativeError(f"{path}: image too large for Pillow's safety limit (about 179 M pixels); "
-                            "split it into parts first") from None
+        raise FixativeError(
+            f"{path}: image too large for Pillow's safety limit (about 179 M pixels); split it into parts first"
+        ) from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
         raise FixativeError(f"cannot read image {path}: {error.__class__.__name__}: {error}") from None
 

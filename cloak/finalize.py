@@ -3,7 +3,7 @@ where a bound fails, scale δ down by bisection until every bound holds on the s
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -18,9 +18,13 @@ def quantize(pixels: torch.Tensor, levels: int = 255) -> torch.Tensor:
 
 
 @torch.no_grad()
-def finalize(pixels: torch.Tensor, delta: torch.Tensor, budget: Budget, lpips_metric=None,
-             restore: Callable[[torch.Tensor], torch.Tensor] = quantize
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def finalize(
+    pixels: torch.Tensor,
+    delta: torch.Tensor,
+    budget: Budget,
+    lpips_metric=None,
+    restore: Callable[[torch.Tensor], torch.Tensor] = quantize,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stored pixels of x + s δ with the largest s in [0, 1] (s = 1 when it already holds) such that every bound
     holds between the stored output and the input.
 

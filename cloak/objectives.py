@@ -9,14 +9,15 @@ objectives without a target latent); ``after_step`` lets an objective update a m
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from fixative.core.errors import FixativeError
 from fixative.core.pipelines import encode_images, encode_prompt
-from fixative.core.training import TrainStepConfig, alphas_cumprod_from_config, denoising_loss, train_step
+from fixative.core.schedulers import NoiseSchedule
+from fixative.core.training import TrainStepConfig, denoising_losses, train_step
 
 METHODS = ("glaze", "mist", "photoguard", "anti-dreambooth")
 
@@ -69,36 +70,32 @@ def _text_embeddings(model, prompt: str, batch: int) -> torch.Tensor:
         return encode_prompt(model, [prompt] * batch, guidance=False).float()
 
 
-def mist(model, pixels: torch.Tensor, pattern_pixels: torch.Tensor, prompt: str, semantic_weight: float,
-         seed: int) -> Objective:
+def mist(
+    model, pixels: torch.Tensor, pattern_pixels: torch.Tensor, prompt: str, semantic_weight: float, seed: int
+) -> Objective:
     """Mist (Liang et al. 2023, eq. 7): textural loss ||E(x + δ) − E(pattern)||² minus w times the semantic
     loss, the UNet's denoising loss on E(x + δ) (AdvDM, Liang et al. 2023, eq. 5), which the perturbation
     maximises."""
     with torch.no_grad():
         pattern_latents = encode_mean(model, pattern_pixels)
     text_embeddings = _text_embeddings(model, prompt, pixels.shape[0])
-    alphas_cumprod = alphas_cumprod_from_config(model.scheduler_config)
+    schedule = NoiseSchedule.from_config(model.scheduler_config)
 
     def loss(adv_pixels: torch.Tensor, step: int) -> torch.Tensor:
         latents = encode_mean(model, adv_pixels)
         textural = latent_distance(latents, pattern_latents)
         generator = torch.Generator().manual_seed(seed * 100_003 + step)
-        semantic = _per_image_denoising_loss(model.unet, latents, text_embeddings, alphas_cumprod,
-                                             model.prediction_type, generator)
+        semantic = denoising_losses(model.unet, latents, text_embeddings, schedule, model.prediction_type, generator)
         return textural - semantic_weight * semantic
 
     def distance(adv_pixels: torch.Tensor) -> torch.Tensor:
         return latent_distance(encode_mean(model, adv_pixels), pattern_latents)
 
-    return Objective(loss=loss, target_distance=distance,
-                     details={"target": "pattern", "semantic_weight": semantic_weight, "prompt": prompt})
-
-
-def _per_image_denoising_loss(unet, latents, text_embeddings, alphas_cumprod, prediction_type, generator):
-    """core.training.denoising_loss as (batch,) for the loop: the batch mean repeated per image. Its sum is the
-    sum of the images' own losses, and each image's gradient is its own (the UNet treats batch rows apart)."""
-    loss = denoising_loss(unet, latents, text_embeddings, alphas_cumprod, prediction_type, generator)
-    return loss.expand(latents.shape[0])
+    return Objective(
+        loss=loss,
+        target_distance=distance,
+        details={"target": "pattern", "semantic_weight": semantic_weight, "prompt": prompt},
+    )
 
 
 @dataclass
@@ -116,7 +113,7 @@ def anti_dreambooth(model, pixels: torch.Tensor, config: ASPLConfig, seed: int) 
     if pixels.shape[0] < 1:
         raise FixativeError("anti-dreambooth needs at least one image")
     text_embeddings = _text_embeddings(model, config.prompt, pixels.shape[0])
-    alphas_cumprod = alphas_cumprod_from_config(model.scheduler_config)
+    schedule = NoiseSchedule.from_config(model.scheduler_config)
     step_config = TrainStepConfig(prediction_type=model.prediction_type)
     with torch.no_grad():
         clean_latents = encode_mean(model, pixels)
@@ -127,7 +124,7 @@ def anti_dreambooth(model, pixels: torch.Tensor, config: ASPLConfig, seed: int) 
     def fine_tune(unet, optimizer, latents, step: int) -> None:
         for k in range(config.surrogate_steps):
             generator = torch.Generator().manual_seed(seed * 100_003 + step * 17 + k)
-            train_step(unet, optimizer, latents, text_embeddings, alphas_cumprod, step_config, generator)
+            train_step(unet, optimizer, latents, text_embeddings, schedule, step_config, generator)
 
     def refresh(adv_pixels: torch.Tensor, step: int) -> None:
         attacked = copy.deepcopy(surrogate).train()
@@ -143,13 +140,27 @@ def anti_dreambooth(model, pixels: torch.Tensor, config: ASPLConfig, seed: int) 
         if state["attacked"] is None:
             refresh(adv_pixels.detach(), step)
         generator = torch.Generator().manual_seed(seed * 100_003 + step)
-        return -_per_image_denoising_loss(state["attacked"], encode_mean(model, adv_pixels), text_embeddings,
-                                          alphas_cumprod, model.prediction_type, generator)
+        return -denoising_losses(
+            state["attacked"],
+            encode_mean(model, adv_pixels),
+            text_embeddings,
+            schedule,
+            model.prediction_type,
+            generator,
+        )
 
     def after_step(adv_pixels: torch.Tensor, step: int) -> None:
         if (step + 1) % config.every == 0:
             refresh(adv_pixels, step)
 
-    return Objective(loss=loss, target_distance=None, after_step=after_step,
-                     details={"surrogate_every": config.every, "surrogate_steps": config.surrogate_steps,
-                              "surrogate_lr": config.surrogate_lr, "prompt": config.prompt})
+    return Objective(
+        loss=loss,
+        target_distance=None,
+        after_step=after_step,
+        details={
+            "surrogate_every": config.every,
+            "surrogate_steps": config.surrogate_steps,
+            "surrogate_lr": config.surrogate_lr,
+            "prompt": config.prompt,
+        },
+    )

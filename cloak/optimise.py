@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -37,9 +37,16 @@ class OptimiserConfig:
     autocast: str | None = None  # "bf16" / "fp16": the objective's forward under torch.autocast (None: as stored)
 
 
-def optimise(pixels: torch.Tensor, objective: Objective, budget: Budget, config: OptimiserConfig,
-             lpips_metric=None, transform: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
-             tied_channels: bool = False, progress: bool = False) -> tuple[torch.Tensor, dict]:
+def optimise(
+    pixels: torch.Tensor,
+    objective: Objective,
+    budget: Budget,
+    config: OptimiserConfig,
+    lpips_metric=None,
+    transform: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+    tied_channels: bool = False,
+    progress: bool = False,
+) -> tuple[torch.Tensor, dict]:
     """δ for pixels (batch, 3, H, W) in [0, 1]; returns (δ, {"steps": steps run, "loss": final mean loss}).
 
     tied_channels: one δ for all three channels (grayscale images stay grey).
@@ -58,8 +65,11 @@ def optimise(pixels: torch.Tensor, objective: Objective, budget: Budget, config:
     adam = torch.optim.Adam([delta], lr=config.lr) if config.optimiser == "adam" else None
     momentum = torch.zeros_like(delta)
     best, since_best, steps_run, loss_value = math.inf, 0, 0, math.nan
-    precision = (torch.autocast(pixels.device.type, AUTOCAST_DTYPES[config.autocast]) if config.autocast
-                 else contextlib.nullcontext())
+    precision = (
+        torch.autocast(pixels.device.type, AUTOCAST_DTYPES[config.autocast])
+        if config.autocast
+        else contextlib.nullcontext()
+    )
     for step in tqdm(range(config.steps), desc="cloak steps", leave=False, disable=not progress):
         adv_pixels = (pixels + delta).clamp(0, 1)
         seen = transform(adv_pixels, step) if transform is not None else adv_pixels

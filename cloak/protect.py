@@ -42,7 +42,9 @@ class CloakConfig:
         return values
 
 
-def make_objective(model, pixels: torch.Tensor, config: CloakConfig, style: str | None) -> tuple[objectives.Objective, dict]:
+def make_objective(
+    model, pixels: torch.Tensor, config: CloakConfig, style: str | None
+) -> tuple[objectives.Objective, dict]:
     """The method's objective for pixels (batch, 3, H, W) in [0, 1], and what it aimed at (for the record)."""
     method = config.method
     if method == "glaze":
@@ -53,15 +55,32 @@ def make_objective(model, pixels: torch.Tensor, config: CloakConfig, style: str 
     if method == "photoguard":
         return objectives.photoguard(model, pixels, targets.fixed_target(pixels)), {"target": "grey image"}
     if method == "mist":
-        return (objectives.mist(model, pixels, targets.pattern_target(pixels), config.mist_prompt,
-                                config.mist_semantic_weight, config.seed), {"target": "stripe pattern"})
+        return (
+            objectives.mist(
+                model,
+                pixels,
+                targets.pattern_target(pixels),
+                config.mist_prompt,
+                config.mist_semantic_weight,
+                config.seed,
+            ),
+            {"target": "stripe pattern"},
+        )
     if method == "anti-dreambooth":
         return objectives.anti_dreambooth(model, pixels, config.aspl, config.seed), {}
     raise FixativeError(f"unknown method {method!r}; choose from {', '.join(objectives.METHODS)}")
 
 
-def cloak_pixels(model, pixels: torch.Tensor, config: CloakConfig, style: str | None = None, lpips_metric=None,
-                 restore=quantize, tied_channels: bool = False, progress: bool = False) -> tuple[torch.Tensor, list[dict]]:
+def cloak_pixels(
+    model,
+    pixels: torch.Tensor,
+    config: CloakConfig,
+    style: str | None = None,
+    lpips_metric=None,
+    restore=quantize,
+    tied_channels: bool = False,
+    progress: bool = False,
+) -> tuple[torch.Tensor, list[dict]]:
     """Cloak pixels (batch, 3, H, W) in [0, 1] (H, W multiples of the VAE's factor); returns the stored pixels
     (``restore`` applied: 8-bit rounding by default) and one record per image."""
     started = time.time()
@@ -72,8 +91,9 @@ def cloak_pixels(model, pixels: torch.Tensor, config: CloakConfig, style: str | 
     with torch.no_grad():
         distance_before = objective.target_distance(pixels) if objective.target_distance else None
     transform = RandomTransform(config.robust, config.seed) if config.robust else None
-    delta, run = optimise(pixels, objective, config.budget, config.optimiser, lpips_metric, transform,
-                          tied_channels, progress)
+    delta, run = optimise(
+        pixels, objective, config.budget, config.optimiser, lpips_metric, transform, tied_channels, progress
+    )
     if tied_channels:
         delta = delta.expand_as(pixels)
     stored, scale, met = finalize(pixels, delta, config.budget, lpips_metric, restore)
@@ -81,25 +101,51 @@ def cloak_pixels(model, pixels: torch.Tensor, config: CloakConfig, style: str | 
         distance_after = objective.target_distance(stored) if objective.target_distance else None
         values = measure(config.budget, stored, pixels, lpips_metric)
     seconds = (time.time() - started) / pixels.shape[0]
-    return stored, [image_record(config, {**aimed, **objective.details}, values, i,
-                                 None if distance_before is None else float(distance_before[i]),
-                                 None if distance_after is None else float(distance_after[i]),
-                                 float(scale[i]), bool(met[i]), run["steps"], seconds, lpips_metric)
-                    for i in range(pixels.shape[0])]
+    return stored, [
+        image_record(
+            config,
+            {**aimed, **objective.details},
+            values,
+            i,
+            None if distance_before is None else float(distance_before[i]),
+            None if distance_after is None else float(distance_after[i]),
+            float(scale[i]),
+            bool(met[i]),
+            run["steps"],
+            seconds,
+            lpips_metric,
+        )
+        for i in range(pixels.shape[0])
+    ]
 
 
-def image_record(config: CloakConfig, aimed: dict, values: dict[str, torch.Tensor], index: int,
-                 distance_before: float | None, distance_after: float | None, scale: float, budget_met: bool,
-                 steps: int, seconds: float, lpips_metric=None) -> dict:
+def image_record(
+    config: CloakConfig,
+    aimed: dict,
+    values: dict[str, torch.Tensor],
+    index: int,
+    distance_before: float | None,
+    distance_after: float | None,
+    scale: float,
+    budget_met: bool,
+    steps: int,
+    seconds: float,
+    lpips_metric=None,
+) -> dict:
     """The record of image ``index``: method, what it aimed at, budget values as stored, latent distances,
     whether the final projection happened, steps, seconds; a random LPIPS backbone is said out loud."""
     record = {
-        "method": config.method, **aimed,
+        "method": config.method,
+        **aimed,
         "budget": config.budget.as_dict(),
         "values": {name: float(v[index]) for name, v in values.items()},
-        "latent_distance_before": distance_before, "latent_distance_after": distance_after,
-        "final_projection": scale < 1, "projection_scale": scale, "budget_met": budget_met,
-        "steps": steps, "seconds": round(seconds, 3),
+        "latent_distance_before": distance_before,
+        "latent_distance_after": distance_after,
+        "final_projection": scale < 1,
+        "projection_scale": scale,
+        "budget_met": budget_met,
+        "steps": steps,
+        "seconds": round(seconds, 3),
     }
     if lpips_metric is not None:
         record["lpips_backbone"] = lpips_metric.backbone

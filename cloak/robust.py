@@ -13,15 +13,110 @@ from fixative.core.errors import FixativeError
 TRANSFORMS = ("jpeg", "resize", "blur", "noise")
 
 # The JPEG standard's luminance and chrominance quantisation tables (ITU-T T.81, Annex K, tables K.1 and K.2).
-_LUMA = [16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
-         14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
-         49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99]
-_CHROMA = [17, 18, 24, 47, 99, 99, 99, 99, 18, 21, 26, 66, 99, 99, 99, 99, 24, 26, 56, 99, 99, 99, 99, 99,
-           47, 66, 99, 99, 99, 99, 99, 99] + [99] * 32
+_LUMA = [
+    16,
+    11,
+    10,
+    16,
+    24,
+    40,
+    51,
+    61,
+    12,
+    12,
+    14,
+    19,
+    26,
+    58,
+    60,
+    55,
+    14,
+    13,
+    16,
+    24,
+    40,
+    57,
+    69,
+    56,
+    14,
+    17,
+    22,
+    29,
+    51,
+    87,
+    80,
+    62,
+    18,
+    22,
+    37,
+    56,
+    68,
+    109,
+    103,
+    77,
+    24,
+    35,
+    55,
+    64,
+    81,
+    104,
+    113,
+    92,
+    49,
+    64,
+    78,
+    87,
+    103,
+    121,
+    120,
+    101,
+    72,
+    92,
+    95,
+    98,
+    112,
+    100,
+    103,
+    99,
+]
+_CHROMA = [
+    17,
+    18,
+    24,
+    47,
+    99,
+    99,
+    99,
+    99,
+    18,
+    21,
+    26,
+    66,
+    99,
+    99,
+    99,
+    99,
+    24,
+    26,
+    56,
+    99,
+    99,
+    99,
+    99,
+    99,
+    47,
+    66,
+    99,
+    99,
+    99,
+    99,
+    99,
+    99,
+] + [99] * 32
 
 
 def parse_robust(text: str | None) -> tuple[str, ...]:
-    """"jpeg,blur" -> ("jpeg", "blur"); empty or None -> ()."""
+    """ "jpeg,blur" -> ("jpeg", "blur"); empty or None -> ()."""
     names = tuple(n.strip() for n in (text or "").split(",") if n.strip())
     unknown = [n for n in names if n not in TRANSFORMS]
     if unknown:
@@ -58,17 +153,26 @@ def jpeg(pixels: torch.Tensor, quality: int = 75) -> torch.Tensor:
     pad_h, pad_w = (-height) % 8, (-width) % 8
     x = F.pad(pixels, (0, pad_w, 0, pad_h), mode="replicate") * 255
     r, g, b = x.unbind(1)
-    ycbcr = torch.stack([0.299 * r + 0.587 * g + 0.114 * b,  # JFIF, ITU-R BT.601
-                         -0.168736 * r - 0.331264 * g + 0.5 * b,
-                         0.5 * r - 0.418688 * g - 0.081312 * b], 1)
+    ycbcr = torch.stack(
+        [
+            0.299 * r + 0.587 * g + 0.114 * b,  # JFIF, ITU-R BT.601
+            -0.168736 * r - 0.331264 * g + 0.5 * b,
+            0.5 * r - 0.418688 * g - 0.081312 * b,
+        ],
+        1,
+    )
     ycbcr[:, 0] -= 128
     batch, _, h, w = ycbcr.shape
     blocks = ycbcr.unfold(2, 8, 8).unfold(3, 8, 8)  # (B, 3, h/8, w/8, 8, 8)
     dct = _dct_matrix(pixels.device)
     coefficients = dct @ blocks @ dct.T
-    tables = torch.stack([_quality_table(_LUMA, quality, pixels.device),
-                          _quality_table(_CHROMA, quality, pixels.device),
-                          _quality_table(_CHROMA, quality, pixels.device)]).view(1, 3, 1, 1, 8, 8)
+    tables = torch.stack(
+        [
+            _quality_table(_LUMA, quality, pixels.device),
+            _quality_table(_CHROMA, quality, pixels.device),
+            _quality_table(_CHROMA, quality, pixels.device),
+        ]
+    ).view(1, 3, 1, 1, 8, 8)
     blocks = dct.T @ (soft_round(coefficients / tables) * tables) @ dct
     ycbcr = blocks.permute(0, 1, 2, 4, 3, 5).reshape(batch, 3, h, w)
     y, cb, cr = ycbcr[:, 0] + 128, ycbcr[:, 1], ycbcr[:, 2]
@@ -79,8 +183,13 @@ def jpeg(pixels: torch.Tensor, quality: int = 75) -> torch.Tensor:
 def resize(pixels: torch.Tensor, factor: float) -> torch.Tensor:
     """Down-sample by ``factor`` (antialiased bilinear) and back up to the input size."""
     height, width = pixels.shape[-2:]
-    small = F.interpolate(pixels, size=(max(1, round(height * factor)), max(1, round(width * factor))),
-                          mode="bilinear", antialias=True, align_corners=False)
+    small = F.interpolate(
+        pixels,
+        size=(max(1, round(height * factor)), max(1, round(width * factor))),
+        mode="bilinear",
+        antialias=True,
+        align_corners=False,
+    )
     return F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False)
 
 
@@ -88,7 +197,7 @@ def blur(pixels: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur, radius 3 sigma, reflect padding."""
     radius = max(1, math.ceil(3 * sigma))
     offsets = torch.arange(-radius, radius + 1, dtype=pixels.dtype, device=pixels.device)
-    kernel = torch.exp(-(offsets / sigma) ** 2 / 2)
+    kernel = torch.exp(-((offsets / sigma) ** 2) / 2)
     kernel = (kernel / kernel.sum()).view(1, 1, 1, -1).expand(pixels.shape[1], 1, 1, -1)
     x = F.conv2d(F.pad(pixels, (radius, radius, 0, 0), mode="reflect"), kernel, groups=pixels.shape[1])
     return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.transpose(-1, -2), groups=pixels.shape[1])

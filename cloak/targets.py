@@ -14,9 +14,25 @@ from fixative.core.pipelines import generate
 
 # Candidate target styles for real models (Glaze's list is of this kind: distinct, well-known, public domain).
 ART_HISTORICAL_STYLES = (
-    "cubism", "impressionism", "pointillism", "fauvism", "art nouveau", "baroque painting", "ukiyo-e woodblock print",
-    "pop art", "abstract expressionism", "surrealism", "art deco poster", "byzantine mosaic", "expressionism",
-    "romanticism landscape", "renaissance fresco", "minimalism", "futurism", "constructivism", "pixel art",
+    "cubism",
+    "impressionism",
+    "pointillism",
+    "fauvism",
+    "art nouveau",
+    "baroque painting",
+    "ukiyo-e woodblock print",
+    "pop art",
+    "abstract expressionism",
+    "surrealism",
+    "art deco poster",
+    "byzantine mosaic",
+    "expressionism",
+    "romanticism landscape",
+    "renaissance fresco",
+    "minimalism",
+    "futurism",
+    "constructivism",
+    "pixel art",
     "chinese ink wash painting",
 )
 STYLE_PROMPT = "a painting by {style}"
@@ -35,9 +51,18 @@ def style_target(model, pixels: torch.Tensor, style: str, config: StyleTargetCon
     """Ω(x, T): img2img of pixels (batch, 3, H, W) in [0, 1] toward ``style``; same shape, [0, 1]."""
     prompt = config.prompt.format(style=style)
     seeds = [seed + i for i in range(pixels.shape[0])]
-    return generate(model, [prompt] * pixels.shape[0], image=pixels, strength=config.strength,
-                    guidance_scale=config.guidance_scale, num_inference_steps=config.steps, scheduler=config.scheduler,
-                    seed=seeds, output="images", progress=False).to(pixels.device)
+    return generate(
+        model,
+        [prompt] * pixels.shape[0],
+        image=pixels,
+        strength=config.strength,
+        guidance_scale=config.guidance_scale,
+        num_inference_steps=config.steps,
+        scheduler=config.scheduler,
+        seed=seeds,
+        output="images",
+        progress=False,
+    ).to(pixels.device)
 
 
 def fixed_target(pixels: torch.Tensor, grey: float = 0.5) -> torch.Tensor:
@@ -62,8 +87,13 @@ def toy_candidates() -> tuple[list[str], list[list[str]]]:
     return artists, [[atelier.caption(s, a) for s in atelier.SUBJECTS] for a in artists]
 
 
-def auto_style(pixels: torch.Tensor, clip_folder: str | Path, candidates: list[str],
-               captions: list[list[str]] | None = None, exclude_nearest: bool = True) -> tuple[str, dict]:
+def auto_style(
+    pixels: torch.Tensor,
+    clip_folder: str | Path,
+    candidates: list[str],
+    captions: list[list[str]] | None = None,
+    exclude_nearest: bool = True,
+) -> tuple[str, dict]:
     """A target style between the 50th and 75th percentile of CLIP distance from the artworks (Glaze, Sec. 5.1).
 
     pixels: the artist's artworks (batch, 3, H, W) in [0, 1]; candidates: style names; captions: per candidate, the
@@ -77,7 +107,9 @@ def auto_style(pixels: torch.Tensor, clip_folder: str | Path, candidates: list[s
 
     folder = Path(clip_folder)
     if not (folder / "config.json").is_file():
-        raise FixativeError(f"--target-style auto needs a CLIP model folder (transformers CLIPModel); {folder} has none")
+        raise FixativeError(
+            f"--target-style auto needs a CLIP model folder (transformers CLIPModel); {folder} has none"
+        )
     clip = transformers.CLIPModel.from_pretrained(folder, dtype=torch.float32).eval()
     captions = captions or [[name] for name in candidates]
     tokenizer = CLIPTokenizer.from_folder(folder)
@@ -85,9 +117,12 @@ def auto_style(pixels: torch.Tensor, clip_folder: str | Path, candidates: list[s
         size = clip.config.vision_config.image_size
         images = F.interpolate(pixels.float() * 2 - 1, size=size, mode="bilinear", antialias=True, align_corners=False)
         image_embedding = F.normalize(clip.get_image_features(pixel_values=images).pooler_output, dim=-1).mean(0)
-        style_embeddings = torch.stack([
-            F.normalize(clip.get_text_features(input_ids=tokenizer(texts)).pooler_output, dim=-1).mean(0)
-            for texts in captions])
+        style_embeddings = torch.stack(
+            [
+                F.normalize(clip.get_text_features(input_ids=tokenizer(texts)).pooler_output, dim=-1).mean(0)
+                for texts in captions
+            ]
+        )
     distances = 1 - F.cosine_similarity(style_embeddings, image_embedding[None], dim=-1)
     order = distances.argsort().tolist()
     if exclude_nearest:

@@ -22,8 +22,9 @@ def one_thread():
 def tiny_model(one_thread):
     torch.manual_seed(0)
     preset = get_preset("tiny-sd1")
-    model = StableDiffusionModel.from_config(preset.model_config, dict(preset.scheduler_config,
-                                                                       _class_name="DDIMScheduler"))
+    model = StableDiffusionModel.from_config(
+        preset.model_config, dict(preset.scheduler_config, _class_name="DDIMScheduler")
+    )
     for network in model.networks().values():
         network.eval().requires_grad_(False)
     return model

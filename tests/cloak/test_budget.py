@@ -25,7 +25,7 @@ def test_ssim_equals_torchmetrics_per_image():
     assert ours.shape == (3,)
     for index in range(3):
         metric = StructuralSimilarityIndexMeasure(data_range=1.0)
-        expected = metric(pixels[index:index + 1].float(), reference[index:index + 1].float())
+        expected = metric(pixels[index : index + 1].float(), reference[index : index + 1].float())
         assert abs(ours[index].item() - expected.item()) < 1e-5
     assert ssim(reference, reference).sub(1).abs().max() < 1e-12
 
@@ -35,7 +35,7 @@ def test_psnr_equals_torchmetrics_per_image():
     ours = psnr(pixels, reference)
     for index in range(3):
         metric = PeakSignalNoiseRatio(data_range=1.0)
-        expected = metric(pixels[index:index + 1], reference[index:index + 1])
+        expected = metric(pixels[index : index + 1], reference[index : index + 1])
         assert abs(ours[index].item() - expected.item()) < 1e-4
 
 
@@ -81,8 +81,8 @@ def test_lpips_reads_a_torchvision_backbone_file(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torchvision's note on the lpips package's `pretrained=`
         reference_metric = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)
-    for index, slice_ in enumerate([reference_metric.net.slice1, reference_metric.net.slice2, reference_metric.net.slice3,
-                                    reference_metric.net.slice4, reference_metric.net.slice5]):
+    net = reference_metric.net
+    for slice_ in (net.slice1, net.slice2, net.slice3, net.slice4, net.slice5):
         for name, module in slice_.named_children():
             module.load_state_dict(alexnet.features[int(name)].state_dict())
     pixels, reference = _pair(3, (2, 3, 64, 64))

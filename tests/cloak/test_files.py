@@ -11,9 +11,8 @@ import torch
 from PIL import Image
 
 from fixative.cli import main
-from fixative.cloak import Budget, CloakConfig, OptimiserConfig, cloak, cloak_files
+from fixative.cloak import Budget, CloakConfig, OptimiserConfig, cloak, cloak_files, files
 from fixative.cloak import budget as metrics
-from fixative.cloak import files
 from fixative.core.checkpoints import save_diffusers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,15 +39,17 @@ def _inputs(folder):
         "rgba.png": Image.fromarray(np.dstack([rgb, alpha])),
         "grey.png": Image.fromarray(rgb).convert("L"),
         "palette.png": Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=64),
-        "deep.png": Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)),
+        "deep.png": Image.fromarray(rgb[..., 0].astype(np.uint16) * 257),
     }
     for name, image in images.items():
         image.save(folder / name)
     return images
 
 
-@pytest.mark.parametrize("name, mode", [("rgb.png", "RGB"), ("rgba.png", "RGBA"), ("grey.png", "L"),
-                                        ("palette.png", "P"), ("deep.png", "I;16")])
+@pytest.mark.parametrize(
+    "name, mode",
+    [("rgb.png", "RGB"), ("rgba.png", "RGBA"), ("grey.png", "L"), ("palette.png", "P"), ("deep.png", "I;16")],
+)
 def test_images_come_back_in_their_size_and_mode_with_alpha_untouched(tiny_model, tmp_path, name, mode):
     images = _inputs(tmp_path / "in")
     [result] = cloak([tmp_path / "in" / name], tiny_model, _config())
@@ -94,8 +95,9 @@ def test_a_corrupt_file_is_reported_and_the_batch_finishes_then_resumes(tiny_mod
     _inputs(tmp_path / "in" / "sub")
     (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG not really")
     messages = []
-    summary = cloak_files([tmp_path / "in"], tmp_path / "out", tiny_model, _config(), progress=False,
-                          log=messages.append)
+    summary = cloak_files(
+        [tmp_path / "in"], tmp_path / "out", tiny_model, _config(), progress=False, log=messages.append
+    )
     assert summary["images"] == 5 and len(summary["failed"]) == 1 and "broken.png" in summary["failed"][0]["input"]
     assert any("broken.png" in m for m in messages)
     record = json.loads((tmp_path / "out" / "sub" / "rgba.json").read_text())
@@ -107,8 +109,11 @@ def test_a_corrupt_file_is_reported_and_the_batch_finishes_then_resumes(tiny_mod
 
     cloaked = []
     real = api.cloak_artwork
-    monkeypatch.setattr(api, "cloak_artwork", lambda model, artwork, *a, **k: cloaked.append(artwork.path.name)
-                        or real(model, artwork, *a, **k))
+    monkeypatch.setattr(
+        api,
+        "cloak_artwork",
+        lambda model, artwork, *a, **k: cloaked.append(artwork.path.name) or real(model, artwork, *a, **k),
+    )
     again = cloak_files([tmp_path / "in"], tmp_path / "out", tiny_model, _config(), progress=False, log=messages.append)
     assert cloaked == ["grey.png"] and again["skipped_as_done"] == 4
     # other settings: everything is redone
@@ -124,9 +129,26 @@ def tiny_folder(tiny_model, tmp_path_factory):
 
 def test_cli_cloaks_a_folder_and_prints_the_summary(tiny_folder, tmp_path, capsys):
     _inputs(tmp_path / "in")
-    code = main(["cloak", str(tmp_path / "in" / "rgb.png"), "--out", str(tmp_path / "out"), "--model", str(tiny_folder),
-                 "--method", "photoguard", "--budget", "psnr=32", "--budget", "linf=8/255", "--steps", "2",
-                 "--seed", "1"])
+    code = main(
+        [
+            "cloak",
+            str(tmp_path / "in" / "rgb.png"),
+            "--out",
+            str(tmp_path / "out"),
+            "--model",
+            str(tiny_folder),
+            "--method",
+            "photoguard",
+            "--budget",
+            "psnr=32",
+            "--budget",
+            "linf=8/255",
+            "--steps",
+            "2",
+            "--seed",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "rgb.png" in out and "1 cloaked" in out
     record = json.loads((tmp_path / "out" / "rgb.json").read_text())
@@ -136,17 +158,48 @@ def test_cli_cloaks_a_folder_and_prints_the_summary(tiny_folder, tmp_path, capsy
 def test_cli_missing_lpips_backbone_is_a_one_line_error(tiny_folder, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     _inputs(tmp_path / "in")
-    code = main(["cloak", str(tmp_path / "in" / "rgb.png"), "--out", str(tmp_path / "out"), "--model", str(tiny_folder),
-                 "--method", "photoguard", "--steps", "1", "--quiet"])
+    code = main(
+        [
+            "cloak",
+            str(tmp_path / "in" / "rgb.png"),
+            "--out",
+            str(tmp_path / "out"),
+            "--model",
+            str(tiny_folder),
+            "--method",
+            "photoguard",
+            "--steps",
+            "1",
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "alexnet-owt-7be5be79.pth" in err and "Traceback" not in err
 
 
 def test_cli_random_lpips_backbone_is_written_in_every_record(tiny_folder, tmp_path):
     _inputs(tmp_path / "in")
-    code = main(["cloak", str(tmp_path / "in" / "rgb.png"), "--out", str(tmp_path / "out"), "--model", str(tiny_folder),
-                 "--method", "photoguard", "--steps", "1", "--quiet", "--lpips-backbone", "random",
-                 "--budget", "lpips=0.2", "--budget", "linf=8/255"])
+    code = main(
+        [
+            "cloak",
+            str(tmp_path / "in" / "rgb.png"),
+            "--out",
+            str(tmp_path / "out"),
+            "--model",
+            str(tiny_folder),
+            "--method",
+            "photoguard",
+            "--steps",
+            "1",
+            "--quiet",
+            "--lpips-backbone",
+            "random",
+            "--budget",
+            "lpips=0.2",
+            "--budget",
+            "linf=8/255",
+        ]
+    )
     record = json.loads((tmp_path / "out" / "rgb.json").read_text())
     assert code == 0 and record["lpips_backbone"] == "random" and "not LPIPS" in record["lpips_note"]
     assert "lpips" in record["values"]
@@ -156,7 +209,22 @@ def test_cli_help_documents_every_option_with_its_default(capsys):
     with pytest.raises(SystemExit):
         main(["cloak", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for option in ("--out", "--model", "--method", "--target-style", "--budget", "--steps", "--lr", "--strength",
-                   "--robust", "--seed", "--device", "--dtype", "--quiet", "--lpips-weights", "--format"):
+    for option in (
+        "--out",
+        "--model",
+        "--method",
+        "--target-style",
+        "--budget",
+        "--steps",
+        "--lr",
+        "--strength",
+        "--robust",
+        "--seed",
+        "--device",
+        "--dtype",
+        "--quiet",
+        "--lpips-weights",
+        "--format",
+    ):
         assert option in text
     assert "(default: glaze)" in text and "(default: lpips=0.07)" in text and "(default: 500)" in text

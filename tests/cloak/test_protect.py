@@ -85,8 +85,12 @@ def test_anti_dreambooth_alternates_with_surrogate_fine_tuning(tiny_model, artwo
 
 def test_signed_pgd_with_momentum_and_eot_keep_the_budget(tiny_model, artwork_pixels):
     budget = Budget(linf=8 / 255)
-    config = CloakConfig(method="photoguard", budget=budget, robust=("jpeg", "resize", "blur", "noise"),
-                         optimiser=OptimiserConfig(steps=20, lr=1 / 255, optimiser="pgd"))
+    config = CloakConfig(
+        method="photoguard",
+        budget=budget,
+        robust=("jpeg", "resize", "blur", "noise"),
+        optimiser=OptimiserConfig(steps=20, lr=1 / 255, optimiser="pgd"),
+    )
     stored, records = cloak_pixels(tiny_model, artwork_pixels, config)
     _assert_on_8_bit_grid_within(stored, artwork_pixels, budget)
     assert metrics.linf(stored, artwork_pixels).max() > 4 / 255  # the steps went somewhere
@@ -118,12 +122,14 @@ def test_budget_parsing():
 
 
 def test_differentiable_jpeg_is_close_to_pillows():
-    smooth = torch.nn.functional.avg_pool2d(torch.rand(1, 3, 40, 48, generator=torch.Generator().manual_seed(0)),
-                                            5, 1, 2)
+    smooth = torch.nn.functional.avg_pool2d(
+        torch.rand(1, 3, 40, 48, generator=torch.Generator().manual_seed(0)), 5, 1, 2
+    )
     smooth = quantize(smooth)
     buffer = io.BytesIO()
-    Image.fromarray((smooth[0].permute(1, 2, 0) * 255).round().byte().numpy()).save(buffer, "JPEG", quality=75,
-                                                                                     subsampling=0)
+    Image.fromarray((smooth[0].permute(1, 2, 0) * 255).round().byte().numpy()).save(
+        buffer, "JPEG", quality=75, subsampling=0
+    )
     pillow = torch.from_numpy(np.asarray(Image.open(buffer)).copy()).permute(2, 0, 1)[None].float() / 255
     ours = jpeg(smooth.requires_grad_(True), 75)
     assert (ours - pillow).abs().mean() < 0.3 * (smooth - pillow).abs().mean()
