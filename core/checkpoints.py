@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import single_file
+from .compilation import compile_model
 from .config import AutoencoderKLConfig, CLIPTextConfig, ModelConfig, UNetConfig
 from .errors import FixativeError
 from .model import SourceDetails, StableDiffusionModel, default_tokenizer
@@ -125,12 +126,18 @@ class TensorFile:
 
 
 def load_model(source: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-               prediction_type: str | None = None) -> StableDiffusionModel:
+               prediction_type: str | None = None, compile: bool = False) -> StableDiffusionModel:
     """A Stable Diffusion 1.x/2.x model from a diffusers folder, an original single file, or "toy".
 
     ``prediction_type`` ("epsilon", "v_prediction") overrides what the model's scheduler config says; a
     single file does not record it (epsilon is assumed). ``device="meta"`` reads only shapes (for ``info``).
+    ``compile=True`` compiles the UNet with torch.compile (``fixative.core.compilation.compile_model``).
     """
+    model = _load_model(source, device, dtype, prediction_type)
+    return compile_model(model) if compile else model
+
+
+def _load_model(source: str | Path, device, dtype: torch.dtype, prediction_type: str | None) -> StableDiffusionModel:
     if prediction_type not in (None, *PREDICTION_TYPES):
         raise FixativeError(f"unknown prediction type {prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)}")
     if str(source) == "toy":

@@ -46,6 +46,9 @@ def register(subparsers) -> None:
     parser.add_argument("--clip-skip", type=int, default=0, help="skip the text encoder's last N layers (default: %(default)s)")
     parser.add_argument("--vae-tiling", action="store_true", help="decode in tiles, for large images (default: off)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="compute precision (default: %(default)s)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the UNet with torch.compile: the first step takes longer (the time is printed), "
+                             "the others run faster (default: off)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto: cuda > mps > cpu (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (default: show it)")
     parser.add_argument("--out", type=Path, required=True,
@@ -102,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
         raise FixativeError(f"mask {args.mask} is {mask.width}x{mask.height} but the init image is "
                             f"{image.width}x{image.height}; they must be the same size")
 
-    model = load_model(args.model, device=_device(args.device), dtype=getattr(torch, DTYPES[args.dtype]))
+    model = load_model(args.model, device=_device(args.device), dtype=getattr(torch, DTYPES[args.dtype]),
+                       compile=args.compile)
     scheduler = args.scheduler or default_scheduler_name(model)
     images = generate(
         model, args.prompt, args.negative_prompt, image=image, mask=mask, strength=args.strength,
