@@ -327,16 +327,17 @@ GROUPS = {"text": text_encoder_cases, "vae": vae_cases, "vae-grad": vae_grad_cas
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one repeat, 32x32 UNet only")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each implementation (default 3)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small cases only (UNet 32x32, VAE encoder 256 px), one repeat unless --repeats")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs of each implementation (default 3)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--only", choices=GROUPS, help="run one group of cases only (default: all)")
+    parser.add_argument("--only", nargs="+", choices=GROUPS, help="run these groups of cases only (default: all)")
     parser.add_argument("--compile", action="store_true",
                         help="also time our UNet forward under torch.compile (minutes of compiling; default: off)")
     args = parser.parse_args()
-    if args.quick:
-        args.repeats = 1
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, repeats {args.repeats}")
@@ -345,7 +346,7 @@ def main() -> int:
         print(f"peak {dtype}: {peak_flops(dtype, device) / 1e9:.0f} GFLOP/s (a 3072^3 matmul, fastest of 5)")
     rows = []
     for name, cases in GROUPS.items():
-        if args.only in (None, name):
+        if args.only is None or name in args.only:
             rows += cases(args, device)
     worst = max(row["ours_s"] / row["ref_s"] for row in rows)
     print(f"worst ratio {worst:.2f} (target <= 0.80)")

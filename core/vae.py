@@ -24,10 +24,16 @@ from .upsampling import upsample_nearest2x_conv
 NORM_EPS = 1e-6  # every GroupNorm of the SD autoencoder (LDM's Normalize uses eps=1e-6)
 
 
-def _working_layout(x: torch.Tensor) -> torch.Tensor:
-    """Channels-last activations on the CPU: oneDNN convolves NHWC without reordering input and output at
-    every layer (about twice as fast in bf16). Other devices keep the layout they were given."""
-    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+def _working_layout(x: torch.Tensor, network: nn.Module) -> torch.Tensor:
+    """Channels-last activations on the CPU when autograd records nothing: oneDNN convolves NHWC without
+    reordering input and output at every layer (about twice as fast in bf16). When gradients flow (to the
+    pixels of a cloak, to the weights in training) channels-first: ATen's channels-last GroupNorm backward
+    is tens of times slower in bf16 and its convolution backward slower too. Other devices keep the layout
+    they were given."""
+    if x.device.type != "cpu":
+        return x
+    records_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in network.parameters()))
+    return x.contiguous() if records_grad else x.contiguous(memory_format=torch.channels_last)
 
 
 def _randn(shape: tuple[int, ...], generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -320,10 +326,10 @@ class AutoencoderKL(nn.Module):
         return self._encode_tile(pixels)
 
     def _encode_tile(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.quant_conv(self.encoder(_working_layout(pixels))).contiguous()
+        return self.quant_conv(self.encoder(_working_layout(pixels, self))).contiguous()
 
     def _decode_tile(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(_working_layout(latents))).contiguous()
+        return self.decoder(self.post_quant_conv(_working_layout(latents, self))).contiguous()
 
     def _pixels(self, latents: torch.Tensor) -> torch.Tensor:
         if self.use_tiling and max(latents.shape[-2:]) > self.latent_tile_size:
