@@ -58,3 +58,18 @@ def test_load_model_compiles_the_unet_only_when_asked(tmp_path):
     assert "forward" in vars(model.vae.encoder) and "forward" in vars(model.vae.decoder)
     with pytest.raises(FixativeError, match="cannot compile 'tokenizer'"):
         compile_model(model, networks=("tokenizer",))
+
+
+def test_generate_compile_option_compiles_the_unet(monkeypatch, tmp_path):
+    from fixative.cli import main
+    from fixative.core import checkpoints
+
+    preset = get_preset("tiny-sd1")
+    folder = save_diffusers(StableDiffusionModel.from_config(preset.model_config, preset.scheduler_config),
+                            tmp_path / "tiny")
+    compiled = []
+    monkeypatch.setattr(checkpoints, "compile_model", lambda model: compiled.append(model) or model)
+    argv = ["generate", "--model", str(folder), "--prompt", "a lighthouse", "--steps", "1", "--height", "32",
+            "--width", "32", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "eager.png")]) == 0 and not compiled
+    assert main([*argv, "--compile", "--out", str(tmp_path / "compiled.png")]) == 0 and len(compiled) == 1
