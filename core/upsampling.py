@@ -21,16 +21,35 @@ def _fold_for_upsampling(kernel: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.stack([torch.stack([k0, k1 + k2], dim), torch.stack([k0 + k1, k2], dim)])
 
 
+def _phase_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(out, in, 3, 3) -> (4 * out, in, 2, 2), phases (a, b) in order; folded in fp32 for low-precision weights."""
+    rows = _fold_for_upsampling(weight.float(), dim=2)  # (2, out, in, 2, 3)
+    phase_weight = _fold_for_upsampling(rows, dim=4).transpose(0, 1)  # (a, b, out, in, 2, 2)
+    return phase_weight.reshape(4 * weight.shape[0], -1, 2, 2).to(weight.dtype)
+
+
+def _cached_phase_weight(conv: nn.Conv2d) -> torch.Tensor:
+    """The folded weight, kept on the module while the weight is unchanged (same storage, version and dtype)
+    and no gradient flows to it: folding the SD UNet's 1280-channel kernels at every call costs more than
+    the multiply-adds it saves at small latents."""
+    weight = conv.weight
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and weight.requires_grad):
+        return _phase_weight(weight)
+    key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+    cached = getattr(conv, "_phase_weight_cache", None)
+    if cached is None or cached[0] != key:
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable outside inference mode too
+            cached = (key, _phase_weight(weight))
+        conv._phase_weight_cache = cached
+    return cached[1]
+
+
 def upsample_nearest2x_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """conv(F.interpolate(x, scale_factor=2, mode="nearest")) for a 3x3, padding-1, stride-1 ``conv``, in
     x's memory format (channels-first or channels-last)."""
     batch, _, height, width = x.shape
-    weight = conv.weight  # (out, in, 3, 3); folded in fp32 for low-precision weights
-    channels = weight.shape[0]
-    rows = _fold_for_upsampling(weight.float(), dim=2)  # (2, out, in, 2, 3)
-    phase_weight = _fold_for_upsampling(rows, dim=4).transpose(0, 1)  # (a, b, out, in, 2, 2)
-    phase_weight = phase_weight.reshape(4 * channels, -1, 2, 2).to(weight.dtype)
-    phases = F.conv2d(F.pad(x, (1, 1, 1, 1)), phase_weight, conv.bias.repeat(4))
+    channels = conv.weight.shape[0]
+    phases = F.conv2d(F.pad(x, (1, 1, 1, 1)), _cached_phase_weight(conv), conv.bias.repeat(4))
     phases = phases.view(batch, 2, 2, channels, height + 1, width + 1)  # (batch, a, b, out, h + 1, w + 1)
     layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
     out = torch.empty(batch, channels, 2 * height, 2 * width, dtype=x.dtype, device=x.device, memory_format=layout)
