@@ -24,13 +24,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from .errors import FixativeError
-from .parameterization import ConsistencyBoundary, parameterization
+from .noise import randn_tensor
+from .parameterization import PREDICTION_TYPES, ConsistencyBoundary, parameterization
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -170,9 +170,22 @@ class NoiseSchedule:
             betas = rescale_zero_terminal_snr(betas)
         return cls(torch.cumprod(1.0 - betas, dim=0))
 
+    @classmethod
+    def from_config(cls, scheduler_config: dict) -> "NoiseSchedule":
+        """The training schedule of a ``scheduler_config.json``."""
+        return cls.from_settings(ScheduleSettings.from_config(scheduler_config))
+
     @property
     def num_train_timesteps(self) -> int:
         return len(self.alphas_cumprod)
+
+    def add_noise(self, original: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε (Ho et al. 2020, Eq. 4); timesteps: a number or (B,)."""
+        alphas_cumprod = self.alphas_cumprod.to(device=original.device, dtype=original.dtype)
+        timesteps = torch.as_tensor(timesteps, device=original.device).reshape(-1)
+        sqrt_alpha = _per_sample(alphas_cumprod[timesteps] ** 0.5, original)
+        sqrt_one_minus_alpha = _per_sample((1 - alphas_cumprod[timesteps]) ** 0.5, original)
+        return sqrt_alpha * original + sqrt_one_minus_alpha * noise
 
     @property
     def sigmas(self) -> torch.Tensor:
@@ -213,21 +226,6 @@ def sigma_to_timestep(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     high = low + 1
     w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high]), 0, 1)
     return (1 - w) * low + w * high
-
-
-def randn_tensor(shape: Sequence[int], generator: torch.Generator | list[torch.Generator] | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Standard normal noise drawn as diffusers' ``randn_tensor`` draws it: a CPU generator draws on the
-    CPU and the tensor then moves to ``device``; a list of generators draws one batch row from each."""
-    device = torch.device(device or "cpu")
-    generators = generator if isinstance(generator, list) else [generator]
-    draw_device = "cpu" if generators[0] is not None and generators[0].device.type == "cpu" else device
-    if len(generators) == 1:
-        return torch.randn(tuple(shape), generator=generators[0], device=draw_device, dtype=dtype).to(device)
-    if len(generators) != shape[0]:
-        raise FixativeError(f"{len(generators)} generators for a batch of {shape[0]}; pass one per image")
-    rows = [torch.randn((1, *shape[1:]), generator=g, device=draw_device, dtype=dtype) for g in generators]
-    return torch.cat(rows).to(device)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -340,7 +338,7 @@ class Scheduler:
     name: str
     diffusers_class: str
     Settings: type[ScheduleSettings] = ScheduleSettings
-    prediction_types: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
+    prediction_types: tuple[str, ...] = PREDICTION_TYPES
     # config keys whose other values fixative does not implement -> the value(s) it accepts
     unsupported: dict[str, tuple] = {"thresholding": (False,)}
     order = 1  # model evaluations per step
@@ -398,12 +396,8 @@ class Scheduler:
         raise NotImplementedError
 
     def add_noise(self, original: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
-        """x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε (Ho et al. 2020, Eq. 4); timesteps: a number or (B,)."""
-        alphas_cumprod = self.alphas_cumprod.to(device=original.device, dtype=original.dtype)
-        timesteps = torch.as_tensor(timesteps, device=original.device).reshape(-1)
-        sqrt_alpha = _per_sample(alphas_cumprod[timesteps] ** 0.5, original)
-        sqrt_one_minus_alpha = _per_sample((1 - alphas_cumprod[timesteps]) ** 0.5, original)
-        return sqrt_alpha * original + sqrt_one_minus_alpha * noise
+        """x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε on this scheduler's schedule (``NoiseSchedule.add_noise``)."""
+        return self.schedule.add_noise(original, noise, timesteps)
 
     # The step index as diffusers tracks it: the img2img start, or else t's position in the schedule;
     # then one more per step. (Where t occurs twice diffusers takes the second position, which skips a

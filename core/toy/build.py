@@ -9,21 +9,21 @@ Stages, each resumable (a checkpoint every few steps) and finished by a ``done.j
     unet      a small UNet on the VAE's latents, conditioned on the CLIP's text tower, held-out artists
               excluded, 10% caption dropout for classifier-free guidance. Unlike SD 1.x, whose CLIP is
               frozen, the text tower is fine-tuned jointly with the UNet (initialised from the contrastive
-              CLIP): a frozen 48-wide tower left the prompted artist recognised in only 38% of the samples
-              (issue 4 measured 98% with a jointly trained one). The CLIP folder keeps the contrastive tower.
+              CLIP): a tower this narrow does not separate the artists well enough when frozen. The CLIP
+              folder keeps the contrastive tower.
     assemble  the diffusers-format Stable Diffusion folder ``sd/`` and the CLIP folder ``clip/``
 
 Everything happens in a work folder ``<FIXATIVE_HOME>/toy/.work-<size>-seed<seed>``; the finished build
 is renamed to ``<FIXATIVE_HOME>/toy/<size>-seed<seed>`` at the very end, so a half-finished build is
 never taken for a finished one. Networks are stored in fp16 (the shipped weights must stay small) and
 every later stage uses the stored, fp16-rounded weights, so a resumed build equals an uninterrupted one.
+The network configs are ``presets.TOY_*`` (the ``toy`` preset).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -37,43 +37,19 @@ from PIL import Image
 
 from ..config import AutoencoderKLConfig, CLIPTextConfig, UNetConfig
 from ..errors import FixativeError
+from ..presets import TOY_SCHEDULER, TOY_TEXT, TOY_UNET, TOY_VAE
+from ..provenance import provenance
 from ..text_encoder import CLIPTextModel
 from ..tokenizer import CLIPTokenizer
-from ..training import TrainStepConfig, alphas_cumprod_from_config, drop_captions, train_step, warmup_cosine
+from ..finetune import step_seed
+from ..training import warmup_cosine
 from ..unet import UNet2DConditionModel
 from ..vae import AutoencoderKL
 from . import atelier, build_folder
 from .atelier import AtelierConfig
 
-# The toy networks. The text tower is SD 1.x's CLIP text encoder, narrowed: the real 49,408-token BPE
-# vocabulary makes its token embedding the largest tensor of the toy world (2.4M of its 2.5M weights),
-# and it is stored twice (SD's text_encoder/ and the CLIP folder).
-TOY_TEXT = CLIPTextConfig(hidden_size=48, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
-                          projection_dim=64, pad_token_id=49407)
 TOY_VISION = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 3, "num_attention_heads": 4,
-              "image_size": 64, "patch_size": 8, "hidden_act": "quick_gelu"}
-# No attention in the VAE's mid block: the toy VAE is trained on crops, which a purely convolutional
-# network sees the same way as whole images.
-TOY_VAE = AutoencoderKLConfig(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8,
-                              sample_size=64, mid_block_add_attention=False)
-# Two levels (16x16 and 8x8 latents), cross-attention at the lower one only: issue 4's second experiment.
-# Measured against a three-level (32, 64, 128) UNet of as many weights and 2.5x fewer FLOPs, both with the
-# text tower trained jointly, 500 steps of batch 32 each: the prompted artist in 59% vs 39% of the samples.
-TOY_UNET = UNetConfig(sample_size=16, block_out_channels=(64, 128), cross_attention_blocks=(False, True),
-                      layers_per_block=1, num_heads=(4, 4), cross_attention_dim=TOY_TEXT.hidden_size)
-# SD 1.x's noise schedule; DDIM is the default sampler of the folder.
-TOY_SCHEDULER = {
-    "_class_name": "DDIMScheduler",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-}
+              "image_size": 64, "patch_size": 8, "hidden_act": "quick_gelu"}  # the toy CLIP's image tower
 CLIP_IMAGE_MEAN = [0.5, 0.5, 0.5]  # the toy CLIP sees pixels in [-1, 1]: (x - 0.5) / 0.5 of [0, 1] images
 CLIP_IMAGE_STD = [0.5, 0.5, 0.5]
 
@@ -112,14 +88,14 @@ PLANS = {
 
 def _threads() -> int:
     """All cores on an idle machine, one on a busy one: where other processes share the cores, torch's
-    threads wait for each other at every barrier and two run slower than one (3-4x here)."""
+    threads wait for each other at every barrier and two run slower than one."""
     cores = os.cpu_count() or 1
     return 1 if os.getloadavg()[0] > cores else cores
 
 
 def _stage_seed(seed: int, stage: str, step: int) -> int:
     """A seed per (build seed, stage, step): resuming at any step redraws exactly the same batch."""
-    return (seed * 1_000_003 + sum(ord(c) * 131**i for i, c in enumerate(stage)) * 10_007 + step) % 2**63
+    return step_seed(seed, stage, step)
 
 
 def _generator(seed: int, stage: str, step: int) -> torch.Generator:
@@ -266,6 +242,11 @@ def save_clip(clip, tokenizer: CLIPTokenizer, folder: Path) -> None:
 
     clip.to(torch.float16).save_pretrained(folder)
     clip.to(torch.float32)
+    # released folders say float32 whatever their weights are stored in: transformers then builds the model in
+    # float32 by default, as diffusers does its networks, and the two work together without a dtype argument
+    config_file = folder / "config.json"
+    config = {k: v for k, v in json.loads(config_file.read_text()).items() if k != "torch_dtype"}
+    config_file.write_text(json.dumps({**config, "dtype": "float32"}, indent=2, sort_keys=True) + "\n")
     tokenizer.save(folder)
     transformers.CLIPImageProcessor(size={"shortest_edge": TOY_VISION["image_size"]},
                                     crop_size={"height": TOY_VISION["image_size"], "width": TOY_VISION["image_size"]},
@@ -360,51 +341,35 @@ def _load_network(cls, config_cls, folder: Path) -> torch.nn.Module:
 
 
 def _train_unet(work: Path, data: Path, plan: BuildPlan, seed: int, progress: bool) -> None:
+    """The UNet and the text tower, on ``fine_tune`` (core/finetune.py) with the posterior latents cached."""
+    from ..datasets import ImageCaptions
+    from ..finetune import FinetuneConfig, fine_tune
+    from ..model import StableDiffusionModel
+
     folder = work / "unet"
     if _done(folder):
         return
     folder.mkdir(parents=True, exist_ok=True)
     rows = [r for r in atelier.load_split(data, "train") if not r["held_out"]]
     vae = _load_network(AutoencoderKL, AutoencoderKLConfig, work / "vae" / "model")
-    tokenizer = CLIPTokenizer.bundled()
-    captions = caption_table(atelier.artist_names(held_out=False)) + [""]
-    caption_ids = tokenizer(captions)  # (captions + 1, 77)
-    caption_index = {c: i for i, c in enumerate(captions)}
-    with torch.no_grad():
-        posteriors = [vae.encode(_to_pixels(chunk)) for chunk in _load_images(rows).split(64)]
-    latent_mean = torch.cat([p.mean for p in posteriors]).float()
-    latent_std = torch.cat([p.std for p in posteriors]).float()
-    scaling = vae.config.scaling_factor
-    row_captions = [r["text"] for r in rows]
-    alphas_cumprod = alphas_cumprod_from_config(TOY_SCHEDULER)
-
-    text_encoder = text_encoder_from_clip(load_clip(work / "clip" / "model")).train()
+    text_encoder = text_encoder_from_clip(load_clip(work / "clip" / "model"))
     torch.manual_seed(_stage_seed(seed, "unet-init", 0))
-    unet = UNet2DConditionModel(TOY_UNET).train()
-    optimizer = torch.optim.AdamW([*unet.parameters(), *text_encoder.parameters()], lr=plan.unet_lr, weight_decay=0.01)
-    schedule = warmup_cosine(optimizer, plan.unet_steps, max(1, plan.unet_steps // 20))
+    unet = UNet2DConditionModel(TOY_UNET)
+    model = StableDiffusionModel(unet, vae, text_encoder, CLIPTokenizer.bundled(), dict(TOY_SCHEDULER),
+                                 source="fixative toy build")
     # Min-SNR-5 weighting (converges ~3x faster, Hang et al. 2023) and bf16 autocast (1.6x faster on CPU):
     # the build must fit 45 minutes on 2 shared CPU cores
-    config = TrainStepConfig(prediction_type=TOY_SCHEDULER["prediction_type"], max_grad_norm=1.0, snr_gamma=5.0,
-                             autocast_dtype=torch.bfloat16, offset_noise=plan.unet_offset_noise)
-
-    def step_fn(step: int) -> float:
-        generator = _generator(seed, "unet", step)
-        index = torch.randint(0, len(rows), (plan.unet_batch,), generator=generator)
-        noise = torch.randn(latent_mean[index].shape, generator=generator)
-        latents = (latent_mean[index] + latent_std[index] * noise) * scaling
-        batch_captions = drop_captions([row_captions[i] for i in index.tolist()], plan.caption_dropout,
-                                       random.Random(_stage_seed(seed, "unet-captions", step)))
-        text_embeddings = text_encoder(caption_ids[[caption_index[c] for c in batch_captions]]).last_hidden_state
-        return train_step(unet, optimizer, latents, text_embeddings, alphas_cumprod, config, generator,
-                          scheduler=schedule)
-
-    _train("unet", folder, plan.unet_steps,
-           {"unet": unet, "text_encoder": text_encoder, "optimizer": optimizer, "schedule": schedule}, step_fn,
-           plan.checkpoint_every, progress)
+    config = FinetuneConfig(method="full", train_text_encoder=True, max_steps=plan.unet_steps,
+                            batch_size=plan.unet_batch, lr=plan.unet_lr, weight_decay=0.01, lr_schedule="cosine",
+                            warmup=max(1, plan.unet_steps // 20), max_grad_norm=1.0, snr_gamma=5.0,
+                            offset_noise=plan.unet_offset_noise, caption_dropout=plan.caption_dropout,
+                            mixed_precision="bf16", cache_latents=True, checkpoint_every=plan.checkpoint_every,
+                            seed=seed, seed_stream="unet")
+    images = ImageCaptions(_to_pixels(_load_images(rows)), [r["text"] for r in rows])
+    fine_tune(model, images, config, out=folder, resume=True, save=False, progress=progress, log=lambda _: None)
     _save_network(unet.eval(), TOY_UNET, folder / "model")
     _save_network(text_encoder.eval(), TOY_TEXT, folder / "text_encoder")
-    _finish(folder, {"captions": captions})
+    _finish(folder, {"captions": caption_table(atelier.artist_names(held_out=False)) + [""]})
 
 
 # ---------------------------------------------------------------- assemble
@@ -470,8 +435,7 @@ def build(out: str | Path | None = None, seed: int = 0, size: str = "full", prog
         timings[name] = round(timings.get(name, 0.0) + time.time() - stage_start, 1)
         timings_file.write_text(json.dumps(timings))
     info = {"seed": seed, "size": size, "plan": asdict(plan), "stage_seconds": timings,
-            "total_seconds": round(sum(timings.values()), 1), "torch": torch.__version__,
-            "cpu_count": os.cpu_count()}
+            "total_seconds": round(sum(timings.values()), 1), "cpu_count": os.cpu_count()}
     # final layout: sd/, clip/, atelier/ (the data set, for the report), build.json
     final = work / "final"
     if final.exists():
@@ -480,6 +444,10 @@ def build(out: str | Path | None = None, seed: int = 0, size: str = "full", prog
     os.replace(work / "sd", final / "sd")
     os.replace(work / "clip-folder", final / "clip")
     os.replace(data, final / "atelier")
+    # trained on the CPU, stored in float16; the models are named by where they end up
+    info["provenance"] = provenance({"sd": final / "sd", "clip": final / "clip"}, device="cpu", dtype=torch.float16)
+    for name, record in info["provenance"]["models"].items():
+        record["source"] = str(out / name)
     (final / "build.json").write_text(json.dumps(info, indent=1))
     os.replace(final, out)
     shutil.rmtree(work)

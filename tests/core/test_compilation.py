@@ -19,7 +19,7 @@ TINY = UNetConfig(block_out_channels=(16, 32), cross_attention_blocks=(True, Fal
                   norm_num_groups=8, cross_attention_dim=16)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/core/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def assert_parity(ours: torch.Tensor, reference: torch.Tensor) -> None:
@@ -62,13 +62,13 @@ def test_load_model_compiles_the_unet_only_when_asked(tmp_path):
 
 def test_generate_compile_option_compiles_the_unet(monkeypatch, tmp_path):
     from fixative.cli import main
-    from fixative.core import checkpoints
+    from fixative.core import compilation
 
     preset = get_preset("tiny-sd1")
     folder = save_diffusers(StableDiffusionModel.from_config(preset.model_config, preset.scheduler_config),
                             tmp_path / "tiny")
     compiled = []
-    monkeypatch.setattr(checkpoints, "compile_model", lambda model: compiled.append(model) or model)
+    monkeypatch.setattr(compilation, "compile_model", lambda model: compiled.append(model) or model)
     argv = ["generate", "--model", str(folder), "--prompt", "a lighthouse", "--steps", "1", "--height", "32",
             "--width", "32", "--quiet"]
     assert main([*argv, "--out", str(tmp_path / "eager.png")]) == 0 and not compiled
