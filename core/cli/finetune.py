@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .options import add_device, add_quiet, add_seed
+
 
 # core/finetune.py's METHODS, LR_SCHEDULES and MIXED_PRECISION names (it imports torch; --help must not);
 # tests/core/cli/test_finetune_cli.py checks that they agree
@@ -83,10 +85,9 @@ def register(subparsers) -> None:
     add("--resume", action="store_true", help="continue from the latest checkpoint in --out (default: off)")
     add("--validation-prompt", action="append", default=[],
         help="render this prompt at each checkpoint and at the end; repeatable (default: none)")
-    add("--seed", type=int, default=0, help="seed of every random draw (default: %(default)s)")
-    add("--device", default="auto",
-        help="cpu, or auto: accelerate's device for this process (cuda > mps > cpu) (default: %(default)s)")
-    add("--quiet", action="store_true", help="no progress bar (default: show it)")
+    add_seed(parser, "seed of every random draw")
+    add_device(parser)  # under accelerate launch, "auto" lets accelerate give each process its device
+    add_quiet(parser)
     parser.set_defaults(func=run)
 
 
@@ -101,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     if args.center_crop and args.random_crop:
         raise FixativeError("--center-crop and --random-crop exclude each other")
     if args.device not in ("auto", "cpu"):
-        raise FixativeError(f"--device {args.device}: use auto (accelerate chooses each process's device) or cpu")
+        raise FixativeError(f"--device {args.device}: fine-tuning takes auto (accelerate gives each process its "
+                            "device; use `accelerate launch` for GPUs) or cpu")
     log = (lambda _: None) if args.quiet else print
     model = load_model(args.model, device="cpu", dtype=torch.float32)
     vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
