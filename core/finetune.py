@@ -23,7 +23,7 @@ with a new name, each batch of 16 mixed with 8 paintings of trained artists, Min
 
 (with a single batch of 24 the mimic's loss averaged prior and instance samples alike, which is
 ``prior_loss_weight=0.5`` up to a constant factor; here instance and prior means are summed, DreamBooth's
-eq. 2.) Without ``prior_data``, DreamBooth's class images are generated from ``class_prompt`` by the model
+eq. 2; and the latents are drawn from the VAE posterior anew at every step rather than once.) Without ``prior_data``, DreamBooth's class images are generated from ``class_prompt`` by the model
 itself before training (``prior_images`` of them).
 
 Randomness. Every micro-batch k (= step x gradient_accumulation + micro-step) draws from its own
@@ -369,8 +369,8 @@ class _Sampler:
         input_ids = self.model.tokenizer(captions).to(self.device)
         text_embeddings = None if self.trains_text else self._frozen_text(captions, input_ids)
         is_prior = torch.tensor([False] * len(indices) + [True] * len(prior_indices))
-        dtype = self.model.unet.dtype if hasattr(self.model.unet, "dtype") else torch.float32
-        return Batch(latents.to(self.device, dtype), input_ids, text_embeddings, is_prior, captions), generator
+        batch = Batch(latents.to(self.device, self.model.unet.dtype), input_ids, text_embeddings, is_prior, captions)
+        return batch, generator
 
     @torch.no_grad()
     def _frozen_text(self, captions: list[str], input_ids: torch.Tensor) -> torch.Tensor:
@@ -506,8 +506,12 @@ def fine_tune(model, data, config: FinetuneConfig = FinetuneConfig(), objective:
         log(f"fine-tune: resuming from {checkpoint} (step {start} of {config.max_steps})")
     if out is not None and accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        from .provenance import provenance
+
+        base = {"base": model.source} if Path(str(model.source)).exists() else None
+        record = {"config": asdict(config), "provenance": provenance(base, device, model.unet.dtype)}
         tmp = out / ".finetune_config.json.tmp"
-        tmp.write_text(json.dumps(asdict(config), indent=1, default=str))
+        tmp.write_text(json.dumps(record, indent=1, default=str))
         os.replace(tmp, out / "finetune_config.json")
 
     bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, desc="fine-tune", unit="step",

@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .options import add_device, add_quiet, add_seed
+from .options import MODEL_HELP, add_device, add_quiet, add_seed
 
 
 # core/finetune.py's METHODS, LR_SCHEDULES and MIXED_PRECISION names (it imports torch; --help must not);
-# tests/core/cli/test_finetune_cli.py checks that they agree
+# tests/core/cli/test_cli_finetune.py checks that they agree
 METHODS = ("full", "lora", "dreambooth")
 LR_SCHEDULES = ("constant", "cosine")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -26,7 +26,7 @@ def register(subparsers) -> None:
                     "`fixative generate --lora`). Runs unchanged under `accelerate launch`.",
     )
     add = parser.add_argument
-    add("--model", default="toy", help="base model: a diffusers folder, a single file, or 'toy' (default: %(default)s)")
+    add("--model", default="toy", help=f"base model: {MODEL_HELP} (default: %(default)s)")
     add("--data", type=Path, required=True,
         help="an image folder with metadata.jsonl/.csv (a train/ sub-folder is used when present) or a .parquet "
              "of LAION-style metadata (then give --images); required")

@@ -37,11 +37,11 @@ from PIL import Image
 
 from ..config import AutoencoderKLConfig, CLIPTextConfig, UNetConfig
 from ..errors import FixativeError
+from ..finetune import step_seed
 from ..presets import TOY_SCHEDULER, TOY_TEXT, TOY_UNET, TOY_VAE
 from ..provenance import provenance
 from ..text_encoder import CLIPTextModel
 from ..tokenizer import CLIPTokenizer
-from ..finetune import step_seed
 from ..training import warmup_cosine
 from ..unet import UNet2DConditionModel
 from ..vae import AutoencoderKL

@@ -16,7 +16,7 @@ from fixative.core.model import StableDiffusionModel
 from fixative.core.pipelines import generate
 from fixative.core.presets import get_preset
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/core/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_model(seed: int = 0) -> StableDiffusionModel:
@@ -184,7 +184,8 @@ def test_full_output_loads_in_diffusers_with_default_arguments_and_renders_the_s
               out=tmp_path / "out", progress=False)
     ours = render_ours(model)
     assert np.abs(ours - before).max() > 2 / 255  # the fine-tune changed the render
-    assert json.loads((tmp_path / "out" / "finetune_config.json").read_text())["max_steps"] == 2
+    record = json.loads((tmp_path / "out" / "finetune_config.json").read_text())
+    assert record["config"]["max_steps"] == 2 and record["provenance"]["versions"]["torch"]
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "out")
     assert_same_render(ours, render_diffusers(pipe))
 

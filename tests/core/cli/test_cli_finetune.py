@@ -18,7 +18,7 @@ from fixative.core.model import StableDiffusionModel
 from fixative.core.pipelines import generate
 from fixative.core.presets import get_preset
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/core/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
