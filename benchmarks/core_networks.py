@@ -205,7 +205,6 @@ def unet_cases(args, device) -> list[dict]:
                             lambda: theirs(latents, t, text_embeddings).sample, device, args.repeats,
                             reference_outputs=(ours_fp32, theirs_fp32))[0])
         rows += compiled_rows(args, device, name, ours, theirs, (latents, t, text_embeddings))
-    del ours, theirs
     return rows
 
 
@@ -234,7 +233,6 @@ def unet_grad_cases(args, device) -> list[dict]:
         rows.append(compare(f"unet sd15 {size}x{size} b1 +grad {'bf16' if dtype == torch.bfloat16 else 'fp32'}",
                             lambda: step(ours, lambda out: out), lambda: step(theirs, lambda out: out.sample),
                             device, args.repeats, grad=True)[0])
-    del ours, theirs
     return rows
 
 
