@@ -143,7 +143,8 @@ def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
 
 def format_row(row: dict) -> str:
     text = (f"{row['case']:<38} ours {row['ours_s']:7.3f}s  ref {row['ref_s']:7.3f}s  "
-            f"ratio {row['ours_s'] / row['ref_s']:5.2f}  peak MiB ours {row['ours_mib']:6.0f} ref {row['ref_mib']:6.0f}  "
+            f"ratio {row['ours_s'] / row['ref_s']:5.2f}  "
+            f"peak MiB ours {row['ours_mib']:6.0f} ref {row['ref_mib']:6.0f}  "
             f"GFLOP {row['gflop']:6.0f}  GFLOP/s ours {row['gflop'] / row['ours_s']:5.0f} ref "
             f"{row['gflop'] / row['ref_s']:5.0f} of {row['peak_gflops']:4.0f}  ours-vs-ref {row['parity']:.1e}")
     if "ours_err" in row:
