@@ -54,8 +54,8 @@ class CLIPScorer:
             out.append(100 * (image * words).sum(-1))
         return torch.cat(out).cpu()
 
-    def __call__(self, images, prompts: list[str]) -> CLIPScoreResult:
-        per_image = self.scores(images, prompts)
+    def __call__(self, images, prompts: list[str], batch_size: int = 32) -> CLIPScoreResult:
+        per_image = self.scores(images, prompts, batch_size)
         return CLIPScoreResult(max(float(per_image.mean()), 0.0), per_image.tolist())
 
 

@@ -41,19 +41,31 @@ def _psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
 def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
     """d² = ||μ_a − μ_b||² + Tr(Σ_a + Σ_b − 2 (Σ_a Σ_b)^½)  (Heusel et al. 2017, eq. 6).
 
-    Tr (Σ_a Σ_b)^½ = Tr (Σ_a^½ Σ_b Σ_a^½)^½: the second matrix is symmetric PSD, so both square roots come
-    from symmetric eigendecompositions (no complex parts, unlike a general ``sqrtm`` of Σ_a Σ_b).
+    Tr (Σ_a Σ_b)^½ = Tr (Σ_a^½ Σ_b Σ_a^½)^½ = ||Σ_b^½ Σ_a^½||_* (the sum of its singular values, since
+    (Σ_b^½ Σ_a^½)ᵀ(Σ_b^½ Σ_a^½) = Σ_a^½ Σ_b Σ_a^½): symmetric-eigen square roots, no complex parts (unlike a
+    general ``sqrtm`` of Σ_a Σ_b), and no square root of rounding noise where the covariances are rank-deficient
+    (fewer images than feature dimensions).
     """
-    root_a = _psd_sqrt(a.covariance)
-    middle = root_a @ b.covariance @ root_a
-    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    trace_sqrt = torch.linalg.svdvals(_psd_sqrt(b.covariance) @ _psd_sqrt(a.covariance)).sum()
     distance = (a.mean - b.mean).square().sum() + a.covariance.trace() + b.covariance.trace() - 2 * trace_sqrt
     return float(distance)
 
 
 def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
-    """FID between two feature sets (n, d) and (m, d)."""
-    return frechet_distance(gaussian_stats(real), gaussian_stats(fake))
+    """FID between two feature sets (n, d) and (m, d).
+
+    With fewer images than dimensions (min(n, m) <= d) the trace term is computed in sample space, exactly:
+    with centred features X (n, d), Y (m, d), Σ_a Σ_b = Xᵀ X Yᵀ Y / ((n−1)(m−1)) has the non-zero eigenvalues of
+    (X Yᵀ)(X Yᵀ)ᵀ / ((n−1)(m−1)), so Tr (Σ_a Σ_b)^½ = ||X Yᵀ||_* / √((n−1)(m−1)): an n x m problem instead of
+    two d x d eigendecompositions (d = 2048 for Inception).
+    """
+    a, b = gaussian_stats(real), gaussian_stats(fake)
+    if min(a.count, b.count) > real.shape[1]:
+        return frechet_distance(a, b)
+    x, y = real.double() - a.mean, fake.double() - b.mean
+    trace_sqrt = torch.linalg.svdvals(x @ y.T).sum() / ((a.count - 1) * (b.count - 1)) ** 0.5
+    distance = (a.mean - b.mean).square().sum() + a.covariance.trace() + b.covariance.trace() - 2 * trace_sqrt
+    return float(distance)
 
 
 @dataclass

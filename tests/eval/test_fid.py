@@ -24,8 +24,9 @@ def features(n: int, d: int, seed: int, shift: float = 0.0) -> torch.Tensor:
     return (torch.randn(n, d, generator=generator, dtype=torch.float64) @ mixing + shift)
 
 
-def test_fid_of_a_set_against_itself_is_zero():
-    real = features(200, 64, 0)
+@pytest.mark.parametrize("n", [200, 20])
+def test_fid_of_a_set_against_itself_is_zero(n):
+    real = features(n, 64, 0)
     assert abs(fid(real, real)) < 1e-6
 
 
@@ -44,6 +45,13 @@ def test_fid_equals_torchmetrics_and_pytorch_fid(n, d):
     a, b = gaussian_stats(real), gaussian_stats(fake)
     reference = calculate_frechet_distance(a.mean.numpy(), a.covariance.numpy(), b.mean.numpy(), b.covariance.numpy())
     assert ours == pytest.approx(reference, rel=1e-4)
+
+
+def test_sample_space_and_feature_space_routes_agree():
+    from fixative.eval.fid import frechet_distance
+
+    real, fake = features(40, 64, 0), features(30, 64, 1, shift=0.2)  # rank-deficient: the sample-space route
+    assert fid(real, fake) == pytest.approx(frechet_distance(gaussian_stats(real), gaussian_stats(fake)), rel=1e-6)
 
 
 def test_kid_equals_torchmetrics_with_the_same_subsets():
