@@ -28,6 +28,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/core_networks.py
 	$(BIN)/python benchmarks/pipeline.py --quick
+	$(BIN)/python benchmarks/finetune.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -2,7 +2,8 @@
 
 Every noisy sample is x_t = α_t x0 + σ_t ε with α_t² + σ_t² = 1 (α_t² = ᾱ_t, the cumulative product of
 1 − β). Each parameterisation turns a network output F into (x0, ε) (``predict``), states the same map as
-the two scalings of ``x0 = c_skip · x_t + c_out · F`` (``scalings``, the sgm / EDM form), and gives the
+the two scalings of ``x0 = c_skip · x_t + c_out · F`` (``scalings``, the sgm / EDM form), names the
+training target F for a given (x0, ε) (``target``), and gives the
 denoiser D(x; σ) of the equivalent variance-exploding sample x = x_t/α_t = x0 + σ ε, σ = σ_t/α_t, that
 Karras-style solvers step (``denoise``; Karras et al. 2022, Eq. 7, the network seeing x/√(σ² + 1)).
 The consistency models' boundary condition is one more of these: ``f(x_t, t) = c_skip(t) · x_t +
@@ -36,6 +37,10 @@ class EpsilonPrediction:
     def predict(self, model_output, latents, alpha_t, sigma_t) -> Prediction:
         return Prediction((latents - sigma_t * model_output) / alpha_t, model_output)
 
+    def target(self, x0, eps, alpha_t, sigma_t):
+        """What the network is trained to output for x_t = α_t x0 + σ_t ε."""
+        return eps
+
     def denoise(self, model_output, latents, sigma):
         return latents - sigma * model_output
 
@@ -51,6 +56,9 @@ class VPrediction:
     def predict(self, model_output, latents, alpha_t, sigma_t) -> Prediction:
         return Prediction(alpha_t * latents - sigma_t * model_output, alpha_t * model_output + sigma_t * latents)
 
+    def target(self, x0, eps, alpha_t, sigma_t):
+        return alpha_t * eps - sigma_t * x0
+
     def denoise(self, model_output, latents, sigma):  # x0 = x/(σ² + 1) − σ/√(σ² + 1) · v
         return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (latents / (sigma**2 + 1))
 
@@ -65,6 +73,9 @@ class SamplePrediction:
 
     def predict(self, model_output, latents, alpha_t, sigma_t) -> Prediction:
         return Prediction(model_output, (latents - alpha_t * model_output) / sigma_t)
+
+    def target(self, x0, eps, alpha_t, sigma_t):
+        return x0
 
     def denoise(self, model_output, latents, sigma):
         return model_output

@@ -170,9 +170,22 @@ class NoiseSchedule:
             betas = rescale_zero_terminal_snr(betas)
         return cls(torch.cumprod(1.0 - betas, dim=0))
 
+    @classmethod
+    def from_config(cls, scheduler_config: dict) -> "NoiseSchedule":
+        """The training schedule of a ``scheduler_config.json``."""
+        return cls.from_settings(ScheduleSettings.from_config(scheduler_config))
+
     @property
     def num_train_timesteps(self) -> int:
         return len(self.alphas_cumprod)
+
+    def add_noise(self, original: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε (Ho et al. 2020, Eq. 4); timesteps: a number or (B,)."""
+        alphas_cumprod = self.alphas_cumprod.to(device=original.device, dtype=original.dtype)
+        timesteps = torch.as_tensor(timesteps, device=original.device).reshape(-1)
+        sqrt_alpha = _per_sample(alphas_cumprod[timesteps] ** 0.5, original)
+        sqrt_one_minus_alpha = _per_sample((1 - alphas_cumprod[timesteps]) ** 0.5, original)
+        return sqrt_alpha * original + sqrt_one_minus_alpha * noise
 
     @property
     def sigmas(self) -> torch.Tensor:
@@ -398,12 +411,8 @@ class Scheduler:
         raise NotImplementedError
 
     def add_noise(self, original: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
-        """x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε (Ho et al. 2020, Eq. 4); timesteps: a number or (B,)."""
-        alphas_cumprod = self.alphas_cumprod.to(device=original.device, dtype=original.dtype)
-        timesteps = torch.as_tensor(timesteps, device=original.device).reshape(-1)
-        sqrt_alpha = _per_sample(alphas_cumprod[timesteps] ** 0.5, original)
-        sqrt_one_minus_alpha = _per_sample((1 - alphas_cumprod[timesteps]) ** 0.5, original)
-        return sqrt_alpha * original + sqrt_one_minus_alpha * noise
+        """x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε on this scheduler's schedule (``NoiseSchedule.add_noise``)."""
+        return self.schedule.add_noise(original, noise, timesteps)
 
     # The step index as diffusers tracks it: the img2img start, or else t's position in the schedule;
     # then one more per step. (Where t occurs twice diffusers takes the second position, which skips a

@@ -5,10 +5,11 @@ functions so that ``fixative --help`` stays fast.
 """
 
 from ..toy import cli as toy_cli
-from . import generate, models
+from . import finetune, generate, models
 
 
 def register(subparsers) -> None:
     models.register(subparsers)
     generate.register(subparsers)
+    finetune.register(subparsers)
     toy_cli.register(subparsers)

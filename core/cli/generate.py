@@ -43,6 +43,9 @@ def register(subparsers) -> None:
     parser.add_argument("--mask", type=Path, default=None,
                         help="inpainting mask, same size as --init-image: white where the model paints "
                              "(default: none)")
+    parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                        help="apply a LoRA file (ours, diffusers' or kohya-style .safetensors; a folder means its "
+                             "pytorch_lora_weights.safetensors) at SCALE (default scale 1); repeatable (default: none)")
     parser.add_argument("--clip-skip", type=int, default=0, help="skip the text encoder's last N layers (default: %(default)s)")
     parser.add_argument("--vae-tiling", action="store_true", help="decode in tiles, for large images (default: off)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="compute precision (default: %(default)s)")
@@ -85,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoints import load_model
     from ..errors import FixativeError
     from ..images import load_image, load_mask, save_png
+    from ..lora import apply_lora, parse_lora_spec
     from ..pipelines import default_scheduler_name, generate
 
     for name in ("height", "width"):
@@ -102,7 +106,10 @@ def run(args: argparse.Namespace) -> int:
         raise FixativeError(f"mask {args.mask} is {mask.width}x{mask.height} but the init image is "
                             f"{image.width}x{image.height}; they must be the same size")
 
+    loras = [parse_lora_spec(spec) for spec in args.lora]
     model = load_model(args.model, device=_device(args.device), dtype=getattr(torch, DTYPES[args.dtype]))
+    for path, lora_scale in loras:
+        apply_lora(model, path, lora_scale)
     scheduler = args.scheduler or default_scheduler_name(model)
     images = generate(
         model, args.prompt, args.negative_prompt, image=image, mask=mask, strength=args.strength,
@@ -121,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
         "height": images[0].height, "width": images[0].width, "clip_skip": args.clip_skip, "dtype": args.dtype,
         "fixative_version": fixative_version,
     }
+    if loras:
+        settings["lora"] = ", ".join(f"{path}:{lora_scale:g}" for path, lora_scale in loras)
     if image is not None:
         settings.update(init_image=str(args.init_image), strength=args.strength if args.strength is not None else (1.0 if mask else 0.8))
     if mask is not None:

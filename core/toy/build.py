@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -39,7 +38,8 @@ from ..config import AutoencoderKLConfig, CLIPTextConfig, UNetConfig
 from ..errors import FixativeError
 from ..text_encoder import CLIPTextModel
 from ..tokenizer import CLIPTokenizer
-from ..training import TrainStepConfig, alphas_cumprod_from_config, drop_captions, train_step, warmup_cosine
+from ..finetune import step_seed
+from ..training import warmup_cosine
 from ..unet import UNet2DConditionModel
 from ..vae import AutoencoderKL
 from . import atelier, build_folder
@@ -119,7 +119,7 @@ def _threads() -> int:
 
 def _stage_seed(seed: int, stage: str, step: int) -> int:
     """A seed per (build seed, stage, step): resuming at any step redraws exactly the same batch."""
-    return (seed * 1_000_003 + sum(ord(c) * 131**i for i, c in enumerate(stage)) * 10_007 + step) % 2**63
+    return step_seed(seed, stage, step)
 
 
 def _generator(seed: int, stage: str, step: int) -> torch.Generator:
@@ -360,51 +360,35 @@ def _load_network(cls, config_cls, folder: Path) -> torch.nn.Module:
 
 
 def _train_unet(work: Path, data: Path, plan: BuildPlan, seed: int, progress: bool) -> None:
+    """The UNet and the text tower, on ``fine_tune`` (core/finetune.py) with the posterior latents cached."""
+    from ..datasets import ImageCaptions
+    from ..finetune import FinetuneConfig, fine_tune
+    from ..model import StableDiffusionModel
+
     folder = work / "unet"
     if _done(folder):
         return
     folder.mkdir(parents=True, exist_ok=True)
     rows = [r for r in atelier.load_split(data, "train") if not r["held_out"]]
     vae = _load_network(AutoencoderKL, AutoencoderKLConfig, work / "vae" / "model")
-    tokenizer = CLIPTokenizer.bundled()
-    captions = caption_table(atelier.artist_names(held_out=False)) + [""]
-    caption_ids = tokenizer(captions)  # (captions + 1, 77)
-    caption_index = {c: i for i, c in enumerate(captions)}
-    with torch.no_grad():
-        posteriors = [vae.encode(_to_pixels(chunk)) for chunk in _load_images(rows).split(64)]
-    latent_mean = torch.cat([p.mean for p in posteriors]).float()
-    latent_std = torch.cat([p.std for p in posteriors]).float()
-    scaling = vae.config.scaling_factor
-    row_captions = [r["text"] for r in rows]
-    alphas_cumprod = alphas_cumprod_from_config(TOY_SCHEDULER)
-
-    text_encoder = text_encoder_from_clip(load_clip(work / "clip" / "model")).train()
+    text_encoder = text_encoder_from_clip(load_clip(work / "clip" / "model"))
     torch.manual_seed(_stage_seed(seed, "unet-init", 0))
-    unet = UNet2DConditionModel(TOY_UNET).train()
-    optimizer = torch.optim.AdamW([*unet.parameters(), *text_encoder.parameters()], lr=plan.unet_lr, weight_decay=0.01)
-    schedule = warmup_cosine(optimizer, plan.unet_steps, max(1, plan.unet_steps // 20))
+    unet = UNet2DConditionModel(TOY_UNET)
+    model = StableDiffusionModel(unet, vae, text_encoder, CLIPTokenizer.bundled(), dict(TOY_SCHEDULER),
+                                 source="fixative toy build")
     # Min-SNR-5 weighting (converges ~3x faster, Hang et al. 2023) and bf16 autocast (1.6x faster on CPU):
     # the build must fit 45 minutes on 2 shared CPU cores
-    config = TrainStepConfig(prediction_type=TOY_SCHEDULER["prediction_type"], max_grad_norm=1.0, snr_gamma=5.0,
-                             autocast_dtype=torch.bfloat16, offset_noise=plan.unet_offset_noise)
-
-    def step_fn(step: int) -> float:
-        generator = _generator(seed, "unet", step)
-        index = torch.randint(0, len(rows), (plan.unet_batch,), generator=generator)
-        noise = torch.randn(latent_mean[index].shape, generator=generator)
-        latents = (latent_mean[index] + latent_std[index] * noise) * scaling
-        batch_captions = drop_captions([row_captions[i] for i in index.tolist()], plan.caption_dropout,
-                                       random.Random(_stage_seed(seed, "unet-captions", step)))
-        text_embeddings = text_encoder(caption_ids[[caption_index[c] for c in batch_captions]]).last_hidden_state
-        return train_step(unet, optimizer, latents, text_embeddings, alphas_cumprod, config, generator,
-                          scheduler=schedule)
-
-    _train("unet", folder, plan.unet_steps,
-           {"unet": unet, "text_encoder": text_encoder, "optimizer": optimizer, "schedule": schedule}, step_fn,
-           plan.checkpoint_every, progress)
+    config = FinetuneConfig(method="full", train_text_encoder=True, max_steps=plan.unet_steps,
+                            batch_size=plan.unet_batch, lr=plan.unet_lr, weight_decay=0.01, lr_schedule="cosine",
+                            warmup=max(1, plan.unet_steps // 20), max_grad_norm=1.0, snr_gamma=5.0,
+                            offset_noise=plan.unet_offset_noise, caption_dropout=plan.caption_dropout,
+                            mixed_precision="bf16", cache_latents=True, checkpoint_every=plan.checkpoint_every,
+                            seed=seed, seed_stream="unet")
+    images = ImageCaptions(_to_pixels(_load_images(rows)), [r["text"] for r in rows])
+    fine_tune(model, images, config, out=folder, resume=True, save=False, progress=progress, log=lambda _: None)
     _save_network(unet.eval(), TOY_UNET, folder / "model")
     _save_network(text_encoder.eval(), TOY_TEXT, folder / "text_encoder")
-    _finish(folder, {"captions": captions})
+    _finish(folder, {"captions": caption_table(atelier.artist_names(held_out=False)) + [""]})
 
 
 # ---------------------------------------------------------------- assemble

@@ -26,7 +26,8 @@ import torch
 from PIL import Image
 
 from ..errors import FixativeError
-from ..training import TrainStepConfig, alphas_cumprod_from_config, train_step, warmup_cosine
+from ..schedulers import NoiseSchedule
+from ..training import TrainStepConfig, train_step, warmup_cosine
 from . import atelier
 from .atelier import AtelierConfig
 from .judge import PaintingClassifier, ToyJudge, train_classifier
@@ -178,9 +179,9 @@ def mimic(model, rows: list[dict], artist: str, name: str, config: ReportConfig)
         latents = torch.cat([encode_images(model, _pixels(mimic_rows), generator=generator),
                              encode_images(model, _pixels(prior_rows), generator=generator)])
         frozen_text = None if config.mimic_text_encoder else model.text_encoder(input_ids).last_hidden_state
-    alphas_cumprod = alphas_cumprod_from_config(model.scheduler_config)
+    schedule = NoiseSchedule.from_config(model.scheduler_config)
     optimizer = torch.optim.AdamW([p for n in networks for p in n.parameters()], lr=config.mimic_lr, weight_decay=0.0)
-    schedule = warmup_cosine(optimizer, config.mimic_steps, max(1, config.mimic_steps // 10))
+    lr_schedule = warmup_cosine(optimizer, config.mimic_steps, max(1, config.mimic_steps // 10))
     # as the toy build trains: Min-SNR-5 weighting, bf16 autocast
     step_config = TrainStepConfig(prediction_type=model.prediction_type, snr_gamma=5.0, autocast_dtype=torch.bfloat16,
                                   offset_noise=config.mimic_offset_noise)
@@ -191,8 +192,8 @@ def mimic(model, rows: list[dict], artist: str, name: str, config: ReportConfig)
                                                            generator=generator)])
         text = (mimic_model.text_encoder(input_ids[index]).last_hidden_state if frozen_text is None
                 else frozen_text[index])
-        train_step(mimic_model.unet, optimizer, latents[index], text, alphas_cumprod, step_config, generator,
-                   scheduler=schedule)
+        train_step(mimic_model.unet, optimizer, latents[index], text, schedule, step_config, generator,
+                   scheduler=lr_schedule)
     for network in networks:
         network.eval()
     return mimic_model, time.time() - started
