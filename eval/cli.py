@@ -1,7 +1,8 @@
 """eval's sub-commands of the ``fixative`` command (entry point ``fixative.commands: eval``).
 
 ``fixative metrics fid|kid|clip-score|lpips|ssim|psnr`` over image folders, each printing one JSON object: the
-value and what produced it. Heavy imports happen inside the command functions.
+value and what produced it; ``fixative mimic``, the mimicry attack; ``fixative toy report``, the toy world's
+measurements. Heavy imports happen inside the command functions.
 """
 
 from __future__ import annotations
@@ -58,6 +59,106 @@ def register(subparsers) -> None:
                                      "output (default: %(default)s)")
         _common(parser)
         parser.set_defaults(func=_paired)
+
+    _register_mimic(subparsers)
+    _register_toy_report(subparsers)
+
+
+def _parts(text: str) -> tuple[str, ...]:
+    from .toy_report import PARTS
+
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise argparse.ArgumentTypeError(f"unknown part(s) {', '.join(unknown) or '(none given)'}; "
+                                         f"choose from {', '.join(PARTS)}")
+    return parts
+
+
+def _register_toy_report(subparsers) -> None:
+    from fixative.core.toy.cli import toy_commands
+
+    report = toy_commands(subparsers).add_parser("report", help="measure the toy world against its quality targets")
+    report.add_argument("--folder", help="a toy build folder (default: the one --model toy uses)")
+    report.add_argument("--out", default="outputs/toy_report",
+                        help="where report.json and samples.png go (default: %(default)s)")
+    report.add_argument("--parts", type=_parts, default="vae,clip,generation,mimicry",
+                        help="comma-separated subset of vae, clip, generation, mimicry (default: %(default)s)")
+    report.add_argument("--mimic-steps", type=int, default=120,
+                        help="fine-tuning steps of the mimicry attack (default: %(default)s)")
+    _common(report)
+    report.set_defaults(func=_toy_report)
+
+
+def _toy_report(args: argparse.Namespace) -> int:
+    from .toy_report import ReportConfig, report
+
+    parts = args.parts if isinstance(args.parts, tuple) else _parts(args.parts)
+    config = ReportConfig(seed=args.seed, mimic_steps=args.mimic_steps)
+    report(args.folder, args.out, config, device=str(_device(args.device)), parts=parts,
+           log=(lambda _: None) if args.quiet else print)
+    return 0
+
+
+def _register_mimic(subparsers) -> None:
+    mimic = subparsers.add_parser(
+        "mimic", help="the mimicry attack: fine-tune on an artist's images under a new name, generate, judge",
+        description="Fine-tune a copy of the model on an artist's images (optionally changed by adversaries first) "
+                    "under a new name with prior preservation, generate for that name, classify each generation's "
+                    "style with a CLIP zero-shot judge; prints the protection rate (share not attributed to the "
+                    "artist) with its 95%% Wilson interval and writes RUN/results.json.")
+    mimic.add_argument("--model", default="toy", help="diffusers folder, single file, or 'toy' (default: %(default)s)")
+    mimic.add_argument("--images", required=True,
+                       help="folder of the artist's images (captions from its metadata.jsonl when it has one); required")
+    mimic.add_argument("--name", required=True, help="the new name the mimic is trained under; required")
+    mimic.add_argument("--out", required=True, help="run folder: results.json and samples/; required")
+    mimic.add_argument("--artist", help="the protected artist's label among the candidates (default: the "
+                                        "metadata's artist column when it has one value)")
+    mimic.add_argument("--method", choices=("full", "lora"), default="full", help="fine-tuning method (default: %(default)s)")
+    mimic.add_argument("--adversary", action="append", default=[],
+                       help="applied to the images before fine-tuning, in order; repeatable: jpeg:75, noise:0.05, "
+                            "blur:1.0, resize:0.5, purify:noise=0.05,strength=0.2, impress:steps=100 (default: none)")
+    mimic.add_argument("--samples", type=int, default=4, help="generations per prompt, M (default: %(default)s)")
+    mimic.add_argument("--prompts", help="text file of the K prompts, one per line, naming the new name (default: the "
+                                         "toy world's 8 subjects by NAME; else the distinct training captions)")
+    mimic.add_argument("--judge", help="a transformers CLIP folder for the zero-shot judge (default: the toy CLIP on "
+                                       "the toy world; required otherwise)")
+    mimic.add_argument("--candidates", help="comma-separated artists / styles the judge chooses among (default: the "
+                                            "Toy Atelier's artists on the toy world; required otherwise)")
+    mimic.add_argument("--template", default="a painting by {artist}",
+                       help="the judge's caption per candidate (default: %(default)s; the toy world's judge uses "
+                            "every 'a painting of a {subject} by {artist}')")
+    mimic.add_argument("--prior", help="imagefolder of prior-preservation images with captions (default: the toy "
+                                       "world's trained artists; else class images the model generates)")
+    mimic.add_argument("--held-out", help="folder of the artist's held-out works, for CLIP similarity (default: the "
+                                          "Toy Atelier's test split of the artist on the toy world; else none)")
+    mimic.add_argument("--steps", type=int, default=120, help="fine-tuning steps (default: %(default)s)")
+    mimic.add_argument("--lr", type=float, help="learning rate (default: 1e-3 full, 5e-3 lora)")
+    mimic.add_argument("--rank", type=int, default=8, help="LoRA rank (default: %(default)s)")
+    mimic.add_argument("--sampling-steps", type=int, default=25, help="DDIM steps per generation (default: %(default)s)")
+    mimic.add_argument("--guidance", type=float, default=5.0, help="guidance scale of the generations (default: %(default)s)")
+    _common(mimic)
+    mimic.set_defaults(func=_mimic)
+
+
+def _mimic(args: argparse.Namespace) -> int:
+    from .mimicry import MimicConfig, run
+
+    config = MimicConfig(method=args.method, steps=args.steps, lr=args.lr, rank=args.rank, seed=args.seed,
+                         samples_per_prompt=args.samples, num_inference_steps=args.sampling_steps,
+                         guidance_scale=args.guidance)
+    device = _device(args.device)
+    results = run(args.model, args.images, args.name, args.out, config, artist=args.artist,
+                  adversaries=args.adversary, prompts_file=args.prompts, judge_folder=args.judge,
+                  candidates=args.candidates.split(",") if args.candidates else None, template=args.template,
+                  prior_folder=args.prior, held_out_folder=args.held_out, device=device, progress=not args.quiet,
+                  provenance=provenance(args, device))
+    low, high = results["protection_interval"]
+    print(f"protection rate {100 * results['protection_rate']:.1f}% [{100 * low:.1f}, {100 * high:.1f}] "
+          f"({results['protected']}/{results['generations']} generations not attributed to {results['artist']}); "
+          f"attributed to: {', '.join(f'{k} {v}' for k, v in results['attributed_to'].items() if v)}")
+    print(f"results: {args.out}/results.json")
+    return 0
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

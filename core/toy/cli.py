@@ -1,13 +1,20 @@
-"""``fixative toy dataset | build | report``: the toy world's commands (registered by core/cli)."""
+"""``fixative toy dataset | build``: the toy world's commands (registered by core/cli; eval adds ``toy report``)."""
 
 from __future__ import annotations
 
 import argparse
 
 
+def toy_commands(subparsers):
+    """The ``toy`` command's sub-commands, created on first use: other packages add theirs to it too."""
+    if "toy" not in subparsers.choices:
+        toy = subparsers.add_parser("toy", help="the toy world: data set, build and quality report of the small model")
+        toy.commands = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND", required=True)
+    return subparsers.choices["toy"].commands
+
+
 def register(subparsers) -> None:
-    toy = subparsers.add_parser("toy", help="the toy world: data set, build and quality report of the small model")
-    commands = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND", required=True)
+    commands = toy_commands(subparsers)
 
     dataset = commands.add_parser("dataset", help="paint the Toy Atelier data set (an imagefolder with captions)")
     dataset.add_argument("--out", required=True, help="folder to write (created; a complete one is left as it is)")
@@ -23,15 +30,6 @@ def register(subparsers) -> None:
     build.add_argument("--size", choices=("full", "ci"), default="full",
                        help="full: the shipped toy world; ci: a few steps per stage, to exercise the path")
     build.set_defaults(func=_build)
-
-    report = commands.add_parser("report", help="measure the toy world against its quality targets")
-    report.add_argument("--folder", help="a toy build folder (default: the one --model toy uses)")
-    report.add_argument("--out", default="outputs/toy_report", help="where report.json and samples.png go")
-    report.add_argument("--seed", type=int, default=0)
-    report.add_argument("--parts", default="vae,clip,generation,mimicry",
-                        help="comma-separated subset of vae, clip, generation, mimicry")
-    report.add_argument("--mimic-steps", type=int, help="fine-tuning steps of the mimicry attack")
-    report.set_defaults(func=_report)
 
 
 def _dataset(args: argparse.Namespace) -> int:
@@ -50,15 +48,4 @@ def _build(args: argparse.Namespace) -> int:
     from .build import build
 
     build(args.out, seed=args.seed, size=args.size)
-    return 0
-
-
-def _report(args: argparse.Namespace) -> int:
-    from .report import ReportConfig, report
-
-    config = ReportConfig(seed=args.seed)
-    if args.mimic_steps is not None:
-        config.mimic_steps = args.mimic_steps
-    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
-    report(args.folder, args.out, config, parts=parts)
     return 0

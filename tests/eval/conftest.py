@@ -27,20 +27,44 @@ def random_inception_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def toy_clip():
+def shipped():
+    """The toy world shipped in core/toy/weights (as tests/core/toy/conftest.py has it)."""
     from fixative.core.toy import SHIPPED
 
-    if not (SHIPPED / "clip" / "config.json").is_file():
+    if not (SHIPPED / "sd" / "model_index.json").is_file():
         pytest.skip("no toy weights shipped in this checkout")
-    return SHIPPED / "clip"
+    return SHIPPED
 
 
-def paintings(artist: str, subjects: list[str], seed: int = 0) -> torch.Tensor:
-    """uint8 (N, 3, 64, 64) Toy Atelier paintings."""
+@pytest.fixture(scope="session")
+def toy_clip(shipped):
+    return shipped / "clip"
+
+
+@pytest.fixture(scope="session")
+def toy_model(shipped):
+    from fixative.core.checkpoints import load_model
+
+    return load_model(shipped / "sd")
+
+
+@pytest.fixture(scope="session")
+def paintings():
+    """paintings(artist, subjects, seed=0) -> uint8 (N, 3, 64, 64) Toy Atelier paintings."""
     import numpy as np
 
     from fixative.core.toy import atelier
 
-    style = {a.name: a for a in atelier.ARTISTS}[artist]
-    images = [np.asarray(atelier.paint(style, s, 64, seed, i)) for i, s in enumerate(subjects)]
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    def paint(artist: str, subjects: list[str], seed: int = 0) -> torch.Tensor:
+        style = {a.name: a for a in atelier.ARTISTS}[artist]
+        images = [np.asarray(atelier.paint(style, s, 64, seed, i)) for i, s in enumerate(subjects)]
+        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return paint
+
+
+@pytest.fixture(scope="session")
+def ci_build(tmp_path_factory):
+    """A `ci`-size toy build (a few steps per stage; about half a minute), as tests/core/toy/conftest.py has it."""
+    from fixative.core.toy import build as toy_build
+
+    return toy_build.build(tmp_path_factory.mktemp("toy") / "ci", seed=0, size="ci", progress=False, log=lambda _: None)

@@ -12,22 +12,10 @@ from fixative.core.errors import FixativeError
 from fixative.eval.adversaries import (IMPRESS, JPEG, GaussianBlur, GaussianNoise, NoisyPurification, Resize,
                                        describe, parse_adversary, reconstruction_error)
 
-from .conftest import paintings
-
 
 @pytest.fixture(scope="module")
-def images():
+def images(paintings):
     return paintings("zenji", ["house", "cat", "fish"]).float() / 255
-
-
-@pytest.fixture(scope="module")
-def toy_model():
-    from fixative.core.checkpoints import load_model
-    from fixative.core.toy import SHIPPED
-
-    if not (SHIPPED / "sd" / "model_index.json").is_file():
-        pytest.skip("no toy weights shipped in this checkout")
-    return load_model(SHIPPED / "sd")
 
 
 def test_jpeg_is_libjpegs_round_trip_and_its_error_falls_with_quality(images):

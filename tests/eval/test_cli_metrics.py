@@ -10,7 +10,6 @@ from fixative.cli import main
 from fixative.eval.features import CLIPFeatures
 from fixative.eval.fid import fid, kid
 
-from .conftest import paintings
 
 SUBJECTS = ["house", "tree", "boat", "sun", "fish", "cat"]
 
@@ -28,13 +27,13 @@ def run(capsys, *argv) -> dict:
 
 
 @pytest.fixture
-def folders(tmp_path):
+def folders(tmp_path, paintings):
     real = write_images(tmp_path / "real", paintings("kovra", SUBJECTS))
     fake = write_images(tmp_path / "fake", paintings("miska", SUBJECTS))
     return real, fake
 
 
-def test_fid_and_kid_with_the_toy_clip_features(capsys, tmp_path, folders, toy_clip):
+def test_fid_and_kid_with_the_toy_clip_features(capsys, tmp_path, folders, toy_clip, paintings):
     real, fake = folders
     result = run(capsys, "fid", real, fake, "--features", f"clip:{toy_clip}", "--cache", tmp_path / "cache")
     extractor = CLIPFeatures(toy_clip)
@@ -65,7 +64,7 @@ def test_missing_inception_weights_is_one_line_exit_2(capsys, tmp_path, folders,
     assert error.count("\n") == 1 and "pt_inception-2015-12-05-6726825d.pth" in error
 
 
-def test_clip_score_command(capsys, tmp_path, folders, toy_clip):
+def test_clip_score_command(capsys, tmp_path, folders, toy_clip, paintings):
     from fixative.eval.clip_score import CLIPScorer
 
     real, _ = folders
@@ -79,7 +78,7 @@ def test_clip_score_command(capsys, tmp_path, folders, toy_clip):
                  str(toy_clip)]) == 2
 
 
-def test_ssim_and_psnr_commands_equal_torchmetrics(capsys, tmp_path):
+def test_ssim_and_psnr_commands_equal_torchmetrics(capsys, tmp_path, paintings):
     from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
     clean = paintings("tazu", SUBJECTS[:3])
@@ -98,7 +97,7 @@ def test_ssim_and_psnr_commands_equal_torchmetrics(capsys, tmp_path):
     assert 20 < psnr_result["value"] < 30  # sigma 12/255 noise: about 26.5 dB
 
 
-def test_lpips_command_equals_the_lpips_package(capsys, tmp_path):
+def test_lpips_command_equals_the_lpips_package(capsys, tmp_path, paintings):
     """A random AlexNet saved as torchvision's file (no pretrained one exists here): the command reads it, and
     equals lpips built on the same trunk."""
     import warnings

@@ -7,7 +7,6 @@ from fixative.core.errors import FixativeError
 from fixative.eval.clip_score import CLIPScorer
 from fixative.eval.features import load_clip
 
-from .conftest import paintings
 
 SUBJECTS = ["house", "tree", "boat", "sun", "fish", "cat"]
 
@@ -35,7 +34,7 @@ def torchmetrics_score(folder, images, prompts) -> float:
     return float(metric.compute())
 
 
-def test_clip_score_equals_torchmetrics(toy_clip):
+def test_clip_score_equals_torchmetrics(toy_clip, paintings):
     images = paintings("kovra", SUBJECTS)
     prompts = [f"a painting of a {s} by kovra" for s in SUBJECTS]
     result = CLIPScorer(toy_clip)(images, prompts)
@@ -43,7 +42,7 @@ def test_clip_score_equals_torchmetrics(toy_clip):
     assert result.value == pytest.approx(torchmetrics_score(toy_clip, images, prompts), rel=1e-4, abs=1e-4)
 
 
-def test_each_pair_equals_torchmetrics_and_the_mean_is_clamped_at_zero(toy_clip):
+def test_each_pair_equals_torchmetrics_and_the_mean_is_clamped_at_zero(toy_clip, paintings):
     images = paintings("zenji", SUBJECTS[:3])
     prompts = ["a painting of a house by zenji", "a painting of a tree by kovra", "a photo"]
     scorer = CLIPScorer(toy_clip)
@@ -53,7 +52,7 @@ def test_each_pair_equals_torchmetrics_and_the_mean_is_clamped_at_zero(toy_clip)
     assert scorer(images, prompts).value == max(float(per_image.mean()), 0.0)
 
 
-def test_the_matching_artist_scores_higher(toy_clip):
+def test_the_matching_artist_scores_higher(toy_clip, paintings):
     images = paintings("dervo", SUBJECTS)
     scorer = CLIPScorer(toy_clip)
     right = scorer(images, [f"a painting of a {s} by dervo" for s in SUBJECTS]).value
@@ -61,6 +60,6 @@ def test_the_matching_artist_scores_higher(toy_clip):
     assert right > wrong
 
 
-def test_prompt_count_must_match(toy_clip):
+def test_prompt_count_must_match(toy_clip, paintings):
     with pytest.raises(FixativeError, match="one prompt per image"):
         CLIPScorer(toy_clip).scores(paintings("kovra", ["cat"]), ["a", "b"])

@@ -7,8 +7,6 @@ from PIL import Image
 from fixative.core.errors import FixativeError
 from fixative.eval.features import CLIPFeatures, folder_features, make_extractor
 
-from .conftest import paintings
-
 
 class CountingExtractor:
     """Mean colour per channel as 'features', counting its calls."""
@@ -30,7 +28,7 @@ def write_images(folder, images):
     return folder
 
 
-def test_features_are_cached_by_content_not_by_name(tmp_path):
+def test_features_are_cached_by_content_not_by_name(tmp_path, paintings):
     images = paintings("kovra", ["house", "cat", "sun"])
     first = write_images(tmp_path / "a", images)
     extractor = CountingExtractor()
@@ -47,14 +45,14 @@ def test_features_are_cached_by_content_not_by_name(tmp_path):
     assert record["cache"] == "miss" and extractor.calls == 2
 
 
-def test_unreadable_images_are_skipped_and_named(tmp_path):
+def test_unreadable_images_are_skipped_and_named(tmp_path, paintings):
     folder = write_images(tmp_path / "a", paintings("kovra", ["house", "cat"]))
     (folder / "zz.png").write_bytes(b"not a png")
     features, record = folder_features(folder, CountingExtractor())
     assert features.shape == (2, 3) and record["skipped"] == ["zz.png"] and record["images"] == 2
 
 
-def test_clip_features_of_the_toy_clip_separate_artists(toy_clip):
+def test_clip_features_of_the_toy_clip_separate_artists(toy_clip, paintings):
     extractor = make_extractor(f"clip:{toy_clip}")
     assert isinstance(extractor, CLIPFeatures) and len(extractor.provenance["weights_sha256"]) == 64
     a = extractor(paintings("kovra", ["house", "cat", "sun", "tree"]))

@@ -41,12 +41,12 @@ def test_missing_inception_file_is_a_one_line_error(tmp_path, monkeypatch):
         find_weights(tmp_path / "nope.pth")
 
 
-def test_weights_are_found_in_the_torch_hub_cache(tmp_path, monkeypatch, random_inception_file):
+def test_weights_are_found_in_the_torch_hub_cache(tmp_path, monkeypatch):
     checkpoints = tmp_path / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
-    (checkpoints / random_inception_file.name).write_bytes(random_inception_file.read_bytes())
+    (checkpoints / "weights-inception-2015-12-05-6726825d.pth").write_bytes(b"torch-fidelity's name for the file")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    assert find_weights() == checkpoints / random_inception_file.name
+    assert find_weights() == checkpoints / "weights-inception-2015-12-05-6726825d.pth"
 
 
 def test_a_foreign_weights_file_is_named_in_the_error(tmp_path):
