@@ -17,6 +17,13 @@ def test_psnr_of_a_known_error():
     assert torch.allclose(psnr_db(reference, test), torch.tensor([20.0, 20.0]), atol=1e-4)
 
 
+def test_report_arguments():
+    from fixative.cli import build_parser
+
+    args = build_parser().parse_args(["toy", "report", "--parts", "vae,clip", "--mimic-steps", "10"])
+    assert args.parts == ("vae", "clip") and args.mimic_steps == 10 and args.folder is None and args.seed == 0
+
+
 def test_unknown_parts_are_refused(capsys):
     with pytest.raises(FixativeError, match="unknown report part"):
         report(parts=("vae", "speed"))

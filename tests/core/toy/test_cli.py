@@ -20,8 +20,6 @@ def test_toy_dataset_command_paints_the_atelier_and_its_grid(tmp_path, capsys):
     assert "Toy Atelier" in capsys.readouterr().out
 
 
-def test_toy_build_and_report_arguments():
+def test_toy_build_arguments():
     args = _parse(["toy", "build", "--size", "ci", "--seed", "3"])
     assert (args.size, args.seed, args.out) == ("ci", 3, None)
-    args = _parse(["toy", "report", "--parts", "vae,clip", "--mimic-steps", "10"])
-    assert args.parts == "vae,clip" and args.mimic_steps == 10 and args.folder is None
