@@ -16,7 +16,8 @@ import torch
 
 from fixative.core.errors import FixativeError
 from fixative.core.pipelines import encode_images, encode_prompt
-from fixative.core.training import TrainStepConfig, alphas_cumprod_from_config, denoising_loss, train_step
+from fixative.core.schedulers import NoiseSchedule
+from fixative.core.training import TrainStepConfig, denoising_loss, train_step
 
 METHODS = ("glaze", "mist", "photoguard", "anti-dreambooth")
 
@@ -77,13 +78,13 @@ def mist(model, pixels: torch.Tensor, pattern_pixels: torch.Tensor, prompt: str,
     with torch.no_grad():
         pattern_latents = encode_mean(model, pattern_pixels)
     text_embeddings = _text_embeddings(model, prompt, pixels.shape[0])
-    alphas_cumprod = alphas_cumprod_from_config(model.scheduler_config)
+    schedule = NoiseSchedule.from_config(model.scheduler_config)
 
     def loss(adv_pixels: torch.Tensor, step: int) -> torch.Tensor:
         latents = encode_mean(model, adv_pixels)
         textural = latent_distance(latents, pattern_latents)
         generator = torch.Generator().manual_seed(seed * 100_003 + step)
-        semantic = _per_image_denoising_loss(model.unet, latents, text_embeddings, alphas_cumprod,
+        semantic = _per_image_denoising_loss(model.unet, latents, text_embeddings, schedule,
                                              model.prediction_type, generator)
         return textural - semantic_weight * semantic
 
@@ -94,9 +95,9 @@ def mist(model, pixels: torch.Tensor, pattern_pixels: torch.Tensor, prompt: str,
                      details={"target": "pattern", "semantic_weight": semantic_weight, "prompt": prompt})
 
 
-def _per_image_denoising_loss(unet, latents, text_embeddings, alphas_cumprod, prediction_type, generator):
+def _per_image_denoising_loss(unet, latents, text_embeddings, schedule, prediction_type, generator):
     """core.training.denoising_loss per image: one call per row keeps each image's loss (and gradient) its own."""
-    return torch.stack([denoising_loss(unet, latents[i:i + 1], text_embeddings[i:i + 1], alphas_cumprod,
+    return torch.stack([denoising_loss(unet, latents[i:i + 1], text_embeddings[i:i + 1], schedule,
                                        prediction_type, generator) for i in range(latents.shape[0])])
 
 
@@ -115,7 +116,7 @@ def anti_dreambooth(model, pixels: torch.Tensor, config: ASPLConfig, seed: int) 
     if pixels.shape[0] < 1:
         raise FixativeError("anti-dreambooth needs at least one image")
     text_embeddings = _text_embeddings(model, config.prompt, pixels.shape[0])
-    alphas_cumprod = alphas_cumprod_from_config(model.scheduler_config)
+    schedule = NoiseSchedule.from_config(model.scheduler_config)
     step_config = TrainStepConfig(prediction_type=model.prediction_type)
     with torch.no_grad():
         clean_latents = encode_mean(model, pixels)
@@ -126,7 +127,7 @@ def anti_dreambooth(model, pixels: torch.Tensor, config: ASPLConfig, seed: int) 
     def fine_tune(unet, optimizer, latents, step: int) -> None:
         for k in range(config.surrogate_steps):
             generator = torch.Generator().manual_seed(seed * 100_003 + step * 17 + k)
-            train_step(unet, optimizer, latents, text_embeddings, alphas_cumprod, step_config, generator)
+            train_step(unet, optimizer, latents, text_embeddings, schedule, step_config, generator)
 
     def refresh(adv_pixels: torch.Tensor, step: int) -> None:
         attacked = copy.deepcopy(surrogate).train()
@@ -143,7 +144,7 @@ def anti_dreambooth(model, pixels: torch.Tensor, config: ASPLConfig, seed: int) 
             refresh(adv_pixels.detach(), step)
         generator = torch.Generator().manual_seed(seed * 100_003 + step)
         return -_per_image_denoising_loss(state["attacked"], encode_mean(model, adv_pixels), text_embeddings,
-                                          alphas_cumprod, model.prediction_type, generator)
+                                          schedule, model.prediction_type, generator)
 
     def after_step(adv_pixels: torch.Tensor, step: int) -> None:
         if (step + 1) % config.every == 0:
