@@ -62,6 +62,23 @@ def register(subparsers) -> None:
 
     _register_mimic(subparsers)
     _register_toy_report(subparsers)
+    bench = subparsers.add_parser("bench", help="run a declarative benchmark (TOML) with cached, resumable stages",
+                                  description="Run the experiment of CONFIG.toml into RUN: results.json, report.md, "
+                                              "report.html. Finished stages are cached by content hash: a run "
+                                              "started again redoes only what was not finished.")
+    bench.add_argument("config", help="the experiment's TOML file (e.g. benchmarks/toy_guidance.toml)")
+    bench.add_argument("--out", required=True, help="run folder (created; reused to resume); required")
+    _common(bench)
+    bench.set_defaults(func=_bench, seed=None)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import bench
+
+    results = bench(args.config, args.out, device=_device(args.device), log=(lambda _: None) if args.quiet else print,
+                    seed=args.seed)
+    print(f"report: {args.out}/report.html ({results['seconds']} s; stages: {results['stages']})")
+    return 0
 
 
 def _parts(text: str) -> tuple[str, ...]:
