@@ -23,8 +23,8 @@ import json
 import os
 import platform
 import tempfile
+import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,6 +32,11 @@ from typing import Callable
 import torch
 
 from fixative.core.errors import FixativeError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, before it joined the standard library
+    import tomli as tomllib
 
 KINDS = ("guidance", "protection")
 
@@ -305,7 +310,13 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
     features = CLIPFeatures(clip_folder(), device)
     model = load_model("toy", device=device)
     train_rows, test_rows = _toy_rows("train"), _toy_rows("test")
+    per_artist = settings.get("prior_per_artist")  # prior images per trained artist (default: all)
     prior_rows = [r for r in train_rows if not r["held_out"]]
+    if per_artist is not None:
+        by_artist: dict[str, list] = {}
+        for row in prior_rows:
+            by_artist.setdefault(row["artist"], []).append(row)
+        prior_rows = [row for rows in by_artist.values() for row in rows[:per_artist]]
     prior = ImageCaptions(pixels_of(prior_rows), [r["text"] for r in prior_rows])
     results, table_rows, grids = [], [], []
     for artist in artists:
@@ -413,3 +424,48 @@ def bench(config_path: str | Path, out: str | Path, device="cpu", log=print, see
     _write(out / "report.md", f"# {title}\n\n{table}\n\nConfig: `{config_path}`; details in results.json.\n")
     _write(out / "report.html", _html(title, sections))
     return results
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+def _row_key(row: dict) -> str:
+    if "guidance" in row:
+        return f"guidance {row['guidance']:g}"
+    return f"{row['artist']} / {row['cell']} / {row['adversary']}"
+
+
+def compare(run_a: str | Path, run_b: str | Path) -> str:
+    """What changed between two runs: config and versions, then every figure side by side with its change."""
+    results = []
+    for run in (run_a, run_b):
+        path = Path(run) / "results.json"
+        if not path.is_file():
+            raise FixativeError(f"{run} has no results.json; give two finished `fixative bench` run folders")
+        results.append(json.loads(path.read_text()))
+    a, b = results
+    lines = [f"A: {run_a}", f"B: {run_b}"]
+    settings_a = _flatten({"config": a["config"], "versions": a["versions"]})
+    settings_b = _flatten({"config": b["config"], "versions": b["versions"]})
+    changed = [k for k in sorted(set(settings_a) | set(settings_b)) if settings_a.get(k) != settings_b.get(k)]
+    lines.append("settings changed:" if changed else "settings: the same")
+    lines += [f"  {k}: {settings_a.get(k)!r} -> {settings_b.get(k)!r}" for k in changed]
+    rows_a = {_row_key(r): r for r in a["figures"]["rows"]}
+    rows_b = {_row_key(r): r for r in b["figures"]["rows"]}
+    metrics = ("fid", "clip_score", "protection_rate", "fid_to_held_out", "similarity_to_held_out", "psnr")
+    for key in list(rows_a) + [k for k in rows_b if k not in rows_a]:
+        left, right = rows_a.get(key, {}), rows_b.get(key, {})
+        parts = []
+        for metric in metrics:
+            if metric in left or metric in right:
+                x, y = left.get(metric), right.get(metric)
+                delta = f" ({y - x:+.3g})" if isinstance(x, (int, float)) and isinstance(y, (int, float)) else ""
+                parts.append(f"{metric} {x if x is None else f'{x:.4g}'} -> {y if y is None else f'{y:.4g}'}{delta}")
+        lines.append(f"{key}: " + "; ".join(parts))
+    return "\n".join(lines)

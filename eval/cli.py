@@ -66,14 +66,26 @@ def register(subparsers) -> None:
                                   description="Run the experiment of CONFIG.toml into RUN: results.json, report.md, "
                                               "report.html. Finished stages are cached by content hash: a run "
                                               "started again redoes only what was not finished.")
-    bench.add_argument("config", help="the experiment's TOML file (e.g. benchmarks/toy_guidance.toml)")
-    bench.add_argument("--out", required=True, help="run folder (created; reused to resume); required")
+    bench.add_argument("config", help="the experiment's TOML file (e.g. benchmarks/toy_guidance.toml), or 'compare' "
+                                      "followed by two run folders (fixative bench compare RUN_A RUN_B)")
+    bench.add_argument("runs", nargs="*", help="with 'compare': the two run folders")
+    bench.add_argument("--out", help="run folder (created; reused to resume); required to run a config")
     _common(bench)
     bench.set_defaults(func=_bench, seed=None)
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import bench
+    from fixative.core.errors import FixativeError
+
+    from .bench import bench, compare
+
+    if args.config == "compare":
+        if len(args.runs) != 2:
+            raise FixativeError("bench compare takes two run folders: fixative bench compare RUN_A RUN_B")
+        print(compare(*args.runs))
+        return 0
+    if args.out is None or args.runs:
+        raise FixativeError("give one config and --out: fixative bench CONFIG.toml --out RUN")
 
     results = bench(args.config, args.out, device=_device(args.device), log=(lambda _: None) if args.quiet else print,
                     seed=args.seed)
