@@ -167,7 +167,8 @@ class IMPRESS:
 
     def loss(self, vae, purified: torch.Tensor, original: torch.Tensor, distance) -> torch.Tensor:
         """Per image: consistency ||x' − D(E(x'))||² (mean over pixels) + α max(d(x', x) − Δ, 0)."""
-        return reconstruction_error(vae, purified) + self.alpha * (distance(purified, original) - self.budget).clamp(min=0)
+        excess = (distance(purified, original) - self.budget).clamp(min=0)
+        return reconstruction_error(vae, purified) + self.alpha * excess
 
 
 def reconstruction_error(vae, images: torch.Tensor) -> torch.Tensor:

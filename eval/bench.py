@@ -227,8 +227,8 @@ def run_guidance(config: dict, stages: Stages, device) -> tuple[dict, list[tuple
             model = model or load_model("toy", device=device)
             return {"images": _generate(model, prompts, seeds, steps, scale)}
 
-        images, images_key = stages.run(f"generate-g{scale:g}", {"model": model_hash, "prompts": prompts, "seeds": seeds,
-                                                                "steps": steps, "guidance": scale}, generate_at)
+        inputs = {"model": model_hash, "prompts": prompts, "seeds": seeds, "steps": steps, "guidance": scale}
+        images, images_key = stages.run(f"generate-g{scale:g}", inputs, generate_at)
 
         def measure(images=images):
             fake = extractor(images["images"])
@@ -250,8 +250,8 @@ def run_guidance(config: dict, stages: Stages, device) -> tuple[dict, list[tuple
     right.set(xlabel="CLIP score", ylabel="FID", title="FID against CLIP score over guidance scales")
     plot = _png(figure)
     plt.close(figure)
-    table = _markdown_table(["guidance", "FID", "CLIP score", "images"],
-                            [[f"{r['guidance']:g}", f"{r['fid']:.3f}", f"{r['clip_score']:.2f}", r["images"]] for r in rows])
+    cells = [[f"{r['guidance']:g}", f"{r['fid']:.3f}", f"{r['clip_score']:.2f}", r["images"]] for r in rows]
+    table = _markdown_table(["guidance", "FID", "CLIP score", "images"], cells)
     sections = [("FID and CLIP score over guidance scales", table), ("plots", "png:" + plot),
                 ("one generation per artist at each scale (rows: scales)",
                  "png:" + _grid_png(grid_rows, [f"guidance {s:g}" for s in scales]))]

@@ -32,7 +32,8 @@ def register(subparsers) -> None:
                                                                     "(default: use the cache)")
         parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
         if name == "kid":
-            parser.add_argument("--subsets", type=int, default=100, help="random subsets averaged (default: %(default)s)")
+            parser.add_argument("--subsets", type=int, default=100,
+                                help="random subsets averaged (default: %(default)s)")
             parser.add_argument("--subset-size", type=int, default=1000,
                                 help="images per subset; at most the smaller folder's count (default: %(default)s)")
         _common(parser)
@@ -138,12 +139,14 @@ def _register_mimic(subparsers) -> None:
                     "artist) with its 95%% Wilson interval and writes RUN/results.json.")
     mimic.add_argument("--model", default="toy", help="diffusers folder, single file, or 'toy' (default: %(default)s)")
     mimic.add_argument("--images", required=True,
-                       help="folder of the artist's images (captions from its metadata.jsonl when it has one); required")
+                       help="folder of the artist's images (captions from its metadata.jsonl when it has one); "
+                            "required")
     mimic.add_argument("--name", required=True, help="the new name the mimic is trained under; required")
     mimic.add_argument("--out", required=True, help="run folder: results.json and samples/; required")
     mimic.add_argument("--artist", help="the protected artist's label among the candidates (default: the "
                                         "metadata's artist column when it has one value)")
-    mimic.add_argument("--method", choices=("full", "lora"), default="full", help="fine-tuning method (default: %(default)s)")
+    mimic.add_argument("--method", choices=("full", "lora"), default="full",
+                       help="fine-tuning method (default: %(default)s)")
     mimic.add_argument("--adversary", action="append", default=[],
                        help="applied to the images before fine-tuning, in order; repeatable: jpeg:75, noise:0.05, "
                             "blur:1.0, resize:0.5, purify:noise=0.05,strength=0.2, impress:steps=100 (default: none)")
@@ -164,8 +167,10 @@ def _register_mimic(subparsers) -> None:
     mimic.add_argument("--steps", type=int, default=120, help="fine-tuning steps (default: %(default)s)")
     mimic.add_argument("--lr", type=float, help="learning rate (default: 1e-3 full, 5e-3 lora)")
     mimic.add_argument("--rank", type=int, default=8, help="LoRA rank (default: %(default)s)")
-    mimic.add_argument("--sampling-steps", type=int, default=25, help="DDIM steps per generation (default: %(default)s)")
-    mimic.add_argument("--guidance", type=float, default=5.0, help="guidance scale of the generations (default: %(default)s)")
+    mimic.add_argument("--sampling-steps", type=int, default=25,
+                       help="DDIM steps per generation (default: %(default)s)")
+    mimic.add_argument("--guidance", type=float, default=5.0,
+                       help="guidance scale of the generations (default: %(default)s)")
     _common(mimic)
     mimic.set_defaults(func=_mimic)
 
@@ -212,8 +217,8 @@ def provenance(args: argparse.Namespace, device) -> dict:
     from fixative import __version__
 
     options = {k: v for k, v in vars(args).items() if k != "func"}
-    return {"command": options, "fixative": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "device": str(device), "seed": args.seed}
+    return {"command": options, "fixative": __version__, "torch": torch.__version__,
+            "python": platform.python_version(), "device": str(device), "seed": args.seed}
 
 
 def _print(result: dict) -> int:

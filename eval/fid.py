@@ -41,10 +41,10 @@ def _psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
 def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
     """d² = ||μ_a − μ_b||² + Tr(Σ_a + Σ_b − 2 (Σ_a Σ_b)^½)  (Heusel et al. 2017, eq. 6).
 
-    Tr (Σ_a Σ_b)^½ = Tr (Σ_a^½ Σ_b Σ_a^½)^½ = ||Σ_b^½ Σ_a^½||_* (the sum of its singular values, since
-    (Σ_b^½ Σ_a^½)ᵀ(Σ_b^½ Σ_a^½) = Σ_a^½ Σ_b Σ_a^½): symmetric-eigen square roots, no complex parts (unlike a
-    general ``sqrtm`` of Σ_a Σ_b), and no square root of rounding noise where the covariances are rank-deficient
-    (fewer images than feature dimensions).
+    Tr (Σ_a Σ_b)^½ = Tr (Σ_a^½ Σ_b Σ_a^½)^½ = ||Σ_b^½ Σ_a^½||_*, the sum of its singular values, since
+    (Σ_b^½ Σ_a^½)ᵀ (Σ_b^½ Σ_a^½) = Σ_a^½ Σ_b Σ_a^½: symmetric-eigen square roots, no complex parts
+    (unlike a general ``sqrtm`` of Σ_a Σ_b), and no square root of rounding noise where the covariances
+    are rank-deficient (fewer images than feature dimensions).
     """
     trace_sqrt = torch.linalg.svdvals(_psd_sqrt(b.covariance) @ _psd_sqrt(a.covariance)).sum()
     distance = (a.mean - b.mean).square().sum() + a.covariance.trace() + b.covariance.trace() - 2 * trace_sqrt

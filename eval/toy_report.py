@@ -152,7 +152,8 @@ def clip_part(world: ToyWorld) -> dict:
     artists, subjects = world.judge.classify(pixels)
     return {"clip_artist_accuracy": _accuracy(artists, [r["artist"] for r in rows]),
             "clip_subject_accuracy": _accuracy(subjects, [r["subject"] for r in rows]),
-            "classifier_subject_accuracy": _accuracy(world.subject_model.classify(pixels), [r["subject"] for r in rows]),
+            "classifier_subject_accuracy": _accuracy(world.subject_model.classify(pixels),
+                                                     [r["subject"] for r in rows]),
             "classifier_artist_accuracy": _accuracy(world.artist_model.classify(pixels), [r["artist"] for r in rows]),
             "images": len(rows)}
 
@@ -312,7 +313,8 @@ def report(folder: str | Path | None = None, out: str | Path = "outputs/toy_repo
         log(_line("subject (CLIP)", clip["clip_subject_accuracy"], None))
         log(_line("subject (the report's subject classifier, on real paintings)",
                   clip["classifier_subject_accuracy"], None))
-        log(_line("artist (the report's artist classifier, on real paintings)", clip["classifier_artist_accuracy"], None))
+        log(_line("artist (the report's artist classifier, on real paintings)",
+                  clip["classifier_artist_accuracy"], None))
     if "generation" in parts:
         started = time.time()
         generation, rows, labels = generation_part(world)

@@ -32,7 +32,8 @@ def test_noise_has_the_asked_standard_deviation_and_is_seeded():
     grey = torch.full((2, 3, 64, 64), 0.5)
     out = GaussianNoise(0.05)(grey, seed=1)
     assert (out - grey).std().item() == pytest.approx(0.05, rel=0.05)
-    assert torch.equal(out, GaussianNoise(0.05)(grey, seed=1)) and not torch.equal(out, GaussianNoise(0.05)(grey, seed=2))
+    assert torch.equal(out, GaussianNoise(0.05)(grey, seed=1))
+    assert not torch.equal(out, GaussianNoise(0.05)(grey, seed=2))
 
 
 def test_blur_equals_torchvisions_gaussian_blur(images):

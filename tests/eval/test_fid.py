@@ -70,7 +70,8 @@ def test_kid_equals_torchmetrics_with_the_same_subsets():
 
 def test_kid_is_deterministic_for_a_seed_and_depends_on_it():
     real, fake = features(80, 16, 0), features(80, 16, 1, shift=0.1)
-    first, again = kid(real, fake, subsets=4, subset_size=30, seed=7), kid(real, fake, subsets=4, subset_size=30, seed=7)
+    first = kid(real, fake, subsets=4, subset_size=30, seed=7)
+    again = kid(real, fake, subsets=4, subset_size=30, seed=7)
     assert first == again
     assert kid(real, fake, subsets=4, subset_size=30, seed=8).mean != first.mean
 

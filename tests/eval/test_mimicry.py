@@ -4,7 +4,6 @@ import json
 import math
 
 import pytest
-import torch
 from PIL import Image
 
 from fixative.cli import main
