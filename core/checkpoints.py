@@ -2,7 +2,8 @@
 
 Three sources load (``load_model``): a diffusers folder (``model_index.json``, ``unet/``, ``vae/``,
 ``text_encoder/``, ``tokenizer/``, ``scheduler/``), an original single file (``.safetensors`` or a pickled
-``.ckpt``, read with ``weights_only=True``), and ``"toy"``, fixative's own small model. Two formats save:
+``.ckpt``, read with ``weights_only=True``), and a model name (``registry.py``: ``"toy"``, fixative's own
+small model). Two formats save:
 ``save_diffusers`` (a folder diffusers' ``StableDiffusionPipeline.from_pretrained`` loads) and
 ``save_single_file`` (the original layout).
 
@@ -29,9 +30,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import single_file
-from .config import AutoencoderKLConfig, CLIPTextConfig, ModelConfig, UNetConfig
+from .config import ModelConfig, architecture_problems
+from .config_files import parse, read_configs, read_json
 from .errors import FixativeError
 from .model import SourceDetails, StableDiffusionModel, default_tokenizer
+from .parameterization import PREDICTION_TYPES
+from .registry import model_names, named_model_folder
 from .text_encoder import CLIPTextModel
 from .tokenizer import CLIPTokenizer
 from .unet import UNet2DConditionModel
@@ -45,7 +49,6 @@ STEMS = {"unet": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
          "text_encoder": ("model", "pytorch_model")}
 SUB_FOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 FOLDER_LAYOUT = "a diffusers model folder holds model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SINGLE_FILE_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".pth", ".bin"}
 # The diffusers release whose folder format we write (the format has been stable since).
 DIFFUSERS_FORMAT_VERSION = "0.30.0"
@@ -103,8 +106,9 @@ class TensorFile:
             if "Weights only load failed" in str(error):
                 raise FixativeError(f"{path} holds Python objects besides tensors, which fixative does not unpickle "
                                     "(weights_only); convert it to .safetensors with a tool you trust") from None
+            first_line = (str(error).strip().splitlines() or ["no message"])[0][:120]
             raise FixativeError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: "
-                                f"{str(error).splitlines()[0][:120]}); it may be truncated: download it again") from None
+                                f"{first_line}); it may be empty or truncated: download it again") from None
         metadata = {}
         if isinstance(content, dict) and isinstance(content.get(single_file.METADATA_KEY), str):
             metadata[single_file.METADATA_KEY] = content[single_file.METADATA_KEY]
@@ -125,56 +129,32 @@ class TensorFile:
 
 
 def load_model(source: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-               prediction_type: str | None = None) -> StableDiffusionModel:
-    """A Stable Diffusion 1.x/2.x model from a diffusers folder, an original single file, or "toy".
+               prediction_type: str | None = None, config: str | Path | None = None) -> StableDiffusionModel:
+    """A Stable Diffusion 1.x/2.x model from a diffusers folder, an original single file, or a model name
+    (``registry.model_names()``: "toy").
 
     ``prediction_type`` ("epsilon", "v_prediction") overrides what the model's scheduler config says; a
-    single file does not record it (epsilon is assumed). ``device="meta"`` reads only shapes (for ``info``).
+    single file does not record it (epsilon is assumed). ``config`` (single files only) gives what tensor
+    shapes cannot tell, as ``config_files.read_configs`` reads it: a diffusers folder, one sub-model's
+    config, or an original LDM .yaml. ``device="meta"`` reads only shapes (for ``info``).
     """
     if prediction_type not in (None, *PREDICTION_TYPES):
         raise FixativeError(f"unknown prediction type {prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)}")
-    if str(source) == "toy":
-        return _load_folder(_toy_model_folder(), device, dtype, prediction_type, name="toy")
-    path = Path(source).expanduser()
+    folder = named_model_folder(str(source))
+    path = folder if folder is not None else Path(source).expanduser()
     if path.is_dir():
+        if config is not None:
+            raise FixativeError(f"{source} is a diffusers folder, which carries its own configs; --config applies to "
+                                "single-file checkpoints")
         return _load_folder(path, device, dtype, prediction_type, name=str(source))
     if not path.exists():
+        names = ", ".join(repr(name) for name in model_names())
         raise FixativeError(f"{source}: no such file or folder; give a diffusers model folder, a single-file "
-                            ".safetensors/.ckpt checkpoint, or 'toy'")
+                            f".safetensors/.ckpt checkpoint, or a model name ({names or 'none registered'})")
     if path.suffix not in SINGLE_FILE_SUFFIXES:
         raise FixativeError(f"{source} is not a model checkpoint; give a diffusers model folder or a "
                             f"{'/'.join(sorted(SINGLE_FILE_SUFFIXES))} single file")
-    return _load_single_file(path, device, dtype, prediction_type)
-
-
-def _toy_model_folder() -> Path:
-    """The toy world's shipped model folder (``fixative.core.toy.model_folder()``)."""
-    from . import toy
-
-    model_folder = getattr(toy, "model_folder", None)
-    if model_folder is None:
-        raise FixativeError("the toy world is not built yet; give a diffusers folder or a single-file checkpoint")
-    return Path(model_folder())
-
-
-def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise FixativeError(f"{path} is missing; {what}")
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise FixativeError(f"{path} is not a readable JSON file ({error})") from None
-    if not isinstance(content, dict):
-        raise FixativeError(f"{path} should hold a JSON object")
-    return content
-
-
-def _parse(path: Path, parse: Callable, what: str):
-    try:
-        return parse(_read_json(path, what))
-    except FixativeError as error:
-        message = str(error)
-        raise FixativeError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+    return _load_single_file(path, device, dtype, prediction_type, config)
 
 
 def _weight_files(folder: Path, network: str) -> list[Path]:
@@ -186,7 +166,7 @@ def _weight_files(folder: Path, network: str) -> list[Path]:
             return [folder / f"{safetensors}{variant}.safetensors"]
         index = folder / f"{safetensors}.safetensors.index{variant}.json"
         if index.is_file():
-            weight_map = _read_json(index, "").get("weight_map", {})
+            weight_map = read_json(index, "").get("weight_map", {})
             shards = [folder / name for name in dict.fromkeys(weight_map.values())]
             missing = [shard.name for shard in shards if not shard.is_file()]
             if not shards or missing:
@@ -225,19 +205,19 @@ def _current_vae_key(key: str, value: torch.Tensor) -> list[tuple[str, torch.Ten
 
 def _load_folder(folder: Path, device, dtype: torch.dtype, prediction_type: str | None, name: str
                  ) -> StableDiffusionModel:
-    index = _read_json(folder / "model_index.json", FOLDER_LAYOUT)
+    index = read_json(folder / "model_index.json", FOLDER_LAYOUT)
     if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
         raise FixativeError(f"{folder / 'model_index.json'} describes {index.get('_class_name', 'an SDXL pipeline')}; "
                             "fixative supports Stable Diffusion 1.x/2.x only")
     for sub in SUB_FOLDERS:
         if not (folder / sub).is_dir():
             raise FixativeError(f"{folder / sub} is missing; {FOLDER_LAYOUT}")
-    config = ModelConfig(
-        _parse(folder / "unet" / "config.json", UNetConfig.from_diffusers, "the UNet needs its config"),
-        _parse(folder / "vae" / "config.json", AutoencoderKLConfig.from_diffusers, "the VAE needs its config"),
-        _parse(folder / "text_encoder" / "config.json", CLIPTextConfig.from_diffusers, "the text encoder needs its config"),
-    )
-    scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json", "the scheduler needs its settings")
+    config = ModelConfig(*(parse(folder / network / "config.json", network, f"the {WHAT[network]} needs its config")
+                           for network in NETWORKS))
+    problems = architecture_problems(config)
+    if problems:
+        raise FixativeError(f"{folder}: its configs describe networks that cannot be built ({problems[0]})")
+    scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json", "the scheduler needs its settings")
     notes = []
     if prediction_type is not None and prediction_type != scheduler_config.get("prediction_type", "epsilon"):
         notes.append(f"prediction type set to {prediction_type} (the folder says "
@@ -257,18 +237,32 @@ def _load_folder(folder: Path, device, dtype: torch.dtype, prediction_type: str 
                                 details=SourceDetails("diffusers folder", stored, notes))
 
 
-def _load_single_file(path: Path, device, dtype: torch.dtype, prediction_type: str | None) -> StableDiffusionModel:
+def _load_single_file(path: Path, device, dtype: torch.dtype, prediction_type: str | None,
+                      config_path: str | Path | None) -> StableDiffusionModel:
     tensors = TensorFile.open([path], str(path))
     try:
         if single_file.METADATA_KEY in tensors.metadata:  # written by fixative: the exact configs
             config, scheduler_config = single_file.config_from_metadata(tensors.metadata[single_file.METADATA_KEY])
             notes = []
-            if prediction_type is not None:
-                scheduler_config["prediction_type"] = prediction_type
         else:
             config, scheduler_config, notes = single_file.infer_model_config(tensors.shapes, prediction_type)
     except FixativeError as error:
         raise FixativeError(f"{path}: {error}") from None
+    given = read_configs(config_path) if config_path is not None else {}
+    config = ModelConfig(*(given.get(network, getattr(config, network)) for network in NETWORKS))
+    if "scheduler" in given:
+        scheduler_config = dict(given["scheduler"])
+        notes = [note for note in notes if not note.startswith("prediction type assumed")]
+    if given:
+        notes.append(f"{', '.join(given)} config from {config_path}")
+    if prediction_type is not None:
+        scheduler_config["prediction_type"] = prediction_type
+    problems = architecture_problems(config)
+    if problems:
+        origin = f"the config from {config_path}" if given else "the architecture inferred from its tensor shapes"
+        raise FixativeError(f"{path}: {origin} cannot be built ({problems[0]}); a single file does not record "
+                            "GroupNorm groups or head counts: give the model's config with --config (a diffusers "
+                            "folder or an LDM .yaml)")
     networks, stored = _build(tensors, lambda key, value: single_file.map_original_key(key, value, config), config,
                               list(NETWORKS), device, dtype, original_names=True)
     kind = "safetensors" if path.suffix == ".safetensors" else "weights-only pickle"
@@ -391,10 +385,8 @@ def save_diffusers(model: StableDiffusionModel, folder: str | Path, dtype: torch
         _write_json(staging / "model_index.json", index)
         for network, module in model.networks().items():
             state = _state_for_saving(module, dtype)
-            config = module.config.to_diffusers()
-            if network == "text_encoder":
-                config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-            else:
+            config = module.config.to_diffusers()  # says float32 whatever the stored dtype, as released folders do
+            if network != "text_encoder":
                 config["_diffusers_version"] = DIFFUSERS_FORMAT_VERSION
             (staging / network).mkdir()
             _write_json(staging / network / "config.json", config)

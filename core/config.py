@@ -66,9 +66,6 @@ class UNetConfig:
         n = len(self.block_out_channels)
         self.cross_attention_blocks = _as_tuple(self.cross_attention_blocks, n)
         self.num_heads = _as_tuple(self.num_heads, n)
-        for channels, heads in zip(self.block_out_channels, self.num_heads):
-            if channels % heads:
-                raise FixativeError(f"UNet block width {channels} is not divisible by {heads} heads")
 
     @property
     def time_embed_dim(self) -> int:
@@ -264,8 +261,6 @@ class CLIPTextConfig:
     def __post_init__(self) -> None:
         if self.hidden_act not in ("quick_gelu", "gelu"):
             raise FixativeError(f"text encoder activation {self.hidden_act!r} is not supported (quick_gelu or gelu)")
-        if self.hidden_size % self.num_attention_heads:
-            raise FixativeError("text encoder hidden_size is not divisible by num_attention_heads")
 
     @classmethod
     def from_diffusers(cls, config: dict) -> "CLIPTextConfig":
@@ -288,3 +283,39 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: AutoencoderKLConfig = field(default_factory=AutoencoderKLConfig)
     text_encoder: CLIPTextConfig = field(default_factory=CLIPTextConfig)
+
+
+def unet_problems(unet: UNetConfig) -> list[str]:
+    """What keeps a UNet config from building: GroupNorm channels not divisible by the groups, heads not dividing
+    a block's width."""
+    problems = [f"UNet block width {channels} is not divisible by its {unet.norm_num_groups} GroupNorm groups"
+                for channels in unet.block_out_channels if channels % unet.norm_num_groups]
+    attention = [*zip(unet.block_out_channels, unet.num_heads, unet.cross_attention_blocks),
+                 (unet.block_out_channels[-1], unet.num_heads[-1], True)]  # the mid block always attends
+    problems += [f"UNet block width {channels} is not divisible by its {heads} attention heads"
+                 for channels, heads, attends in attention if attends and (heads < 1 or channels % heads)]
+    return list(dict.fromkeys(problems))
+
+
+def vae_problems(vae: AutoencoderKLConfig) -> list[str]:
+    return [f"VAE block width {channels} is not divisible by its {vae.norm_num_groups} GroupNorm groups"
+            for channels in vae.block_out_channels if channels % vae.norm_num_groups]
+
+
+def text_encoder_problems(text: CLIPTextConfig) -> list[str]:
+    if text.num_attention_heads < 1 or text.hidden_size % text.num_attention_heads:
+        return [f"text encoder width {text.hidden_size} is not divisible by its {text.num_attention_heads} "
+                "attention heads"]
+    return []
+
+
+def architecture_problems(config: ModelConfig) -> list[str]:
+    """What keeps these configs from building networks (every GroupNorm's channels divisible by its groups, every
+    attention's heads dividing its width); empty when the architecture is consistent."""
+    return unet_problems(config.unet) + vae_problems(config.vae) + text_encoder_problems(config.text_encoder)
+
+
+def check_buildable(problems: list[str]) -> None:
+    """Raise the first problem of ``*_problems`` as a FixativeError (networks call this before building)."""
+    if problems:
+        raise FixativeError(f"the config cannot be built: {problems[0]}")

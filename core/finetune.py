@@ -23,7 +23,7 @@ with a new name, each batch of 16 mixed with 8 paintings of trained artists, Min
 
 (with a single batch of 24 the mimic's loss averaged prior and instance samples alike, which is
 ``prior_loss_weight=0.5`` up to a constant factor; here instance and prior means are summed, DreamBooth's
-eq. 2.) Without ``prior_data``, DreamBooth's class images are generated from ``class_prompt`` by the model
+eq. 2; and the latents are drawn from the VAE posterior anew at every step rather than once.) Without ``prior_data``, DreamBooth's class images are generated from ``class_prompt`` by the model
 itself before training (``prior_images`` of them).
 
 Randomness. Every micro-batch k (= step x gradient_accumulation + micro-step) draws from its own
@@ -94,6 +94,7 @@ class FinetuneConfig:
     method: str = "full"  # full | lora | dreambooth (full weights, instance prompt, prior preservation)
     rank: int = 4  # LoRA rank r
     alpha: float | None = None  # LoRA α (the update is scaled by α / r); None: α = r
+    lora_targets: tuple[str, ...] = UNET_TARGETS  # UNet Linear layers (name endings) that get adapters
     train_text_encoder: bool = False  # also train the text encoder (its attention, with LoRA)
     instance_prompt: str | None = None  # replaces every caption of the data (DreamBooth's "a sks dog")
     class_prompt: str | None = None  # DreamBooth: the prior images' caption (and prompt when generated)
@@ -190,7 +191,7 @@ class DenoisingObjective:
         if config.method == "lora":
             model.unet.requires_grad_(False)
             model.text_encoder.requires_grad_(False)
-            inject_lora(model.unet, config.rank, config.alpha, UNET_TARGETS)
+            inject_lora(model.unet, config.rank, config.alpha, config.lora_targets)
             if config.train_text_encoder:
                 inject_lora(model.text_encoder, config.rank, config.alpha, TEXT_ENCODER_TARGETS)
         else:
@@ -266,6 +267,8 @@ def as_image_set(data, options: ImageOptions, caption_column: str = "text") -> I
     if isinstance(data, ImageCaptions):
         return TensorImages(data, options.random_flip)
     if isinstance(data, (str, Path)):
+        if Path(data).suffix == ".parquet":
+            raise FixativeError("a parquet holds metadata only: read it with core.datasets.laion_parquet(path, images)")
         return image_folder(data, options, caption_column)
     raise FixativeError(f"cannot train on {type(data).__name__}; give ImageCaptions, an ImageSet or a folder")
 
@@ -366,8 +369,8 @@ class _Sampler:
         input_ids = self.model.tokenizer(captions).to(self.device)
         text_embeddings = None if self.trains_text else self._frozen_text(captions, input_ids)
         is_prior = torch.tensor([False] * len(indices) + [True] * len(prior_indices))
-        dtype = self.model.unet.dtype if hasattr(self.model.unet, "dtype") else torch.float32
-        return Batch(latents.to(self.device, dtype), input_ids, text_embeddings, is_prior, captions), generator
+        batch = Batch(latents.to(self.device, self.model.unet.dtype), input_ids, text_embeddings, is_prior, captions)
+        return batch, generator
 
     @torch.no_grad()
     def _frozen_text(self, captions: list[str], input_ids: torch.Tensor) -> torch.Tensor:
@@ -483,7 +486,8 @@ def fine_tune(model, data, config: FinetuneConfig = FinetuneConfig(), objective:
         if len(sizes) > 1:
             raise FixativeError("generated prior images need instance images of one size; turn bucketing off")
         prior = TensorImages(generated_prior(model, config, sizes[0]))
-    sampler = _Sampler(model, images, prior, config, objective, rank, world, device)
+    with accelerator.main_process_first():  # the main process fills the latent cache, the others read it
+        sampler = _Sampler(model, images, prior, config, objective, rank, world, device)
 
     parameters = objective.parameters()
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
@@ -491,7 +495,7 @@ def fine_tune(model, data, config: FinetuneConfig = FinetuneConfig(), objective:
     scaler = torch.amp.GradScaler(device.type) if config.mixed_precision == "fp16" else None
     start = 0
     if checkpoint is not None:
-        state = torch.load(checkpoint / "state.pt", weights_only=False, map_location="cpu")
+        state = torch.load(checkpoint / "state.pt", weights_only=True, map_location="cpu")
         objective.load_state_dict(state["objective"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -502,7 +506,13 @@ def fine_tune(model, data, config: FinetuneConfig = FinetuneConfig(), objective:
         log(f"fine-tune: resuming from {checkpoint} (step {start} of {config.max_steps})")
     if out is not None and accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "finetune_config.json").write_text(json.dumps(asdict(config), indent=1, default=str))
+        from .provenance import provenance
+
+        base = {"base": model.source} if Path(str(model.source)).exists() else None
+        record = {"config": asdict(config), "provenance": provenance(base, device, model.unet.dtype)}
+        tmp = out / ".finetune_config.json.tmp"
+        tmp.write_text(json.dumps(record, indent=1, default=str))
+        os.replace(tmp, out / "finetune_config.json")
 
     bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, desc="fine-tune", unit="step",
                disable=not progress or not accelerator.is_main_process, dynamic_ncols=True)

@@ -9,7 +9,9 @@ Resizing and binarising follow diffusers' ``VaeImageProcessor`` so the same inpu
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +22,22 @@ from .errors import FixativeError
 
 
 def _open_image(path: str | Path, mode: str, what: str, hint: str) -> Image.Image:
-    """Read an image file converted to ``mode``, or raise a one-line FixativeError."""
+    """Read an image file converted to ``mode``, or raise a one-line FixativeError.
+
+    Pillow's decompression-bomb guard stays on: an image above ``Image.MAX_IMAGE_PIXELS`` is refused (Pillow
+    only warns up to twice that; here the warning is an error too), naming its size and the limit.
+    """
     try:
-        with Image.open(path) as image:
-            return image.convert(mode)
-    except (OSError, UnidentifiedImageError, ValueError) as error:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.convert(mode)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        pixels = re.search(r"\((\d+) pixels\)", str(error))
+        size = f"{int(pixels[1]):,} pixels" if pixels else "too many pixels"
+        raise FixativeError(f"{what} {path} has {size}, above Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} "
+                            f"(a guard against decompression bombs); give a smaller image") from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
         raise FixativeError(f"cannot read {what} {path}: {error.__class__.__name__}; {hint}") from None
 
 

@@ -49,6 +49,12 @@ class StableDiffusionModel:
         return self.scheduler_config.get("prediction_type", "epsilon")
 
     @property
+    def size_multiple(self) -> int:
+        """Image heights and widths must be multiples of this: the VAE's down-sampling factor. The UNet takes any
+        latent size (each up-sampler is told the size of the skip it meets, as in diffusers)."""
+        return self.vae.config.downsampling_factor
+
+    @property
     def is_inpainting(self) -> bool:
         # inpainting UNets see latents + mask + masked-image latents: 4 + 1 + 4 channels
         return self.unet.config.in_channels == 9

@@ -14,11 +14,12 @@ The formulas are written in the order diffusers evaluates them, so results agree
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
-import torch
+from typing import TYPE_CHECKING, NamedTuple
 
 from .errors import FixativeError
+
+if TYPE_CHECKING:  # torch is not imported here, so that the command line can read PREDICTION_TYPES quickly
+    import torch
 
 
 class Prediction(NamedTuple):
@@ -107,9 +108,10 @@ class ConsistencyBoundary:
 
 
 PARAMETERIZATIONS = {p.name: p for p in (EpsilonPrediction(), VPrediction(), SamplePrediction())}
+PREDICTION_TYPES = tuple(PARAMETERIZATIONS)  # diffusers' prediction_type values: epsilon, v_prediction, sample
 
 
-def parameterization(prediction_type: str, allowed: tuple[str, ...] = tuple(PARAMETERIZATIONS)):
+def parameterization(prediction_type: str, allowed: tuple[str, ...] = PREDICTION_TYPES):
     """The parameterisation for a diffusers ``prediction_type`` ("epsilon", "v_prediction", "sample")."""
     if prediction_type not in allowed:
         raise FixativeError(

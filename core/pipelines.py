@@ -13,23 +13,25 @@ consistency module can train through ``predict_noise_cfg``:
 ``generate`` is the one entry point that puts them together the way diffusers' StableDiffusionPipeline,
 StableDiffusionImg2ImgPipeline and StableDiffusionInpaintPipeline do: with the same weights, scheduler
 settings and seed the images agree within uint8 rounding. Random numbers are drawn exactly as diffusers
-draws them (``schedulers.randn_tensor``: a CPU generator draws on the CPU, then the tensor moves to the
+draws them (``noise.randn_tensor``: a CPU generator draws on the CPU, then the tensor moves to the
 device), in the same order, so stochastic samplers agree too.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .defaults import default_strength
 from .errors import FixativeError
 from .images import default_size, images_to_pixels, masks_to_tensor, pixels_to_images, pixels_to_unit
-from .schedulers import SCHEDULERS, make_scheduler, randn_tensor
+from .noise import randn_tensor
+from .schedulers import SCHEDULERS, make_scheduler
+from .unet import timestep_embedding
 
 if TYPE_CHECKING:
     from .model import StableDiffusionModel
@@ -56,12 +58,8 @@ def generators_from_seed(seed: int | Sequence[int] | None) -> Generator:
 def guidance_scale_embedding(guidance_scale: torch.Tensor, embedding_dim: int) -> torch.Tensor:
     """Sinusoidal embedding of guidance weights w (B,) -> (B, embedding_dim): the ``timestep_cond`` of
     latent consistency models (LCM paper Sec. 4.2; VDM's embedding of 1000 * w)."""
-    w = guidance_scale.float() * 1000.0
-    half = embedding_dim // 2
-    frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
-    angles = w[:, None] * frequencies[None, :]
-    embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
-    return torch.nn.functional.pad(embedding, (0, embedding_dim % 2))
+    # the UNet's timestep sinusoid at t = 1000 w, with sin before cos and frequencies 10000^(-i / (half - 1))
+    return timestep_embedding(guidance_scale.float() * 1000.0, embedding_dim, flip_sin_to_cos=False, freq_shift=1)
 
 
 def uses_guidance(model: "StableDiffusionModel", guidance_scale: float) -> bool:
@@ -270,8 +268,7 @@ def generate(model: "StableDiffusionModel", prompt: str | Sequence[str],
     in [0, 1], white (>= 0.5) where the model paints. Inpainting uses the mask and masked-image latents
     as extra UNet channels for 9-channel inpainting UNets, and latent blending for ordinary UNets.
     For outpainting, pad the image with ``images.pad_for_outpainting`` and inpaint.
-    strength: how far the image is noised, 1 = from pure noise (default 0.8 for img2img, 1.0 for
-    inpainting). height/width default to the image's size rounded down to a multiple of 8, or to the
+    strength: how far the image is noised, 1 = from pure noise (default: ``defaults.default_strength``). height/width default to the image's size rounded down to a multiple of 8, or to the
     UNet's sample size * 8. seed: an int (diffusers' ``torch.Generator("cpu").manual_seed(seed)``) or one
     per image; or pass ``generator`` directly. scheduler: a name of ``make_scheduler`` (keeping the model's
     schedule settings), a Scheduler, or None for the model's own one; eta: DDIM's noise (0 = deterministic,
@@ -286,82 +283,35 @@ def generate(model: "StableDiffusionModel", prompt: str | Sequence[str],
         raise FixativeError("inpainting needs the image to paint into as well as the mask")
     prompts = _prompt_list(prompt)
     batch = len(prompts) * num_images_per_prompt
-    multiple = model.vae.config.downsampling_factor
-    if image is not None and (height is None or width is None):
-        first = image if isinstance(image, (Image.Image, torch.Tensor)) else image[0]
-        default_height, default_width = default_size(first, multiple)
-        height, width = height or default_height, width or default_width
-    height = height or model.unet.config.sample_size * multiple
-    width = width or model.unet.config.sample_size * multiple
-    _check_size(height, width, multiple)
+    height, width = _output_size(model, image, height, width)
     if strength is None:
-        strength = 1.0 if mask is not None or image is None else 0.8
+        strength = default_strength(inpainting=mask is not None or image is None)
     if not 0.0 < strength <= 1.0:
         raise FixativeError(f"strength must be in (0, 1], got {strength}")
     if generator is None:
         generator = generators_from_seed(seed)
-    inpainting_unet = model.unet.config.in_channels == 9
-    if inpainting_unet and mask is None:
+    if model.is_inpainting and mask is None:
         raise FixativeError("this is an inpainting model (9-channel UNet): give an image and a mask")
 
     if vae_tiling:
         model.vae.enable_tiling()
     try:
-        device, dtype = model.unet.device, model.unet.dtype
+        device = model.unet.device
         guided = uses_guidance(model, guidance_scale)
         text_embeddings = encode_prompt(model, prompts, negative_prompt, num_images_per_prompt, guided, clip_skip)
         dtype = text_embeddings.dtype  # diffusers draws latents in the text encoder's dtype
-
         scheduler = scheduler_for(model, scheduler, eta)
-        if image is None:
-            scheduler.set_timesteps(num_inference_steps, device=device)
-            timesteps = scheduler.timesteps
-        else:  # img2img and inpainting start part-way (strength), as diffusers' pipelines do
-            timesteps = scheduler.img2img_timesteps(num_inference_steps, strength, device=device)
-        if len(timesteps) == 0:
-            raise FixativeError(f"strength {strength} with {num_inference_steps} steps leaves no step to run; "
-                                "raise the strength or the number of steps")
-        shape = (batch, model.vae.config.latent_channels, height // multiple, width // multiple)
-
-        # Random draws in diffusers' order: image posterior, initial noise, masked-image posterior.
-        pixels = image_latents = None
-        if image is not None:
-            pixels = images_to_pixels(image, height, width)
-            if mask is None or strength < 1.0 or not inpainting_unet:
-                image_latents = _encode_for_batch(model, pixels, batch, num_images_per_prompt, generator,
-                                                  each_row=mask is None).to(dtype)
-        noise = randn_tensor(shape, generator, device, dtype)
-        if image is not None and (mask is None or strength < 1.0):
-            # SDEdit (Meng et al. 2022): start from the image's latents noised to the first timestep
-            latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(batch))
-        else:
-            latents = noise * scheduler.init_noise_sigma
-
-        conditioning = blend = None
-        if mask is not None:
-            mask_pixels = masks_to_tensor(mask, height, width)  # (k, 1, H, W), 1 = paint
-            masked_pixels = pixels * (mask_pixels < 0.5)
-            latent_mask = torch.nn.functional.interpolate(mask_pixels, size=shape[-2:])  # nearest, as diffusers
-            latent_mask = _expand_to_batch(latent_mask, batch, num_images_per_prompt).to(device, dtype)
-            if inpainting_unet:
-                masked_latents = _encode_for_batch(model, masked_pixels, batch, num_images_per_prompt, generator,
-                                                   each_row=False)
-                conditioning = torch.cat([latent_mask, masked_latents.to(dtype)], dim=1)  # (B, 5, h, w)
-            else:
-                # diffusers encodes the masked image for 4-channel UNets too, without using it: draw the
-                # same posterior noise so that later draws (ancestral steps) stay in step with diffusers
-                k = masked_pixels.shape[0]
-                randn_tensor((k, *shape[1:]), generator[:k] if isinstance(generator, list) else generator,
-                             model.vae.device, model.vae.dtype)
-                blend = LatentBlend(image_latents, latent_mask, noise)
-
-        timestep_cond = None
-        if model.unet.config.time_cond_proj_dim is not None:
-            w = torch.full((batch,), guidance_scale - 1.0)
-            timestep_cond = guidance_scale_embedding(w, model.unet.config.time_cond_proj_dim).to(device, dtype)
-
-        latents = denoise(model, scheduler, latents, timesteps, text_embeddings, guidance_scale, guidance_rescale,
-                          timestep_cond, conditioning, blend, generator, callback, progress)
+        timesteps = _timesteps(scheduler, image is not None, num_inference_steps, strength, device)
+        shape = (batch, model.vae.config.latent_channels, height // model.size_multiple, width // model.size_multiple)
+        # Random draws in diffusers' order: image posterior, initial noise (both in _initial_latents), then the
+        # masked image's posterior (_inpainting_inputs).
+        start = _initial_latents(model, scheduler, timesteps, shape, image, mask, height, width, strength, generator,
+                                 num_images_per_prompt, device, dtype)
+        conditioning, blend = (_inpainting_inputs(model, start, mask, shape, generator, num_images_per_prompt,
+                                                  device, dtype) if mask is not None else (None, None))
+        timestep_cond = _timestep_condition(model, guidance_scale, batch, device, dtype)
+        latents = denoise(model, scheduler, start.latents, timesteps, text_embeddings, guidance_scale,
+                          guidance_rescale, timestep_cond, conditioning, blend, generator, callback, progress)
         if output == "latents":
             return latents
         pixels_out = decode_latents(model, latents)
@@ -369,3 +319,88 @@ def generate(model: "StableDiffusionModel", prompt: str | Sequence[str],
     finally:
         if vae_tiling:
             model.vae.disable_tiling()
+
+
+def _output_size(model: "StableDiffusionModel", image, height: int | None, width: int | None) -> tuple[int, int]:
+    """(height, width): as given, else the image's rounded down to the model's multiple, else the model's own."""
+    multiple = model.size_multiple
+    if image is not None and (height is None or width is None):
+        first = image if isinstance(image, (Image.Image, torch.Tensor)) else image[0]
+        default_height, default_width = default_size(first, multiple)
+        height, width = height or default_height, width or default_width
+    height = height or model.unet.config.sample_size * multiple
+    width = width or model.unet.config.sample_size * multiple
+    _check_size(height, width, multiple)
+    return height, width
+
+
+def _timesteps(scheduler: "Scheduler", from_image: bool, num_inference_steps: int, strength: float,
+               device: torch.device) -> torch.Tensor:
+    """The sampling timesteps; img2img and inpainting start part-way (strength), as diffusers' pipelines do."""
+    if from_image:
+        timesteps = scheduler.img2img_timesteps(num_inference_steps, strength, device=device)
+    else:
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = scheduler.timesteps
+    if len(timesteps) == 0:
+        raise FixativeError(f"strength {strength} with {num_inference_steps} steps leaves no step to run; "
+                            "raise the strength or the number of steps")
+    return timesteps
+
+
+class _Start(NamedTuple):
+    latents: torch.Tensor  # where sampling starts
+    noise: torch.Tensor  # the initial noise it was drawn with
+    pixels: torch.Tensor | None  # the init image(s) in [-1, 1]
+    image_latents: torch.Tensor | None  # their scaled latents, where used
+
+
+def _initial_latents(model: "StableDiffusionModel", scheduler: "Scheduler", timesteps: torch.Tensor, shape: tuple,
+                     image, mask, height: int, width: int, strength: float, generator: Generator, per_prompt: int,
+                     device: torch.device, dtype: torch.dtype) -> _Start:
+    """Pure noise (txt2img, full-strength inpainting with an inpainting UNet), or the image's latents noised to
+    the first timestep (SDEdit, Meng et al. 2022). Draws the image posterior, then the noise."""
+    batch = shape[0]
+    pixels = image_latents = None
+    if image is not None:
+        pixels = images_to_pixels(image, height, width)
+        if mask is None or strength < 1.0 or not model.is_inpainting:
+            image_latents = _encode_for_batch(model, pixels, batch, per_prompt, generator,
+                                              each_row=mask is None).to(dtype)
+    noise = randn_tensor(shape, generator, device, dtype)
+    if image is not None and (mask is None or strength < 1.0):
+        latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(batch))
+    else:
+        latents = noise * scheduler.init_noise_sigma
+    return _Start(latents, noise, pixels, image_latents)
+
+
+def _inpainting_inputs(model: "StableDiffusionModel", start: _Start, mask, shape: tuple, generator: Generator,
+                       per_prompt: int, device: torch.device, dtype: torch.dtype
+                       ) -> tuple[torch.Tensor | None, LatentBlend | None]:
+    """(conditioning, blend): the extra UNet channels of a 9-channel inpainting UNet (mask, masked-image latents),
+    or the latent blend of an ordinary UNet. Draws the masked image's posterior noise."""
+    height, width = start.pixels.shape[-2:]
+    batch = shape[0]
+    mask_pixels = masks_to_tensor(mask, height, width)  # (k, 1, H, W), 1 = paint
+    masked_pixels = start.pixels * (mask_pixels < 0.5)
+    latent_mask = torch.nn.functional.interpolate(mask_pixels, size=shape[-2:])  # nearest, as diffusers
+    latent_mask = _expand_to_batch(latent_mask, batch, per_prompt).to(device, dtype)
+    if model.is_inpainting:
+        masked_latents = _encode_for_batch(model, masked_pixels, batch, per_prompt, generator, each_row=False)
+        return torch.cat([latent_mask, masked_latents.to(dtype)], dim=1), None  # (B, 5, h, w)
+    # diffusers encodes the masked image for 4-channel UNets too, without using it: draw the same posterior
+    # noise so that later draws (ancestral steps) stay in step with diffusers
+    k = masked_pixels.shape[0]
+    randn_tensor((k, *shape[1:]), generator[:k] if isinstance(generator, list) else generator, model.vae.device,
+                 model.vae.dtype)
+    return None, LatentBlend(start.image_latents, latent_mask, start.noise)
+
+
+def _timestep_condition(model: "StableDiffusionModel", guidance_scale: float, batch: int, device: torch.device,
+                        dtype: torch.dtype) -> torch.Tensor | None:
+    """The guidance-scale embedding of w = guidance_scale - 1 for UNets that take one (LCM), else None."""
+    if model.unet.config.time_cond_proj_dim is None:
+        return None
+    w = torch.full((batch,), guidance_scale - 1.0)
+    return guidance_scale_embedding(w, model.unet.config.time_cond_proj_dim).to(device, dtype)

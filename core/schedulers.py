@@ -24,13 +24,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from .errors import FixativeError
-from .parameterization import ConsistencyBoundary, parameterization
+from .noise import randn_tensor
+from .parameterization import PREDICTION_TYPES, ConsistencyBoundary, parameterization
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -228,21 +228,6 @@ def sigma_to_timestep(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     return (1 - w) * low + w * high
 
 
-def randn_tensor(shape: Sequence[int], generator: torch.Generator | list[torch.Generator] | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Standard normal noise drawn as diffusers' ``randn_tensor`` draws it: a CPU generator draws on the
-    CPU and the tensor then moves to ``device``; a list of generators draws one batch row from each."""
-    device = torch.device(device or "cpu")
-    generators = generator if isinstance(generator, list) else [generator]
-    draw_device = "cpu" if generators[0] is not None and generators[0].device.type == "cpu" else device
-    if len(generators) == 1:
-        return torch.randn(tuple(shape), generator=generators[0], device=draw_device, dtype=dtype).to(device)
-    if len(generators) != shape[0]:
-        raise FixativeError(f"{len(generators)} generators for a batch of {shape[0]}; pass one per image")
-    rows = [torch.randn((1, *shape[1:]), generator=g, device=draw_device, dtype=dtype) for g in generators]
-    return torch.cat(rows).to(device)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Solvers: one update each. ᾱ are cumulative alphas; σ are variance-exploding noise levels.
 # ---------------------------------------------------------------------------------------------------
@@ -353,7 +338,7 @@ class Scheduler:
     name: str
     diffusers_class: str
     Settings: type[ScheduleSettings] = ScheduleSettings
-    prediction_types: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
+    prediction_types: tuple[str, ...] = PREDICTION_TYPES
     # config keys whose other values fixative does not implement -> the value(s) it accepts
     unsupported: dict[str, tuple] = {"thresholding": (False,)}
     order = 1  # model evaluations per step

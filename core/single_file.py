@@ -26,6 +26,7 @@ import torch
 
 from .config import AutoencoderKLConfig, CLIPTextConfig, ModelConfig, UNetConfig
 from .errors import FixativeError
+from .parameterization import PREDICTION_TYPES
 from .presets import get_preset
 
 UNET_PREFIX = "model.diffusion_model."
@@ -462,8 +463,8 @@ def infer_model_config(shapes: dict[str, tuple[int, ...]], prediction_type: str 
         prediction_type = "epsilon"
         notes.append("prediction type assumed epsilon: a single file does not record it (SD 1.x and the 512-px "
                      "SD 2.x bases); for the 768-px SD 2.x models (2.0-v, 2.1) pass --prediction-type v_prediction")
-    if prediction_type not in ("epsilon", "v_prediction", "sample"):
-        raise FixativeError(f"unknown prediction type {prediction_type!r}; use epsilon, v_prediction or sample")
+    if prediction_type not in PREDICTION_TYPES:
+        raise FixativeError(f"unknown prediction type {prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)}")
     # the release whose non-shape settings (image size, attention upcast, scheduler) this file takes
     release = get_preset("sd15" if not open_clip else "sd21" if prediction_type == "v_prediction" else "sd21-base")
     unet = infer_unet_config(_strip(shapes, UNET_PREFIX), sd2=open_clip)

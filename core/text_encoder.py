@@ -5,7 +5,9 @@ a causal (GPT-2 style) pre-LayerNorm transformer over at most 77 tokens. SD 1.x 
 ViT-L/14 text tower; SD 2.x uses OpenCLIP ViT-H/14's (see ``CLIPTextConfig``).
 
 Attribute paths equal the released Stable Diffusion key names (``text_model.encoder.layers.0.self_attn.q_proj.weight``),
-so a diffusers ``text_encoder/`` loads with ``load_state_dict(strict=True)`` after ``released_layout``.
+so a diffusers ``text_encoder/`` loads with ``load_state_dict(strict=True)``; ``checkpoints.load_model`` renames
+the other layouts on the way in (``single_file.map_clip_key``: files without the ``text_model.`` prefix, which
+transformers >= 5.6 writes, and the ``position_ids`` buffer of older ones).
 """
 
 from __future__ import annotations
@@ -16,25 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CLIPTextConfig
+from .config import CLIPTextConfig, check_buildable, text_encoder_problems
 from .errors import FixativeError
-
-# Key prefix of the released SD layout; transformers >= 5.6 saves CLIPTextModel without it.
-PREFIX = "text_model."
-# Some files store the position index buffer; we compute it, so it is not a weight.
-POSITION_IDS_KEY = "text_model.embeddings.position_ids"
-
-
-def released_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The same tensors under the released SD key names: ``text_model.`` added where missing,
-    the ``position_ids`` buffer of older files dropped."""
-    out = {}
-    for key, tensor in state_dict.items():
-        key = key if key.startswith(PREFIX) else PREFIX + key
-        if key != POSITION_IDS_KEY:
-            out[key] = tensor
-    return out
-
 
 @dataclass
 class CLIPTextOutput:
@@ -134,6 +119,7 @@ class CLIPTextModel(nn.Module):
 
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
+        check_buildable(text_encoder_problems(config))
         self.config = config
         self.text_model = CLIPTextTransformer(config)
 

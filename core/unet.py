@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import UNetConfig
+from .config import UNetConfig, check_buildable, unet_problems
 
 
 def timestep_embedding(
@@ -314,6 +314,7 @@ class UNet2DConditionModel(nn.Module):
 
     def __init__(self, config: UNetConfig):
         super().__init__()
+        check_buildable(unet_problems(config))
         self.config = config
         widths = config.block_out_channels
         last = len(widths) - 1

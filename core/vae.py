@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import AutoencoderKLConfig
+from .config import AutoencoderKLConfig, check_buildable, vae_problems
 from .errors import FixativeError
+from .noise import randn_tensor
 
 NORM_EPS = 1e-6  # every GroupNorm of the SD autoencoder (LDM's Normalize uses eps=1e-6)
 
@@ -27,22 +28,6 @@ def _working_layout(x: torch.Tensor) -> torch.Tensor:
     """Channels-last activations on the CPU: oneDNN convolves NHWC without reordering input and output at
     every layer (about twice as fast in bf16). Other devices keep the layout they were given."""
     return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
-
-
-def _randn(shape: tuple[int, ...], generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Standard normal noise drawn as diffusers' ``randn_tensor`` draws it, so a seed gives the same noise.
-
-    A CPU generator draws on the CPU (then the noise moves to ``device``); a list of generators draws
-    one batch item from each.
-    """
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise FixativeError(f"got {len(generator)} generators for a batch of {shape[0]}; pass one per image")
-        return torch.cat([_randn((1, *shape[1:]), g, device, dtype) for g in generator])
-    draw_device = device
-    if generator is not None and generator.device.type == "cpu" and device.type != "cpu":
-        draw_device = torch.device("cpu")
-    return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
 
 
 class DiagonalGaussian:
@@ -57,7 +42,7 @@ class DiagonalGaussian:
 
     def sample(self, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
         """z = mean + std * eps, eps ~ N(0, I) (the reparameterisation trick, differentiable in mean and std)."""
-        noise = _randn(tuple(self.mean.shape), generator, self.mean.device, self.mean.dtype)
+        noise = randn_tensor(tuple(self.mean.shape), generator, self.mean.device, self.mean.dtype)
         return self.mean + self.std * noise
 
     def mode(self) -> torch.Tensor:
@@ -297,6 +282,7 @@ class AutoencoderKL(nn.Module):
 
     def __init__(self, config: AutoencoderKLConfig):
         super().__init__()
+        check_buildable(vae_problems(config))
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)

@@ -203,9 +203,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _device(name: str):
-    from fixative.core.cli.generate import _device as resolve
+    from fixative.core.cli.options import resolve_device
 
-    return resolve(name)
+    return resolve_device(name)
 
 
 def provenance(args: argparse.Namespace, device) -> dict:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .options import MODEL_HELP, add_device, add_quiet, add_seed
+
 
 # core/finetune.py's METHODS, LR_SCHEDULES and MIXED_PRECISION names (it imports torch; --help must not);
-# tests/core/cli/test_finetune_cli.py checks that they agree
+# tests/core/cli/test_cli_finetune.py checks that they agree
 METHODS = ("full", "lora", "dreambooth")
 LR_SCHEDULES = ("constant", "cosine")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -24,7 +26,7 @@ def register(subparsers) -> None:
                     "`fixative generate --lora`). Runs unchanged under `accelerate launch`.",
     )
     add = parser.add_argument
-    add("--model", default="toy", help="base model: a diffusers folder, a single file, or 'toy' (default: %(default)s)")
+    add("--model", default="toy", help=f"base model: {MODEL_HELP} (default: %(default)s)")
     add("--data", type=Path, required=True,
         help="an image folder with metadata.jsonl/.csv (a train/ sub-folder is used when present) or a .parquet "
              "of LAION-style metadata (then give --images); required")
@@ -37,6 +39,9 @@ def register(subparsers) -> None:
              "prior preservation (default: %(default)s)")
     add("--rank", type=int, default=4, help="LoRA rank (default: %(default)s)")
     add("--alpha", type=float, default=None, help="LoRA alpha; the update is scaled by alpha/rank (default: the rank)")
+    add("--lora-targets", default="to_q,to_k,to_v,to_out.0",
+        help="comma-separated endings of the UNet Linear layers LoRA adapts, e.g. add ff.net.0.proj,ff.net.2 for "
+             "the feed-forward layers (default: %(default)s, the attention projections)")
     add("--train-text-encoder", action="store_true", help="also train the text encoder (default: frozen)")
     add("--instance-prompt", default=None, help="caption every training image with this (default: their captions)")
     add("--class-prompt", default=None, help="DreamBooth prior preservation: the class images' prompt (default: none)")
@@ -80,10 +85,9 @@ def register(subparsers) -> None:
     add("--resume", action="store_true", help="continue from the latest checkpoint in --out (default: off)")
     add("--validation-prompt", action="append", default=[],
         help="render this prompt at each checkpoint and at the end; repeatable (default: none)")
-    add("--seed", type=int, default=0, help="seed of every random draw (default: %(default)s)")
-    add("--device", default="auto",
-        help="cpu, or auto: accelerate's device for this process (cuda > mps > cpu) (default: %(default)s)")
-    add("--quiet", action="store_true", help="no progress bar (default: show it)")
+    add_seed(parser, "seed of every random draw")
+    add_device(parser)  # under accelerate launch, "auto" lets accelerate give each process its device
+    add_quiet(parser)
     parser.set_defaults(func=run)
 
 
@@ -98,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     if args.center_crop and args.random_crop:
         raise FixativeError("--center-crop and --random-crop exclude each other")
     if args.device not in ("auto", "cpu"):
-        raise FixativeError(f"--device {args.device}: use auto (accelerate chooses each process's device) or cpu")
+        raise FixativeError(f"--device {args.device}: fine-tuning takes auto (accelerate gives each process its "
+                            "device; use `accelerate launch` for GPUs) or cpu")
     log = (lambda _: None) if args.quiet else print
     model = load_model(args.model, device="cpu", dtype=torch.float32)
     vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
@@ -119,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     cache_dir = args.cache_dir or args.out.parent / ".fixative-cache"
     config = FinetuneConfig(
         method=args.method, rank=args.rank, alpha=args.alpha, train_text_encoder=args.train_text_encoder,
+        lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
         instance_prompt=args.instance_prompt, class_prompt=args.class_prompt, prior_images=args.prior_images,
         prior_loss_weight=args.prior_loss_weight, prior_batch_size=args.prior_batch_size, max_steps=args.max_steps,
         batch_size=args.batch_size, gradient_accumulation=args.gradient_accumulation, lr=args.lr,

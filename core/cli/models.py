@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import time
 
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # as checkpoints.PREDICTION_TYPES (not imported: torch)
+from ..parameterization import PREDICTION_TYPES
+from .options import DTYPES, MODEL_HELP, add_config
+
 SINGLE_FILE = (".safetensors", ".ckpt")
 
 
@@ -18,15 +19,15 @@ def register(subparsers) -> None:
         description="Convert a Stable Diffusion 1.x/2.x model. DST ending in .safetensors or .ckpt is written as an "
                     "original single file; any other DST as a diffusers folder (which diffusers loads).",
     )
-    convert.add_argument("source", metavar="SRC", help="a diffusers model folder, a single-file .safetensors/.ckpt, "
-                                                        "or 'toy'")
+    convert.add_argument("source", metavar="SRC", help=MODEL_HELP)
     convert.add_argument("destination", metavar="DST", help="output folder, or a .safetensors / .ckpt file")
     convert.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                          help="precision of the written weights (default: as stored in SRC)")
     convert.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None,
-                         help="what the UNet predicts; a single file does not record it (epsilon is assumed: "
-                              "pass v_prediction for the 768-px SD 2.x models)")
-    convert.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+                         help="what the UNet predicts; a single file does not record it (default: the model's; "
+                              "epsilon for a single file: pass v_prediction for the 768-px SD 2.x models)")
+    add_config(convert)
+    convert.add_argument("--overwrite", action="store_true", help="replace DST if it exists (default: refuse)")
     convert.set_defaults(func=run_convert)
 
     info = subparsers.add_parser(
@@ -34,10 +35,11 @@ def register(subparsers) -> None:
         help="describe a model: architecture, sizes, prediction type, scheduler, storage",
         description="Describe a Stable Diffusion model without loading its weights into memory.",
     )
-    info.add_argument("model", metavar="MODEL", help="a diffusers model folder, a single-file .safetensors/.ckpt, "
-                                                     "or 'toy'")
+    info.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     info.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None,
-                      help="what the UNet predicts, where the model does not record it")
+                      help="what the UNet predicts, where the model does not record it (default: the model's; "
+                           "epsilon for a single file)")
+    add_config(info)
     info.set_defaults(func=run_info)
 
 
@@ -56,11 +58,11 @@ def run_convert(args: argparse.Namespace) -> int:
     from ..checkpoints import load_model, save_diffusers, save_single_file
 
     started = time.perf_counter()
-    dtype_name = DTYPES[args.dtype] if args.dtype else _stored_dtype(load_model(args.source, device="meta",
-                                                                                  prediction_type=args.prediction_type))
+    dtype_name = DTYPES[args.dtype] if args.dtype else _stored_dtype(
+        load_model(args.source, device="meta", prediction_type=args.prediction_type, config=args.config))
     dtype = getattr(torch, dtype_name or "float32")
     print(f"reading {args.source} as {dtype_name or 'float32'} ...", flush=True)
-    model = load_model(args.source, dtype=dtype, prediction_type=args.prediction_type)
+    model = load_model(args.source, dtype=dtype, prediction_type=args.prediction_type, config=args.config)
     for note in model.details.notes:
         print(f"note: {note}")
     print(f"loaded {model.family} ({model.details.format}), {_count(model)} parameters", flush=True)
@@ -89,7 +91,8 @@ def run_info(args: argparse.Namespace) -> int:
     from ..checkpoints import load_model
     from ..single_file import is_open_clip
 
-    model = load_model(args.model, device="meta", prediction_type=args.prediction_type)  # shapes only
+    # shapes only
+    model = load_model(args.model, device="meta", prediction_type=args.prediction_type, config=args.config)
     unet, vae, text = model.unet.config, model.vae.config, model.text_encoder.config
     scheduler = model.scheduler_config
     sizes = {name: sum(p.numel() for p in network.parameters()) for name, network in model.networks().items()}

@@ -1,5 +1,6 @@
 """The toy world: a miniature Stable Diffusion stack (CLIP, VAE, UNet) trained by fixative itself on the
-procedurally painted Toy Atelier. ``--model toy`` resolves to :func:`model_folder`.
+procedurally painted Toy Atelier. ``--model toy`` resolves to :func:`model_folder` (the entry point
+``fixative.models: toy`` names it in core's model registry).
 
 Where the toy world comes from, in order: a full build the user made with ``fixative toy build``
 (``$FIXATIVE_HOME/toy/full-seed0``), else the weights shipped in the package (``core/toy/weights``).
@@ -8,17 +9,12 @@ Each holds ``sd/`` (a diffusers Stable Diffusion folder) and ``clip/`` (a transf
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ..errors import FixativeError
+from ..home import fixative_home
 
 SHIPPED = Path(__file__).parent / "weights"
-
-
-def fixative_home() -> Path:
-    """``$FIXATIVE_HOME``, default ``~/.cache/fixative``."""
-    return Path(os.environ.get("FIXATIVE_HOME") or Path.home() / ".cache" / "fixative")
 
 
 def build_folder(size: str = "full", seed: int = 0, home: str | Path | None = None) -> Path:

@@ -9,14 +9,15 @@ Stages, each resumable (a checkpoint every few steps) and finished by a ``done.j
     unet      a small UNet on the VAE's latents, conditioned on the CLIP's text tower, held-out artists
               excluded, 10% caption dropout for classifier-free guidance. Unlike SD 1.x, whose CLIP is
               frozen, the text tower is fine-tuned jointly with the UNet (initialised from the contrastive
-              CLIP): a frozen 48-wide tower left the prompted artist recognised in only 38% of the samples
-              (issue 4 measured 98% with a jointly trained one). The CLIP folder keeps the contrastive tower.
+              CLIP): a tower this narrow does not separate the artists well enough when frozen. The CLIP
+              folder keeps the contrastive tower.
     assemble  the diffusers-format Stable Diffusion folder ``sd/`` and the CLIP folder ``clip/``
 
 Everything happens in a work folder ``<FIXATIVE_HOME>/toy/.work-<size>-seed<seed>``; the finished build
 is renamed to ``<FIXATIVE_HOME>/toy/<size>-seed<seed>`` at the very end, so a half-finished build is
 never taken for a finished one. Networks are stored in fp16 (the shipped weights must stay small) and
 every later stage uses the stored, fp16-rounded weights, so a resumed build equals an uninterrupted one.
+The network configs are ``presets.TOY_*`` (the ``toy`` preset).
 """
 
 from __future__ import annotations
@@ -36,44 +37,19 @@ from PIL import Image
 
 from ..config import AutoencoderKLConfig, CLIPTextConfig, UNetConfig
 from ..errors import FixativeError
+from ..finetune import step_seed
+from ..presets import TOY_SCHEDULER, TOY_TEXT, TOY_UNET, TOY_VAE
+from ..provenance import provenance
 from ..text_encoder import CLIPTextModel
 from ..tokenizer import CLIPTokenizer
-from ..finetune import step_seed
 from ..training import warmup_cosine
 from ..unet import UNet2DConditionModel
 from ..vae import AutoencoderKL
 from . import atelier, build_folder
 from .atelier import AtelierConfig
 
-# The toy networks. The text tower is SD 1.x's CLIP text encoder, narrowed: the real 49,408-token BPE
-# vocabulary makes its token embedding the largest tensor of the toy world (2.4M of its 2.5M weights),
-# and it is stored twice (SD's text_encoder/ and the CLIP folder).
-TOY_TEXT = CLIPTextConfig(hidden_size=48, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
-                          projection_dim=64, pad_token_id=49407)
 TOY_VISION = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 3, "num_attention_heads": 4,
-              "image_size": 64, "patch_size": 8, "hidden_act": "quick_gelu"}
-# No attention in the VAE's mid block: the toy VAE is trained on crops, which a purely convolutional
-# network sees the same way as whole images.
-TOY_VAE = AutoencoderKLConfig(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8,
-                              sample_size=64, mid_block_add_attention=False)
-# Two levels (16x16 and 8x8 latents), cross-attention at the lower one only: issue 4's second experiment.
-# Measured against a three-level (32, 64, 128) UNet of as many weights and 2.5x fewer FLOPs, both with the
-# text tower trained jointly, 500 steps of batch 32 each: the prompted artist in 59% vs 39% of the samples.
-TOY_UNET = UNetConfig(sample_size=16, block_out_channels=(64, 128), cross_attention_blocks=(False, True),
-                      layers_per_block=1, num_heads=(4, 4), cross_attention_dim=TOY_TEXT.hidden_size)
-# SD 1.x's noise schedule; DDIM is the default sampler of the folder.
-TOY_SCHEDULER = {
-    "_class_name": "DDIMScheduler",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-}
+              "image_size": 64, "patch_size": 8, "hidden_act": "quick_gelu"}  # the toy CLIP's image tower
 CLIP_IMAGE_MEAN = [0.5, 0.5, 0.5]  # the toy CLIP sees pixels in [-1, 1]: (x - 0.5) / 0.5 of [0, 1] images
 CLIP_IMAGE_STD = [0.5, 0.5, 0.5]
 
@@ -112,7 +88,7 @@ PLANS = {
 
 def _threads() -> int:
     """All cores on an idle machine, one on a busy one: where other processes share the cores, torch's
-    threads wait for each other at every barrier and two run slower than one (3-4x here)."""
+    threads wait for each other at every barrier and two run slower than one."""
     cores = os.cpu_count() or 1
     return 1 if os.getloadavg()[0] > cores else cores
 
@@ -266,6 +242,11 @@ def save_clip(clip, tokenizer: CLIPTokenizer, folder: Path) -> None:
 
     clip.to(torch.float16).save_pretrained(folder)
     clip.to(torch.float32)
+    # released folders say float32 whatever their weights are stored in: transformers then builds the model in
+    # float32 by default, as diffusers does its networks, and the two work together without a dtype argument
+    config_file = folder / "config.json"
+    config = {k: v for k, v in json.loads(config_file.read_text()).items() if k != "torch_dtype"}
+    config_file.write_text(json.dumps({**config, "dtype": "float32"}, indent=2, sort_keys=True) + "\n")
     tokenizer.save(folder)
     transformers.CLIPImageProcessor(size={"shortest_edge": TOY_VISION["image_size"]},
                                     crop_size={"height": TOY_VISION["image_size"], "width": TOY_VISION["image_size"]},
@@ -454,8 +435,7 @@ def build(out: str | Path | None = None, seed: int = 0, size: str = "full", prog
         timings[name] = round(timings.get(name, 0.0) + time.time() - stage_start, 1)
         timings_file.write_text(json.dumps(timings))
     info = {"seed": seed, "size": size, "plan": asdict(plan), "stage_seconds": timings,
-            "total_seconds": round(sum(timings.values()), 1), "torch": torch.__version__,
-            "cpu_count": os.cpu_count()}
+            "total_seconds": round(sum(timings.values()), 1), "cpu_count": os.cpu_count()}
     # final layout: sd/, clip/, atelier/ (the data set, for the report), build.json
     final = work / "final"
     if final.exists():
@@ -464,6 +444,10 @@ def build(out: str | Path | None = None, seed: int = 0, size: str = "full", prog
     os.replace(work / "sd", final / "sd")
     os.replace(work / "clip-folder", final / "clip")
     os.replace(data, final / "atelier")
+    # trained on the CPU, stored in float16; the models are named by where they end up
+    info["provenance"] = provenance({"sd": final / "sd", "clip": final / "clip"}, device="cpu", dtype=torch.float16)
+    for name, record in info["provenance"]["models"].items():
+        record["source"] = str(out / name)
     (final / "build.json").write_text(json.dumps(info, indent=1))
     os.replace(final, out)
     shutil.rmtree(work)

@@ -1,8 +1,11 @@
-"""``fixative toy dataset | build``: the toy world's commands (registered by core/cli; eval adds ``toy report``)."""
+"""``fixative toy dataset | build``: the toy world's commands (entry point ``fixative.commands: toy``; eval adds
+``toy report``)."""
 
 from __future__ import annotations
 
 import argparse
+
+from ..cli.options import add_quiet, add_seed
 
 
 def toy_commands(subparsers):
@@ -17,18 +20,23 @@ def register(subparsers) -> None:
     commands = toy_commands(subparsers)
 
     dataset = commands.add_parser("dataset", help="paint the Toy Atelier data set (an imagefolder with captions)")
-    dataset.add_argument("--out", required=True, help="folder to write (created; a complete one is left as it is)")
-    dataset.add_argument("--seed", type=int, default=0)
-    dataset.add_argument("--resolution", type=int, default=64)
-    dataset.add_argument("--images-per-artist", type=int, default=160)
-    dataset.add_argument("--grid", help="also write a PNG of all styles (one row per artist) here")
+    dataset.add_argument("--out", required=True, help="folder to write (created; a complete one is left as it is); "
+                                                      "required")
+    add_seed(dataset, "seed of the paintings")
+    dataset.add_argument("--resolution", type=int, default=64, help="image size in pixels (default: %(default)s)")
+    dataset.add_argument("--images-per-artist", type=int, default=160,
+                         help="paintings per artist, all splits together (default: %(default)s)")
+    dataset.add_argument("--grid", help="also write a PNG of all styles (one row per artist) here (default: none)")
+    add_quiet(dataset)
     dataset.set_defaults(func=_dataset)
 
     build = commands.add_parser("build", help="train the toy CLIP, VAE and UNet (about 36 minutes on 2 CPU cores)")
     build.add_argument("--out", help="finished build folder (default: $FIXATIVE_HOME/toy/<size>-seed<seed>)")
-    build.add_argument("--seed", type=int, default=0)
+    add_seed(build, "seed of the data set, initialisations and batches")
     build.add_argument("--size", choices=("full", "ci"), default="full",
-                       help="full: the shipped toy world; ci: a few steps per stage, to exercise the path")
+                       help="full: the shipped toy world; ci: a few steps per stage, to exercise the path "
+                            "(default: %(default)s)")
+    add_quiet(build)
     build.set_defaults(func=_build)
 
 
@@ -36,7 +44,7 @@ def _dataset(args: argparse.Namespace) -> int:
     from .atelier import AtelierConfig, style_grid, write_atelier
 
     config = AtelierConfig(seed=args.seed, resolution=args.resolution, images_per_artist=args.images_per_artist)
-    out = write_atelier(args.out, config)
+    out = write_atelier(args.out, config, progress=not args.quiet)
     print(f"Toy Atelier: {out}")
     if args.grid:
         style_grid(args.resolution, args.seed, args.grid)
@@ -47,5 +55,5 @@ def _dataset(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> int:
     from .build import build
 
-    build(args.out, seed=args.seed, size=args.size)
+    build(args.out, seed=args.seed, size=args.size, progress=not args.quiet)
     return 0

@@ -7,61 +7,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_close, randomize
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig as HFCLIPTextConfig
 from transformers import CLIPTextModel as HFCLIPTextModel
 
-from fixative.core import checkpoints, single_file, toy
+from fixative.core import checkpoints, registry, single_file, toy
 from fixative.core.checkpoints import load_model, save_diffusers, save_single_file
 from fixative.core.errors import FixativeError
 from fixative.core.model import StableDiffusionModel
-from fixative.core.presets import get_preset
-from fixative.core.tokenizer import CLIPTokenizer
+from fixative.core.presets import Preset, get_preset
 
 PROMPTS = ["a photo of a cat", "an oil painting of a lighthouse at dusk"]
 
 
-def randomize(module: torch.nn.Module, seed: int) -> None:
-    """Every parameter random (norm scales and biases too), so a swapped or skipped tensor shows in outputs."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2 + (parameter == 1) * 1.0)
-
-
-def write_released_folder(folder: Path, preset: str = "tiny-sd1") -> Path:
-    """A diffusers folder shaped like a released SD one, written by diffusers and transformers themselves;
-    the text encoder stored under text_model.* as released folders have it."""
-    torch.manual_seed(0)
-    config = get_preset(preset)
-    unet = UNet2DConditionModel.from_config(config.model_config.unet.to_diffusers())
-    vae = AutoencoderKL.from_config(config.model_config.vae.to_diffusers())
-    text = config.model_config.text_encoder
-    text_encoder = HFCLIPTextModel(HFCLIPTextConfig(**{k: v for k, v in vars(text).items()}))
-    for seed, module in enumerate((unet, vae, text_encoder)):
-        randomize(module, seed)
-    unet.save_pretrained(folder / "unet")
-    vae.save_pretrained(folder / "vae")
-    text_encoder.save_pretrained(folder / "text_encoder")
-    weights = folder / "text_encoder" / "model.safetensors"
-    save_file({k if k.startswith("text_model.") else "text_model." + k: v for k, v in load_file(weights).items()},
-              weights, metadata={"format": "pt"})
-    CLIPTokenizer.bundled(pad_token="!" if text.hidden_act == "gelu" else "<|endoftext|>").save(folder / "tokenizer")
-    (folder / "scheduler").mkdir()
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config.scheduler_config))
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.6.0",
-        "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
-        "scheduler": ["diffusers", config.scheduler_config["_class_name"]], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"]}))
-    return folder
-
-
 @pytest.fixture(scope="module")
-def released(tmp_path_factory) -> Path:
-    return write_released_folder(tmp_path_factory.mktemp("released") / "sd")
+def released(sd_folder) -> Path:
+    return sd_folder("tiny-sd1", writer="diffusers")
 
 
 @pytest.fixture(scope="module")
@@ -78,11 +41,6 @@ def ours(released) -> StableDiffusionModel:
 
 def copy_of(folder: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(folder, tmp_path / "copy"))
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    tolerance = 1e-4 * max(1.0, expected.abs().max().item())
-    assert (actual.float() - expected.float()).abs().max().item() <= tolerance
 
 
 def assert_outputs_match(model: StableDiffusionModel, pipe) -> None:
@@ -133,8 +91,8 @@ def test_saved_folder_loads_in_diffusers_with_the_same_outputs(ours, reference, 
     assert all(key.startswith("text_model.") for key in load_file(saved / "text_encoder" / "model.safetensors"))
 
 
-def test_sd2_folder_round_trips_through_diffusers(tmp_path):
-    folder = write_released_folder(tmp_path / "sd2", preset="tiny-sd2")
+def test_sd2_folder_round_trips_through_diffusers(sd_folder, tmp_path):
+    folder = sd_folder("tiny-sd2", writer="diffusers")
     model = load_model(folder)
     assert model.family == "SD 2.x" and model.tokenizer.pad_token == "!"
     saved = save_diffusers(model, tmp_path / "saved")
@@ -233,6 +191,17 @@ def test_save_diffusers_in_fp16_is_loaded_by_diffusers_in_fp16(ours, tmp_path):
     assert load_model(saved).details.stored_dtypes["vae"] == "float16"
 
 
+def test_an_fp16_folder_loads_and_renders_with_the_default_calls(ours, tmp_path):
+    """As a released fp16 folder: every network float32 with no dtype argument, so the pipeline runs."""
+    saved = save_diffusers(ours, tmp_path / "half", dtype=torch.float16)
+    pipe = StableDiffusionPipeline.from_pretrained(saved)
+    assert {network.dtype for network in (pipe.unet, pipe.vae, pipe.text_encoder)} == {torch.float32}
+    assert HFCLIPTextModel.from_pretrained(saved / "text_encoder").dtype == torch.float32
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a cat", num_inference_steps=2, height=16, width=16, output_type="np").images[0]
+    assert image.shape == (16, 16, 3)
+
+
 def test_save_diffusers_refuses_an_existing_folder_and_replaces_it_when_asked(released, tmp_path):
     model = load_model(released)
     target = save_diffusers(model, tmp_path / "out")
@@ -259,10 +228,11 @@ def test_failed_save_leaves_nothing_behind(released, tmp_path, monkeypatch):
 # -------------------------------------------------------------------------------------- single files
 
 
-def original_checkpoint(preset: str, seed: int = 0, text_layers: int | None = None) -> tuple[dict, StableDiffusionModel]:
+def original_checkpoint(preset: str | Preset, seed: int = 0, text_layers: int | None = None
+                        ) -> tuple[dict, StableDiffusionModel]:
     """An original-layout state dict (as a release would have it, no fixative metadata) and the model it holds."""
     torch.manual_seed(seed)
-    config = get_preset(preset)
+    config = get_preset(preset) if isinstance(preset, str) else preset
     if text_layers is not None:
         config.model_config.text_encoder.num_hidden_layers = text_layers
     model = StableDiffusionModel.from_config(config.model_config, config.scheduler_config)
@@ -363,15 +333,16 @@ def test_missing_path_and_unknown_suffix_are_named(tmp_path):
     assert "notes.txt is not a model checkpoint" in one_line_error(load_model, tmp_path / "notes.txt")
 
 
-def test_toy_before_the_toy_world_exists(monkeypatch):
-    monkeypatch.delattr(toy, "model_folder", raising=False)
-    assert "the toy world is not built yet" in one_line_error(load_model, "toy")
+def test_a_registered_name_loads_its_folder(released, monkeypatch):
+    monkeypatch.setattr(registry, "_FOLDERS", {"tiny": lambda: released})
+    model = load_model("tiny")
+    assert model.source == "tiny"
+    assert "'tiny'" in one_line_error(load_model, "tinny")  # an unknown name lists the known ones
 
 
-def test_toy_loads_the_folder_the_toy_world_ships(released, monkeypatch):
-    monkeypatch.setattr(toy, "model_folder", lambda: released, raising=False)
-    model = load_model("toy")
-    assert model.source == "toy"
+def test_toy_is_registered_through_its_entry_point():
+    assert "toy" in registry.model_names()
+    assert registry.named_model_folder("toy") == toy.model_folder()
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
@@ -436,6 +407,86 @@ def test_single_file_missing_tensor_is_named_in_the_original_layout(tmp_path):
     assert f"broken.safetensors is missing 1 UNet tensor(s): {unet_key};" in message
     save_file({k: v for k, v in state.items() if k != text_key}, tmp_path / "broken.safetensors")
     assert f"is missing 1 text encoder tensor(s): {text_key};" in one_line_error(load_model, tmp_path / "broken.safetensors")
+
+
+def custom_preset(vae_groups: int = 8) -> Preset:
+    """A small custom model whose single file cannot describe it: UNet widths 16/32 with 8 GroupNorm groups and
+    2 heads per block (the SD 1 rule infers 32 groups, 8 heads)."""
+    preset = get_preset("tiny-sd1")
+    unet = preset.model_config.unet
+    unet.block_out_channels, unet.norm_num_groups, unet.num_heads = (16, 32), 8, (2, 2)
+    preset.model_config.vae.norm_num_groups = vae_groups
+    return preset
+
+
+def test_an_inferred_architecture_that_cannot_be_built_names_the_config_option(tmp_path):
+    state, _ = original_checkpoint(custom_preset())
+    save_file(state, tmp_path / "custom.safetensors")
+    message = one_line_error(load_model, tmp_path / "custom.safetensors")
+    assert "custom.safetensors" in message and "16 is not divisible by its 32 GroupNorm groups" in message
+    assert "--config" in message
+
+
+@pytest.mark.parametrize("given", ["folder", "unet folder", "unet config.json"])
+def test_config_gives_a_single_file_what_its_shapes_cannot(given, tmp_path):
+    state, source = original_checkpoint(custom_preset(vae_groups=32))
+    save_file(state, tmp_path / "custom.safetensors")
+    folder = save_diffusers(source, tmp_path / "folder")
+    config = {"folder": folder, "unet folder": folder / "unet", "unet config.json": folder / "unet" / "config.json"}
+    model = load_model(tmp_path / "custom.safetensors", config=config[given])
+    assert model.unet.config == source.unet.config
+    assert_same_weights(model, source)
+    assert any(str(config[given]) in note for note in model.details.notes)
+
+
+def test_an_ldm_yaml_gives_the_head_count_of_an_sd2_single_file(tmp_path):
+    preset = get_preset("tiny-sd2")
+    preset.model_config.unet.num_heads = (2, 4)  # 16-wide heads; the SD 2 rule infers 64-wide ones
+    preset.model_config.unet.upcast_attention = True
+    state, source = original_checkpoint(preset)
+    save_file(state, tmp_path / "sd2.safetensors")
+    (tmp_path / "v2-inference-v.yaml").write_text("""
+model:
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+    parameterization: "v"
+    linear_start: 0.00085
+    linear_end: 0.0120
+    timesteps: 1000
+    image_size: 8
+    scale_factor: 0.18215
+    unet_config:
+      params: {in_channels: 4, out_channels: 4, model_channels: 32, attention_resolutions: [1], num_res_blocks: 1,
+               channel_mult: [1, 2], num_head_channels: 16, use_linear_in_transformer: true, transformer_depth: 1,
+               context_dim: 32}
+    first_stage_config:
+      params:
+        ddconfig: {double_z: true, z_channels: 4, resolution: 256, in_channels: 3, out_ch: 3, ch: 32, ch_mult: [1, 2],
+                   num_res_blocks: 1, attn_resolutions: []}
+    cond_stage_config:
+      target: ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder
+""")
+    model = load_model(tmp_path / "sd2.safetensors", config=tmp_path / "v2-inference-v.yaml")
+    assert model.unet.config == source.unet.config and model.vae.config == source.vae.config
+    assert model.prediction_type == "v_prediction"
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    text_embeddings = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_close(model.unet(latents, 10, text_embeddings), source.unet(latents, 10, text_embeddings), 1e-5)
+        guessed = load_model(tmp_path / "sd2.safetensors").unet(latents, 10, text_embeddings)
+    assert (guessed - source.unet(latents, 10, text_embeddings)).abs().max() > 1e-4  # the heads matter
+
+
+def test_config_errors_are_one_line(released, tmp_path):
+    state, _ = original_checkpoint("tiny-sd1")
+    save_file(state, tmp_path / "model.safetensors")
+    assert "no such file" in one_line_error(load_model, tmp_path / "model.safetensors", config=tmp_path / "nowhere")
+    (tmp_path / "broken.yaml").write_text("model: [unclosed")
+    assert "broken.yaml" in one_line_error(load_model, tmp_path / "model.safetensors", config=tmp_path / "broken.yaml")
+    assert "--config applies to single-file" in one_line_error(load_model, released, config=released)
+    (tmp_path / "empty").mkdir()
+    assert "holds no model_index.json" in one_line_error(load_model, tmp_path / "model.safetensors",
+                                                         config=tmp_path / "empty")
 
 
 def test_save_single_file_needs_a_known_suffix(tmp_path):

@@ -61,3 +61,19 @@ def test_text_config_reads_transformers_file_and_ignores_unknown_keys():
 def test_text_config_rejects_unknown_activation():
     with pytest.raises(FixativeError, match="relu"):
         CLIPTextConfig(hidden_act="relu")
+
+
+def test_configs_that_cannot_build_their_networks_are_refused_before_building():
+    from fixative.core.text_encoder import CLIPTextModel
+    from fixative.core.unet import UNet2DConditionModel
+    from fixative.core.vae import AutoencoderKL
+
+    with pytest.raises(FixativeError, match="UNet block width 16 is not divisible by its 32 GroupNorm groups"):
+        UNet2DConditionModel(UNetConfig(block_out_channels=(16, 32), cross_attention_blocks=(True, False), num_heads=8))
+    with pytest.raises(FixativeError, match="UNet block width 36 is not divisible by its 8 attention heads"):
+        UNet2DConditionModel(UNetConfig(block_out_channels=(32, 36), norm_num_groups=4, num_heads=8,
+                                        cross_attention_blocks=(False, False)))  # the mid block attends
+    with pytest.raises(FixativeError, match="VAE block width 16"):
+        AutoencoderKL(AutoencoderKLConfig(block_out_channels=(16, 32)))
+    with pytest.raises(FixativeError, match="text encoder width 48 is not divisible by its 5 attention heads"):
+        CLIPTextModel(CLIPTextConfig(hidden_size=48, num_attention_heads=5))

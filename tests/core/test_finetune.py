@@ -16,7 +16,7 @@ from fixative.core.model import StableDiffusionModel
 from fixative.core.pipelines import generate
 from fixative.core.presets import get_preset
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/core/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_model(seed: int = 0) -> StableDiffusionModel:
@@ -94,6 +94,30 @@ def test_prior_preservation_loss_equals_a_hand_computation():
     assert torch.allclose(loss, expected, rtol=1e-5), (loss.item(), expected.item())
 
 
+class Recording(DenoisingObjective):
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def loss(self, batch, generator):
+        self.batches.append(batch)
+        return super().loss(batch, generator)
+
+
+def test_dreambooth_batches_hold_instance_images_then_generated_class_images(tmp_path):
+    model = tiny_model()
+    objective = Recording()
+    config = FinetuneConfig(method="dreambooth", instance_prompt="a painting by sks", class_prompt="a painting",
+                            prior_images=3, prior_batch_size=1, max_steps=2, batch_size=2,
+                            validation_prompts=("a painting by sks",), validation_steps=2)
+    fine_tune(model, tiny_data(), config, objective, out=tmp_path / "out", progress=False)
+    for batch in objective.batches:
+        assert batch.captions == ["a painting by sks"] * 2 + ["a painting"]
+        assert batch.is_prior.tolist() == [False, False, True] and batch.latents.shape == (3, 4, 8, 8)
+    assert (tmp_path / "out" / "validation" / "final" / "00.png").exists()
+    assert (tmp_path / "out" / "model_index.json").exists()
+
+
 class Interrupt(DenoisingObjective):
     """Stops the run (as a kill would) at the ``at``-th loss."""
 
@@ -160,7 +184,8 @@ def test_full_output_loads_in_diffusers_with_default_arguments_and_renders_the_s
               out=tmp_path / "out", progress=False)
     ours = render_ours(model)
     assert np.abs(ours - before).max() > 2 / 255  # the fine-tune changed the render
-    assert json.loads((tmp_path / "out" / "finetune_config.json").read_text())["max_steps"] == 2
+    record = json.loads((tmp_path / "out" / "finetune_config.json").read_text())
+    assert record["config"]["max_steps"] == 2 and record["provenance"]["versions"]["torch"]
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "out")
     assert_same_render(ours, render_diffusers(pipe))
 
@@ -179,8 +204,9 @@ def test_lora_output_loads_in_diffusers_and_renders_the_same(tmp_path, base_fold
 
     model = load_model(base_folder)
     torch.manual_seed(0)
-    fine_tune(model, tiny_data(), FinetuneConfig(method="lora", rank=4, alpha=8, max_steps=3, batch_size=2, lr=3e-2,
-                                                 train_text_encoder=True), out=tmp_path / "lora", progress=False)
+    config = FinetuneConfig(method="lora", rank=4, alpha=8, max_steps=3, batch_size=2, lr=3e-2, train_text_encoder=True,
+                            lora_targets=("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"))
+    fine_tune(model, tiny_data(), config, out=tmp_path / "lora", progress=False)
     ours = render_ours(model)
     assert np.abs(ours - render_ours(load_model(base_folder))).max() > 2 / 255
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(base_folder)
@@ -193,18 +219,26 @@ def test_lora_output_loads_in_diffusers_and_renders_the_same(tmp_path, base_fold
 
 
 def kohya_file(model, path, rank=4):
-    """A kohya-style LoRA (lora_unet_* / lora_te_*, lora_down / lora_up / alpha) with random weights."""
+    """A kohya-style LoRA (lora_unet_* / lora_te_*, lora_down / lora_up / alpha) with random weights: the
+    attention projections, the transformers' 1x1 convolutions proj_in / proj_out and one 3x3 resnet
+    convolution (LoCon)."""
     from safetensors.torch import save_file
 
     generator = torch.Generator().manual_seed(5)
     state = {}
-    for prefix, network, targets in (("lora_unet_", model.unet, ("to_q", "to_k", "to_v", "to_out.0")),
+    unet_targets = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "down_blocks.0.resnets.0.conv1")
+    for prefix, network, targets in (("lora_unet_", model.unet, unet_targets),
                                      ("lora_te_", model.text_encoder, ("q_proj", "k_proj", "v_proj", "out_proj"))):
         for name, module in network.named_modules():
-            if isinstance(module, torch.nn.Linear) and name.endswith(targets):
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and name.endswith(targets):
                 key = prefix + name.replace(".", "_")
-                state[key + ".lora_down.weight"] = torch.randn(rank, module.in_features, generator=generator) * 0.3
-                state[key + ".lora_up.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.3
+                if isinstance(module, torch.nn.Linear):
+                    down_shape, up_shape = (rank, module.in_features), (module.out_features, rank)
+                else:
+                    down_shape = (rank, module.in_channels, *module.kernel_size)
+                    up_shape = (module.out_channels, rank, 1, 1)
+                state[key + ".lora_down.weight"] = torch.randn(down_shape, generator=generator) * 0.3 / down_shape[1]**0.5
+                state[key + ".lora_up.weight"] = torch.randn(up_shape, generator=generator) * 0.3
                 state[key + ".alpha"] = torch.tensor(2.0)
     save_file(state, path)
     return path
@@ -218,10 +252,47 @@ def test_a_kohya_file_renders_as_diffusers_renders_it(tmp_path, base_folder):
     model = load_model(base_folder)
     path = kohya_file(model, tmp_path / "kohya.safetensors")
     plain = render_ours(model)
-    assert apply_lora(model, path, scale=0.8) == 4 * 8 + 2 * 4  # 4 transformers x 2 attentions x 4, 2 text layers x 4
+    # 4 transformers x (2 attentions x 4 + proj_in + proj_out), one resnet convolution, 2 text layers x 4
+    assert apply_lora(model, path, scale=0.8) == 4 * 10 + 1 + 2 * 4
     ours = render_ours(model)
     assert np.abs(ours - plain).max() > 2 / 255
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(base_folder)
     pipe.load_lora_weights(path, adapter_name="kohya")
     pipe.set_adapters(["kohya"], adapter_weights=[0.8])
     assert_same_render(ours, render_diffusers(pipe))
+
+
+MULTI_PROCESS_SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+sys.path.insert(0, sys.argv[2])
+from test_finetune import tiny_data, tiny_model
+from fixative.core.finetune import FinetuneConfig, fine_tune
+import accelerate
+model = tiny_model()
+fine_tune(model, tiny_data(), FinetuneConfig(max_steps=2, batch_size=2, lr=1e-3, checkpoint_every=1), out=sys.argv[1],
+          device="cpu", progress=False)
+state = accelerate.PartialState()
+torch.save({n: p.detach() for n, p in model.unet.named_parameters()}, f"{sys.argv[1]}/../rank{state.process_index}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_keep_the_same_weights_and_one_writes(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed beside the interpreter")
+    script = tmp_path / "train.py"
+    script.write_text(MULTI_PROCESS_SCRIPT)
+    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", str(script), str(tmp_path / "out"),
+                             str(Path(__file__).parent)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)
+    before = {n: p for n, p in tiny_model().unet.named_parameters()}
+    assert any(not torch.equal(rank0[n], before[n]) for n in rank0)
+    assert (tmp_path / "out" / "model_index.json").exists() and not (tmp_path / "out" / "checkpoints").exists()

@@ -141,6 +141,12 @@ def test_fine_tune_trains_on_a_folder_with_a_corrupt_image(tmp_path):
     assert len(list((tmp_path / "cache").glob("latents-*.pt"))) == 3  # cached by content hash for the next run
     assert 1 <= len(list((tmp_path / "cache").glob("text-*.pt"))) <= 3  # one per caption drawn
 
+    def no_encoding(pixels):
+        raise AssertionError("the next run must read the cached latents")
+
+    model.vae.encode = no_encoding
+    fine_tune(model, folder, config, progress=False, log=lambda _: None)
+
 
 def test_shuffle_tags_keeps_the_first_tags():
     caption = "zenji, painting, stripes, pink, sky, sea"

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close
 from PIL import Image
 
 diffusers = pytest.importorskip("diffusers")
@@ -31,7 +32,7 @@ from fixative.core.pipelines import (  # noqa: E402
 )
 from fixative.core.tokenizer import CLIPTokenizer  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/core/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 SIZE = 64  # pixels; latents are 8x8
 STEPS = 4
@@ -112,10 +113,7 @@ def max_pixel_difference(ours: list[Image.Image], theirs: list[Image.Image]) -> 
 
 
 def assert_latents_close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
-    assert ours.shape == theirs.shape
-    tolerance = 1e-4 * max(1.0, theirs.abs().max().item())
-    difference = (ours.float() - theirs.float()).abs().max().item()
-    assert difference <= tolerance, f"latents differ by {difference:.3g} (tolerance {tolerance:.3g})"
+    assert_close(ours, theirs, what="latents")
 
 
 def render_both(folder: Path, model, kind: str, scheduler: str, seed=0, **settings):
@@ -311,7 +309,10 @@ def test_guidance_embedding_unet_matches_diffusers_without_cfg(lcm_folder):
 def test_guidance_scale_embedding_matches_diffusers():
     w = torch.tensor([0.0, 3.5, 7.0])
     reference = diffusers.StableDiffusionPipeline.get_guidance_scale_embedding(None, w, embedding_dim=16)
-    torch.testing.assert_close(guidance_scale_embedding(w, 16), reference)
+    # one sinusoid serves the UNet's timesteps and this (unet.timestep_embedding, bit-exact with diffusers' timestep
+    # embedding); diffusers rounds the guidance frequencies in another order, which at angles of thousands of
+    # radians (t = 1000 w) moves a few entries by up to ~5e-5
+    assert_close(guidance_scale_embedding(w, 16), reference, 1e-4, what="guidance embeddings")
 
 
 @pytest.mark.slow

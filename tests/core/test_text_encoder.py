@@ -4,17 +4,24 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import assert_close
 import transformers
 
 from fixative.core.config import CLIPTextConfig
 from fixative.core.errors import FixativeError
-from fixative.core.text_encoder import CLIPTextModel, released_layout
+from fixative.core.single_file import map_clip_key
+from fixative.core.text_encoder import CLIPTextModel
 
 BOS, EOS, EXCLAMATION = 49406, 49407, 0  # "!" is id 0: SD 2.x pads with it
 
 SD1_SMALL = CLIPTextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                            hidden_act="quick_gelu", projection_dim=64)
 SD2_SMALL = dataclasses.replace(SD1_SMALL, hidden_act="gelu", num_hidden_layers=4)
+
+
+def loadable(state_dict: dict) -> dict:
+    """A transformers state dict under our keys, renamed as load_model renames a text_encoder/ folder's."""
+    return {ours: value for key, tensor in state_dict.items() for ours, value in map_clip_key(key, tensor)}
 
 
 def reference_and_ours(config: CLIPTextConfig) -> tuple[torch.nn.Module, CLIPTextModel]:
@@ -26,7 +33,7 @@ def reference_and_ours(config: CLIPTextConfig) -> tuple[torch.nn.Module, CLIPTex
             if "layer_norm" in name:
                 tensor.normal_(1.0 if name.endswith("weight") else 0.0, 0.2)
     ours = CLIPTextModel(config).eval()
-    ours.load_state_dict(released_layout(reference.state_dict()), strict=True)
+    ours.load_state_dict(loadable(reference.state_dict()), strict=True)
     return reference, ours
 
 
@@ -41,12 +48,6 @@ def prompt_ids(batch: int, pad_id: int, lengths: tuple[int, ...], seed: int = 1)
     return ids
 
 
-def assert_close(ours: torch.Tensor, reference: torch.Tensor) -> None:
-    tolerance = 1e-4 * max(1.0, reference.abs().max().item())
-    assert ours.shape == reference.shape
-    assert (ours - reference).abs().max().item() <= tolerance
-
-
 def test_state_dict_uses_released_sd_keys_without_position_ids():
     keys = set(CLIPTextModel(SD1_SMALL).state_dict())
     assert "text_model.embeddings.token_embedding.weight" in keys
@@ -58,9 +59,9 @@ def test_state_dict_uses_released_sd_keys_without_position_ids():
     assert all(key.startswith("text_model.") for key in keys)
 
 
-def test_released_layout_adds_prefix_and_drops_position_ids():
+def test_loading_adds_the_text_model_prefix_and_drops_position_ids():
     tensor = torch.zeros(1)
-    mapped = released_layout({"encoder.layers.0.mlp.fc1.weight": tensor, "text_model.final_layer_norm.bias": tensor,
+    mapped = loadable({"encoder.layers.0.mlp.fc1.weight": tensor, "text_model.final_layer_norm.bias": tensor,
                               "text_model.embeddings.position_ids": tensor, "embeddings.position_ids": tensor})
     assert set(mapped) == {"text_model.encoder.layers.0.mlp.fc1.weight", "text_model.final_layer_norm.bias"}
 

@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import assert_close
 from diffusers import UNet2DConditionModel as DiffusersUNet
 
 from fixative.core.config import UNetConfig
@@ -28,7 +29,7 @@ SD2_SMALL = UNetConfig(
 )
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/core/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def reference_unet(config: UNetConfig, seed: int = 0) -> DiffusersUNet:
@@ -56,13 +57,6 @@ def inputs(config: UNetConfig, batch: int = 2, size: int = 16, seed: int = 1):
     return latents, text_embeddings
 
 
-def assert_parity(ours: torch.Tensor, reference: torch.Tensor) -> None:
-    assert ours.shape == reference.shape
-    error = (ours - reference).abs().max().item()
-    tolerance = 1e-4 * max(1.0, reference.abs().max().item())
-    assert error <= tolerance, f"max abs difference {error:.3g} > {tolerance:.3g}"
-
-
 def check_forward_parity(config: UNetConfig, timesteps=torch.tensor([3, 741]), timestep_cond=None, size=16):
     reference = reference_unet(config)
     ours = our_unet(reference, config)
@@ -70,7 +64,7 @@ def check_forward_parity(config: UNetConfig, timesteps=torch.tensor([3, 741]), t
     with torch.no_grad():
         expected = reference(latents, timesteps, text_embeddings, timestep_cond=timestep_cond).sample
         got = ours(latents, timesteps, text_embeddings, timestep_cond=timestep_cond)
-    assert_parity(got, expected)
+    assert_close(got, expected)
     return got
 
 
@@ -124,10 +118,10 @@ def test_scalar_timestep_equals_per_sample_batch(timestep):
     with torch.no_grad():
         got = ours(latents, timestep, text_embeddings)
         expected = reference(latents, timestep, text_embeddings).sample
-    assert_parity(got, expected)
+    assert_close(got, expected)
     per_sample = torch.full((2,), float(timestep.flatten()[0] if torch.is_tensor(timestep) else timestep))
     with torch.no_grad():
-        assert_parity(got, ours(latents, per_sample, text_embeddings))
+        assert_close(got, ours(latents, per_sample, text_embeddings))
 
 
 def test_per_sample_timesteps_act_per_sample():
@@ -138,7 +132,7 @@ def test_per_sample_timesteps_act_per_sample():
         batched = ours(latents, torch.tensor([10, 900]), text_embeddings)
         first = ours(latents[:1], 10, text_embeddings[:1])
         second = ours(latents[1:], 900, text_embeddings[1:])
-    assert_parity(batched, torch.cat([first, second]))
+    assert_close(batched, torch.cat([first, second]))
 
 
 def test_gradients_match_diffusers():
@@ -183,7 +177,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert len(resnet_calls) == 3
     assert len(plain) == len(checkpointed)
     for a, b in zip(plain, checkpointed):
-        assert_parity(b, a)
+        assert_close(b, a)
 
 
 def test_builds_on_meta_device_and_loads_with_assign():
@@ -195,7 +189,7 @@ def test_builds_on_meta_device_and_loads_with_assign():
     assert ours.device.type == "cpu" and ours.dtype == torch.float32
     latents, text_embeddings = inputs(SD1_SMALL)
     with torch.no_grad():
-        assert_parity(ours(latents, 7, text_embeddings), reference(latents, 7, text_embeddings).sample)
+        assert_close(ours(latents, 7, text_embeddings), reference(latents, 7, text_embeddings).sample)
 
 
 def test_upcast_attention_computes_softmax_in_fp32_for_bf16():
@@ -248,4 +242,4 @@ def test_full_sd15_unet_matches_diffusers_at_16x16():
     with torch.inference_mode():
         expected = reference(latents, 500, text_embeddings).sample
         got = ours(latents, 500, text_embeddings)
-    assert_parity(got, expected)
+    assert_close(got, expected)

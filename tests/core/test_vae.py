@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import assert_close
 import torch.nn.functional as F
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 
@@ -40,13 +41,6 @@ def pair(request):
     return build_pair(CONFIGS[request.param])
 
 
-def assert_matches(out: torch.Tensor, reference: torch.Tensor) -> None:
-    assert out.shape == reference.shape
-    tolerance = 1e-4 * max(1.0, reference.abs().max().item())
-    difference = (out - reference).abs().max().item()
-    assert difference <= tolerance, f"max abs difference {difference:.3g} > {tolerance:.3g}"
-
-
 def random_pixels(batch: int, size: int, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.rand(batch, 3, size, size, generator=generator) * 2 - 1
@@ -71,7 +65,7 @@ def test_state_dict_keys_equal_diffusers_without_mid_attention():
     assert not any("attentions" in key for key in ours.state_dict())
     pixels = random_pixels(1, 32)
     with torch.no_grad():
-        assert_matches(ours(pixels), theirs(pixels).sample)
+        assert_close(ours(pixels), theirs(pixels).sample)
 
 
 def test_encode_matches_diffusers_posterior(pair):
@@ -80,10 +74,10 @@ def test_encode_matches_diffusers_posterior(pair):
     with torch.no_grad():
         posterior = ours.encode(pixels)
         reference = theirs.encode(pixels).latent_dist
-    assert_matches(posterior.mean, reference.mean)
-    assert_matches(posterior.logvar, reference.logvar)
-    assert_matches(posterior.std, reference.std)
-    assert_matches(posterior.kl(), reference.kl())
+    assert_close(posterior.mean, reference.mean)
+    assert_close(posterior.logvar, reference.logvar)
+    assert_close(posterior.std, reference.std)
+    assert_close(posterior.kl(), reference.kl())
     assert posterior.kl().shape == (2,)
     assert posterior.mode() is posterior.mean
 
@@ -96,7 +90,7 @@ def test_decode_matches_diffusers(pair):
         reference = theirs.decode(latents).sample
     assert pixels.shape == (2, 3, 8 * ours.config.downsampling_factor, 12 * ours.config.downsampling_factor)
     assert pixels.is_contiguous()
-    assert_matches(pixels, reference)
+    assert_close(pixels, reference)
 
 
 def test_posterior_sample_matches_diffusers_with_same_seed(pair):
@@ -106,7 +100,7 @@ def test_posterior_sample_matches_diffusers_with_same_seed(pair):
         sample = ours.encode(pixels).sample(torch.Generator().manual_seed(7))
         reference = theirs.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(7))
         other_seed = ours.encode(pixels).sample(torch.Generator().manual_seed(8))
-    assert_matches(sample, reference)
+    assert_close(sample, reference)
     assert (sample - other_seed).abs().max() > 1e-3
 
 
@@ -134,10 +128,10 @@ def test_forward_reconstruction_matches_diffusers(pair):
     ours, theirs = pair
     pixels = random_pixels(1, 32)
     with torch.no_grad():
-        assert_matches(ours(pixels), theirs(pixels).sample)
+        assert_close(ours(pixels), theirs(pixels).sample)
         sampled = ours(pixels, sample_posterior=True, generator=torch.Generator().manual_seed(3))
         reference = theirs(pixels, sample_posterior=True, generator=torch.Generator().manual_seed(3)).sample
-    assert_matches(sampled, reference)
+    assert_close(sampled, reference)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -150,13 +144,13 @@ def test_upsample_equals_nearest_upsampling_then_conv_with_gradients(channels_la
     ours_x, ref_x = x.clone().requires_grad_(), x.clone().requires_grad_()
     out = upsample(ours_x)
     reference = upsample.conv(F.interpolate(ref_x, scale_factor=2.0, mode="nearest"))
-    assert_matches(out, reference)
+    assert_close(out, reference)
     assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
     grad_out = torch.randn_like(reference)
     ours_grads = torch.autograd.grad(out, (ours_x, upsample.conv.weight, upsample.conv.bias), grad_out)
     ref_grads = torch.autograd.grad(reference, (ref_x, upsample.conv.weight, upsample.conv.bias), grad_out)
     for ours_grad, ref_grad in zip(ours_grads, ref_grads):
-        assert_matches(ours_grad, ref_grad)
+        assert_close(ours_grad, ref_grad)
 
 
 @pytest.fixture
@@ -177,8 +171,8 @@ def test_tiled_encode_matches_diffusers_tiled_encode(tiled_pair):
         reference = theirs.encode(pixels).latent_dist
         ours.disable_tiling()
         untiled = ours.encode(pixels)
-    assert_matches(posterior.mean, reference.mean)
-    assert_matches(posterior.logvar, reference.logvar)
+    assert_close(posterior.mean, reference.mean)
+    assert_close(posterior.logvar, reference.logvar)
     assert (posterior.mean - untiled.mean).abs().max() > 1e-3  # tiling did happen
 
 
@@ -191,7 +185,7 @@ def test_tiled_decode_matches_diffusers_tiled_decode(tiled_pair):
         reference = theirs.decode(latents).sample
         ours.disable_tiling()
         untiled = ours.decode(latents)
-    assert_matches(pixels, reference)
+    assert_close(pixels, reference)
     assert (pixels - untiled).abs().max() > 1e-3
 
 
@@ -203,8 +197,8 @@ def test_custom_tile_size_matches_diffusers():
     pixels = random_pixels(1, 28)
     latents = random_latents(1, 14, 12)
     with torch.no_grad():
-        assert_matches(ours.encode(pixels).mean, theirs.encode(pixels).latent_dist.mean)
-        assert_matches(ours.decode(latents), theirs.decode(latents).sample)
+        assert_close(ours.encode(pixels).mean, theirs.encode(pixels).latent_dist.mean)
+        assert_close(ours.decode(latents), theirs.decode(latents).sample)
 
 
 def test_tiling_is_skipped_for_inputs_no_larger_than_a_tile():
@@ -276,7 +270,7 @@ def test_gradient_through_encode_matches_diffusers():
     their_pixels = random_pixels(1, 32).requires_grad_()
     ours.encode(ours_pixels).mean.sum().backward()
     theirs.encode(their_pixels).latent_dist.mean.sum().backward()
-    assert_matches(ours_pixels.grad, their_pixels.grad)
+    assert_close(ours_pixels.grad, their_pixels.grad)
 
 
 def test_builds_on_meta_and_reports_device_and_dtype():
@@ -296,4 +290,4 @@ def test_full_sd_vae_decode_matches_diffusers():
         pixels = ours.decode(latents)
         reference = theirs.decode(latents).sample
     assert pixels.shape == (1, 3, 128, 128)
-    assert_matches(pixels, reference)
+    assert_close(pixels, reference)

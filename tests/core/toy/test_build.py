@@ -1,5 +1,6 @@
 """The toy build path, at the `ci` size (seconds per stage), end to end."""
 
+import hashlib
 import json
 
 import pytest
@@ -28,6 +29,16 @@ def test_ci_build_is_a_diffusers_folder_that_load_model_loads(ci_build):
     assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
     info = json.loads((ci_build / "build.json").read_text())
     assert info["size"] == "ci" and set(info["stage_seconds"]) == {"atelier", "clip", "vae", "unet", "assemble"}
+    record = info["provenance"]
+    assert record["versions"]["torch"] == torch.__version__ and record["dtype"] == "float16"
+    unet = ci_build / "sd" / "unet" / "diffusion_pytorch_model.safetensors"
+    assert record["models"]["sd"]["source"] == str(ci_build / "sd")
+    assert record["models"]["sd"]["sha256"]["unet/diffusion_pytorch_model.safetensors"] == \
+        hashlib.sha256(unet.read_bytes()).hexdigest()
+    assert len(record["models"]["clip"]["sha256"]) == 1  # model.safetensors
+    # the folders the build writes load with diffusers' and transformers' defaults, as released ones do
+    assert json.loads((ci_build / "clip" / "config.json").read_text())["dtype"] == "float32"
+    assert json.loads((ci_build / "sd" / "text_encoder" / "config.json").read_text())["torch_dtype"] == "float32"
 
 
 @pytest.mark.slow

@@ -18,8 +18,3 @@ def test_toy_dataset_command_paints_the_atelier_and_its_grid(tmp_path, capsys):
     assert description["config"]["resolution"] == 32 and description["splits"]["train"] > 0
     assert (tmp_path / "grid.png").is_file()
     assert "Toy Atelier" in capsys.readouterr().out
-
-
-def test_toy_build_arguments():
-    args = _parse(["toy", "build", "--size", "ci", "--seed", "3"])
-    assert (args.size, args.seed, args.out) == ("ci", 3, None)

@@ -8,20 +8,21 @@ import torch
 from fixative.core.checkpoints import load_model
 from fixative.core.pipelines import generate
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/core/conftest.py; `shipped`: tests/core/toy/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py; `shipped`: tests/core/toy/conftest.py
 
 
 def test_shipped_weights_are_safetensors_within_25_mb(shipped):
     files = [p for p in shipped.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= 25_000_000
     weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".ckpt")]
-    assert {p.suffix for p in weights} == {".safetensors"} and len(weights) == 4  # unet, vae, text encoder, CLIP
+    # unet, vae, text encoder, CLIP, and the LCM-LoRA (issue 11: all shipped weights within 32 MB)
+    assert {p.suffix for p in weights} == {".safetensors"} and len(weights) == 5
 
 
 def test_diffusers_renders_the_shipped_toy_world_as_fixative_does(shipped):
     diffusers = pytest.importorskip("diffusers")
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(shipped / "sd", dtype=torch.float32,
-                                                             safety_checker=None, requires_safety_checker=False)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(shipped / "sd")  # the default call, as a user makes it
+    assert {network.dtype for network in (pipe.unet, pipe.vae, pipe.text_encoder)} == {torch.float32}
     pipe.set_progress_bar_config(disable=True)
     prompt, settings = "a painting of a boat by tazu", dict(num_inference_steps=10, guidance_scale=5.0)
     theirs = pipe(prompt, generator=torch.Generator().manual_seed(3), output_type="np", **settings).images[0]
@@ -34,7 +35,8 @@ def test_diffusers_renders_the_shipped_toy_world_as_fixative_does(shipped):
 
 def test_transformers_loads_the_shipped_clip_with_the_sd_text_tower_shapes(shipped):
     transformers = pytest.importorskip("transformers")
-    clip = transformers.CLIPModel.from_pretrained(shipped / "clip", dtype=torch.float32)
+    clip = transformers.CLIPModel.from_pretrained(shipped / "clip")  # the default call
+    assert clip.dtype == torch.float32
     text_encoder = load_model(shipped / "sd").text_encoder.state_dict()
     tower = {k: v for k, v in clip.state_dict().items() if k.startswith("text_model.")}
     assert set(tower) == set(text_encoder) and all(tower[k].shape == text_encoder[k].shape for k in tower)

@@ -2,31 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from fixative.cli import main
-from fixative.core.checkpoints import load_model, save_diffusers
-from fixative.core.model import StableDiffusionModel
+from fixative.core.checkpoints import load_model
 from fixative.core.pipelines import generate
-from fixative.core.presets import get_preset
 
 OPTIONS = ("--model", "--prompt", "--negative-prompt", "--seed", "--steps", "--guidance", "--guidance-rescale",
            "--scheduler", "--height", "--width", "--num-images", "--init-image", "--strength", "--mask",
            "--clip-skip", "--vae-tiling", "--dtype", "--device", "--quiet", "--out")
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/core/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
-def model_folder(tmp_path_factory):
-    torch.manual_seed(0)
-    preset = get_preset("tiny-sd1")
-    model = StableDiffusionModel.from_config(preset.model_config, preset.scheduler_config)
-    return save_diffusers(model, tmp_path_factory.mktemp("cli") / "tiny-sd1")
+def model_folder(sd_folder):
+    return sd_folder("tiny-sd1")
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -61,7 +59,13 @@ def test_generate_writes_a_png_with_its_settings_and_the_api_image(capsys, tmp_p
     settings = image.text
     assert settings["prompt"] == "a lighthouse at dusk" and settings["negative_prompt"] == "blurry"
     assert settings["seed"] == "7" and settings["steps"] == "2" and settings["scheduler"] == "euler-a"
-    assert settings["model"] == str(model_folder) and settings["fixative_version"]
+    assert settings["model"] == str(model_folder)
+    record = json.loads(settings["provenance"])
+    assert record["versions"]["fixative"] and record["versions"]["torch"] == torch.__version__
+    assert (record["device"], record["dtype"]) == ("cpu", "float32")
+    weights = model_folder / "unet" / "diffusion_pytorch_model.safetensors"
+    assert record["models"]["model"]["sha256"]["unet/diffusion_pytorch_model.safetensors"] == \
+        hashlib.sha256(weights.read_bytes()).hexdigest()
     expected = generate(load_model(model_folder), "a lighthouse at dusk", "blurry", height=32, width=32,
                         num_inference_steps=2, scheduler="euler-a", seed=7, progress=False)[0]
     assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(expected))
@@ -106,9 +110,10 @@ def one_line_error(capsys, *argv) -> str:
     return lines[0]
 
 
-def test_size_not_a_multiple_of_8_is_a_one_line_error(capsys, tmp_path, model_folder):
-    message = one_line_error(capsys, "--model", model_folder, "--prompt", "x", "--width", 100, "--out", tmp_path / "a.png")
-    assert "--width 100" in message and "multiple of 8" in message
+def test_a_size_not_a_multiple_of_the_models_factor_is_a_one_line_error(capsys, tmp_path, model_folder):
+    # the tiny model's VAE down-samples twice: any even size works, 33 does not
+    message = one_line_error(capsys, "--model", model_folder, "--prompt", "x", "--width", 33, "--out", tmp_path / "a.png")
+    assert "--width 33" in message and "multiple of 2" in message and not (tmp_path / "a.png").exists()
 
 
 def test_missing_model_is_a_one_line_error(capsys, tmp_path):

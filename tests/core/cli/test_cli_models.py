@@ -14,12 +14,8 @@ from fixative.core.presets import get_preset
 
 
 @pytest.fixture(scope="module")
-def sd2_folder(tmp_path_factory):
-    torch.manual_seed(0)
-    preset = get_preset("tiny-sd2")
-    model = StableDiffusionModel.from_config(preset.model_config, dict(preset.scheduler_config, _class_name="DDIMScheduler",
-                                                                       prediction_type="v_prediction"))
-    return save_diffusers(model, tmp_path_factory.mktemp("cli") / "tiny-sd2", dtype=torch.float16)
+def sd2_folder(sd_folder):
+    return sd_folder("tiny-sd2", dtype=torch.float16, _class_name="DDIMScheduler", prediction_type="v_prediction")
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -93,3 +89,27 @@ def test_errors_are_one_line_without_traceback(command, tmp_path, capsys):
     assert code == 2
     assert err.startswith("fixative: error: ") and "broken.ckpt" in err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_config_option_describes_a_single_file_its_shapes_cannot(sd_folder, tmp_path, capsys):
+    """A custom model with 8 GroupNorm groups: refused in one line naming --config, then read with it."""
+    custom = StableDiffusionModel.from_config(_custom_config(), get_preset("tiny-sd1").scheduler_config)
+    folder = save_diffusers(custom, tmp_path / "custom")
+    state = load_file(save_single_file(custom, tmp_path / "with-metadata.safetensors"))
+    save_file(state, tmp_path / "custom.safetensors")  # as another tool writes it: tensors only
+    code, _, err = run(capsys, "info", tmp_path / "custom.safetensors")
+    assert code == 2 and "--config" in err and err.count("\n") == 1
+    for command in (["info", tmp_path / "custom.safetensors"],
+                    ["convert", tmp_path / "custom.safetensors", tmp_path / "converted"]):
+        code, out, err = run(capsys, *command, "--config", folder / "unet")
+        assert code == 0, err
+    assert load_model(tmp_path / "converted").unet.config == custom.unet.config
+    code, _, err = run(capsys, "generate", "--model", tmp_path / "custom.safetensors", "--config", folder, "--prompt", "x",
+                       "--steps", 1, "--quiet", "--out", tmp_path / "image.png")
+    assert code == 0, err
+
+
+def _custom_config():
+    config = get_preset("tiny-sd1").model_config
+    config.unet.block_out_channels, config.unet.norm_num_groups, config.unet.num_heads = (16, 32), 8, (2, 2)
+    return config
