@@ -121,9 +121,18 @@ class NoisyPurification:
         if model is None:
             raise FixativeError("noisy purification needs the model (img2img); give --model")
         noisy = GaussianNoise(self.noise)(images, seed)
-        out = generate(model, [self.prompt] * len(images), image=noisy, strength=self.strength,
-                       num_inference_steps=self.steps, guidance_scale=self.guidance, scheduler="ddim",
-                       seed=[seed + i for i in range(len(images))], output="images", progress=False)
+        out = generate(
+            model,
+            [self.prompt] * len(images),
+            image=noisy,
+            strength=self.strength,
+            num_inference_steps=self.steps,
+            guidance_scale=self.guidance,
+            scheduler="ddim",
+            seed=[seed + i for i in range(len(images))],
+            output="images",
+            progress=False,
+        )
         return quantise(out.to(images.device))
 
 
@@ -148,8 +157,11 @@ class IMPRESS:
             raise FixativeError("IMPRESS needs the model's VAE; give --model")
         if self.metric not in ("ssim", "lpips"):
             raise FixativeError(f"IMPRESS metric must be ssim or lpips, got {self.metric!r}")
-        distance = (lambda x, y: 1 - ssim(x, y)) if self.metric == "ssim" else load_lpips(
-            weights=self.lpips_weights, device=images.device)
+        distance = (
+            (lambda x, y: 1 - ssim(x, y))
+            if self.metric == "ssim"
+            else load_lpips(weights=self.lpips_weights, device=images.device)
+        )
         original = images.float().detach()
         purified = original.clone().requires_grad_(True)
         optimizer = torch.optim.Adam([purified], lr=self.lr)
@@ -178,8 +190,14 @@ def reconstruction_error(vae, images: torch.Tensor) -> torch.Tensor:
     return ((reconstruction.clamp(-1, 1) - pixels) / 2).pow(2).flatten(1).mean(1)
 
 
-ADVERSARIES = {"jpeg": (JPEG, "quality"), "noise": (GaussianNoise, "sigma"), "blur": (GaussianBlur, "sigma"),
-               "resize": (Resize, "factor"), "purify": (NoisyPurification, "strength"), "impress": (IMPRESS, "steps")}
+ADVERSARIES = {
+    "jpeg": (JPEG, "quality"),
+    "noise": (GaussianNoise, "sigma"),
+    "blur": (GaussianBlur, "sigma"),
+    "resize": (Resize, "factor"),
+    "purify": (NoisyPurification, "strength"),
+    "impress": (IMPRESS, "steps"),
+}
 
 
 def parse_adversary(spec: str):
@@ -209,6 +227,7 @@ def parse_adversary(spec: str):
 def describe(adversary) -> str:
     """A spec string that parses back to the same adversary."""
     name = next(n for n, (cls, _) in ADVERSARIES.items() if isinstance(adversary, cls))
-    settings = ",".join(f"{f.name}={getattr(adversary, f.name)}" for f in fields(adversary)
-                        if getattr(adversary, f.name) is not None)
+    settings = ",".join(
+        f"{f.name}={getattr(adversary, f.name)}" for f in fields(adversary) if getattr(adversary, f.name) is not None
+    )
     return f"{name}:{settings}"

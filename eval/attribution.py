@@ -23,8 +23,14 @@ class ZeroShotJudge:
     """CLIP zero-shot attribution over ``artists`` (and ``subjects``: one caption per pair; without subjects the
     template's ``{subject}`` is left out and each artist has one caption)."""
 
-    def __init__(self, clip_folder: str | Path, artists: Sequence[str], subjects: Sequence[str] = (),
-                 template: str = "a painting by {artist}", device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        clip_folder: str | Path,
+        artists: Sequence[str],
+        subjects: Sequence[str] = (),
+        template: str = "a painting by {artist}",
+        device: torch.device | str = "cpu",
+    ):
         import transformers
 
         self.device = torch.device(device)
@@ -42,8 +48,13 @@ class ZeroShotJudge:
         """pixels (B, 3, H, W) in [-1, 1] -> unit image embeddings (B, projection), resized to the CLIP's size."""
         pixels = pixels.to(self.device, torch.float32)
         if pixels.shape[-1] != self.clip.config.vision_config.image_size:
-            pixels = F.interpolate(pixels, size=self.clip.config.vision_config.image_size, mode="bilinear",
-                                   antialias=True, align_corners=False)
+            pixels = F.interpolate(
+                pixels,
+                size=self.clip.config.vision_config.image_size,
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )
         return F.normalize(self.clip.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1)
 
     @torch.no_grad()
@@ -95,8 +106,9 @@ class PaintingClassifier(torch.nn.Module):
         return [self.labels[i] for chunk in pixels.split(batch_size) for i in self(chunk.float()).argmax(1).tolist()]
 
 
-def train_classifier(pixels: torch.Tensor, targets: list[str], labels: list[str], steps: int = 300,
-                     batch_size: int = 64, seed: int = 0) -> PaintingClassifier:
+def train_classifier(
+    pixels: torch.Tensor, targets: list[str], labels: list[str], steps: int = 300, batch_size: int = 64, seed: int = 0
+) -> PaintingClassifier:
     """Train on paintings (pixels in [-1, 1]) with flips, blur and noise (as the CLIP); targets: one label each."""
     from fixative.core.toy.build import _augment
 

@@ -22,12 +22,12 @@ import io
 import json
 import os
 import platform
-import tempfile
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -101,8 +101,13 @@ def _versions(device) -> dict:
 
     from fixative import __version__
 
-    return {"fixative": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "device": str(device)}
+    return {
+        "fixative": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+    }
 
 
 def _png(figure) -> str:
@@ -154,13 +159,21 @@ def _html(title: str, sections: list[tuple[str, str]]) -> str:
         else:  # a markdown table
             lines = [line for line in content.splitlines() if not line.startswith("|---")]
             cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
-            rows = "".join("<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{html.escape(c)}</{'th' if i == 0 else 'td'}>"
-                                            for c in row) + "</tr>" for i, row in enumerate(cells))
+            rows = "".join(
+                "<tr>"
+                + "".join(f"<{'th' if i == 0 else 'td'}>{html.escape(c)}</{'th' if i == 0 else 'td'}>" for c in row)
+                + "</tr>"
+                for i, row in enumerate(cells)
+            )
             body.append(f"<table>{rows}</table>")
-    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(body)}</body></html>")
+    style = (
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(body)}</body></html>"
+    )
 
 
 # ---------------------------------------------------------------- the toy world's data
@@ -222,6 +235,7 @@ def run_guidance(config: dict, stages: Stages, device) -> tuple[dict, list[tuple
     seeds = [seed * 100_000 + i for i in range(len(prompts))]
     rows, grid_rows = [], []
     for scale in scales:
+
         def generate_at(scale=scale):
             nonlocal model
             model = model or load_model("toy", device=device)
@@ -234,12 +248,15 @@ def run_guidance(config: dict, stages: Stages, device) -> tuple[dict, list[tuple
             fake = extractor(images["images"])
             return {"fid": fid(real["features"], fake), "clip_score": scorer(list(images["images"]), prompts).value}
 
-        figures, _ = stages.run(f"metrics-g{scale:g}", {"images": images_key, "real": real_key,
-                                                        "extractor": extractor.provenance,
-                                                        "clip": scorer.provenance}, measure)
-        rows.append({"guidance": scale, "fid": figures["fid"], "clip_score": figures["clip_score"],
-                     "images": len(prompts)})
-        grid_rows.append(images["images"][::per_prompt * len(subjects)][:8])
+        figures, _ = stages.run(
+            f"metrics-g{scale:g}",
+            {"images": images_key, "real": real_key, "extractor": extractor.provenance, "clip": scorer.provenance},
+            measure,
+        )
+        rows.append(
+            {"guidance": scale, "fid": figures["fid"], "clip_score": figures["clip_score"], "images": len(prompts)}
+        )
+        grid_rows.append(images["images"][:: per_prompt * len(subjects)][:8])
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.plot([r["guidance"] for r in rows], [r["fid"] for r in rows], "o-")
@@ -252,11 +269,21 @@ def run_guidance(config: dict, stages: Stages, device) -> tuple[dict, list[tuple
     plt.close(figure)
     cells = [[f"{r['guidance']:g}", f"{r['fid']:.3f}", f"{r['clip_score']:.2f}", r["images"]] for r in rows]
     table = _markdown_table(["guidance", "FID", "CLIP score", "images"], cells)
-    sections = [("FID and CLIP score over guidance scales", table), ("plots", "png:" + plot),
-                ("one generation per artist at each scale (rows: scales)",
-                 "png:" + _grid_png(grid_rows, [f"guidance {s:g}" for s in scales]))]
-    figures = {"rows": rows, "features": extractor.provenance, "clip": scorer.provenance,
-               "real_images": real["images"], "model_sha256": model_hash}
+    sections = [
+        ("FID and CLIP score over guidance scales", table),
+        ("plots", "png:" + plot),
+        (
+            "one generation per artist at each scale (rows: scales)",
+            "png:" + _grid_png(grid_rows, [f"guidance {s:g}" for s in scales]),
+        ),
+    ]
+    figures = {
+        "rows": rows,
+        "features": extractor.provenance,
+        "clip": scorer.provenance,
+        "real_images": real["images"],
+        "model_sha256": model_hash,
+    }
     return figures, sections, table
 
 
@@ -274,8 +301,12 @@ def _cloak_config(spec: str, seed: int):
             steps = int(part.split("=")[1])
         else:
             budgets.append(part)
-    return CloakConfig(method=method, budget=parse_budget(budgets) if budgets else Budget(psnr=32),
-                       optimiser=OptimiserConfig(steps=steps), seed=seed)
+    return CloakConfig(
+        method=method,
+        budget=parse_budget(budgets) if budgets else Budget(psnr=32),
+        optimiser=OptimiserConfig(steps=steps),
+        seed=seed,
+    )
 
 
 def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tuple[str, str]], str]:
@@ -329,7 +360,8 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
         prompts = [atelier.caption(s, name) for s in atelier.SUBJECTS]
         all_prompts = [p for p in prompts for _ in range(mimic.samples_per_prompt)]
         for cell in cells:
-            def cloak_stage(cell=cell):
+
+            def cloak_stage(cell=cell, clean=clean, artist=artist):
                 if cell == "clean":
                     return {"pixels": clean, "values": {}}
                 from fixative.cloak.protect import cloak_pixels
@@ -339,11 +371,22 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
                 values = {k: sum(r["values"][k] for r in records) / len(records) for k in ("psnr", "ssim", "linf")}
                 return {"pixels": stored * 2 - 1, "values": values}
 
-            cloaked, cloak_key = stages.run(f"cloak-{artist}-{cell}", {"model": model_hash, "artist": artist,
-                                                                        "cell": cell, "images": images_per_artist,
-                                                                        "seed": seed}, cloak_stage)
+            cloaked, cloak_key = stages.run(
+                f"cloak-{artist}-{cell}",
+                {"model": model_hash, "artist": artist, "cell": cell, "images": images_per_artist, "seed": seed},
+                cloak_stage,
+            )
             for attack in attacks:
-                def mimic_stage(cloaked=cloaked, attack=attack):
+
+                def mimic_stage(
+                    cloaked=cloaked,
+                    attack=attack,
+                    artist=artist,
+                    captions=captions,
+                    all_prompts=all_prompts,
+                    held_out=held_out,
+                    held_features=held_features,
+                ):
                     adversaries = [] if attack == "none" else [parse_adversary(a) for a in attack.split("+")]
                     pixels = cloaked["pixels"]
                     for index, adversary in enumerate(adversaries):
@@ -353,29 +396,71 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
                     generations = sample(mimic_model, all_prompts, seeds, mimic)
                     predicted, _ = judge.classify(generations)
                     images = _uint8(generations)
-                    return {**protection(predicted, artist, list(judge.artists)), "seconds": seconds,
-                            "similarity_to_held_out": similarity_to(judge, generations, held_out),
-                            "fid_to_held_out": fid(held_features, features(images)),
-                            "clip_score": scorer(list(images), all_prompts).value, "images": images[:8],
-                            "trained_on": _uint8(pixels[:8])}
+                    return {
+                        **protection(predicted, artist, list(judge.artists)),
+                        "seconds": seconds,
+                        "similarity_to_held_out": similarity_to(judge, generations, held_out),
+                        "fid_to_held_out": fid(held_features, features(images)),
+                        "clip_score": scorer(list(images), all_prompts).value,
+                        "images": images[:8],
+                        "trained_on": _uint8(pixels[:8]),
+                    }
 
-                outcome, _ = stages.run(f"mimic-{artist}-{cell}-{attack}", {
-                    "cloak": cloak_key, "attack": attack, "mimic": vars(mimic), "prompts": all_prompts,
-                    "prior": len(prior_rows), "judge": folder_sha256(clip_folder())}, mimic_stage)
+                outcome, _ = stages.run(
+                    f"mimic-{artist}-{cell}-{attack}",
+                    {
+                        "cloak": cloak_key,
+                        "attack": attack,
+                        "mimic": vars(mimic),
+                        "prompts": all_prompts,
+                        "prior": len(prior_rows),
+                        "judge": folder_sha256(clip_folder()),
+                    },
+                    mimic_stage,
+                )
                 low, high = outcome["protection_interval"]
-                record = {"artist": artist, "cell": cell, "adversary": attack, **cloaked["values"],
-                          **{k: v for k, v in outcome.items() if k not in ("images", "trained_on")}}
+                record = {
+                    "artist": artist,
+                    "cell": cell,
+                    "adversary": attack,
+                    **cloaked["values"],
+                    **{k: v for k, v in outcome.items() if k not in ("images", "trained_on")},
+                }
                 results.append(record)
                 went = ", ".join(f"{a} {n}" for a, n in outcome["attributed_to"].items() if n)
-                table_rows.append([artist, cell, attack, f"{cloaked['values'].get('psnr', float('nan')):.1f}",
-                                   f"{100 * outcome['protection_rate']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]",
-                                   went, f"{outcome['fid_to_held_out']:.2f}", f"{outcome['clip_score']:.2f}"])
+                table_rows.append(
+                    [
+                        artist,
+                        cell,
+                        attack,
+                        f"{cloaked['values'].get('psnr', float('nan')):.1f}",
+                        f"{100 * outcome['protection_rate']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]",
+                        went,
+                        f"{outcome['fid_to_held_out']:.2f}",
+                        f"{outcome['clip_score']:.2f}",
+                    ]
+                )
                 if attack == attacks[0]:
                     difference = ((cloaked["pixels"][:8] - clean[:8]) * 10).clamp(-1, 1)
-                    grids.append((f"{artist} {cell}", [_uint8(clean[:8]), _uint8(cloaked["pixels"][:8]),
-                                                       _uint8(difference), outcome["images"]]))
-    table = _markdown_table(["artist", "cloak", "adversary", "PSNR dB", "protection [95% CI]", "generations went to",
-                             "FID to held-out", "CLIP score"], table_rows)
+                    grids.append(
+                        (
+                            f"{artist} {cell}",
+                            [_uint8(clean[:8]), _uint8(cloaked["pixels"][:8]), _uint8(difference), outcome["images"]],
+                        )
+                    )
+    table = _markdown_table(
+        [
+            "artist",
+            "cloak",
+            "adversary",
+            "PSNR dB",
+            "protection [95% CI]",
+            "generations went to",
+            "FID to held-out",
+            "CLIP score",
+        ],
+        table_rows,
+    )
     figure, axis = plt.subplots(figsize=(6, 4))
     for artist in artists:
         for attack in attacks:
@@ -384,20 +469,30 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
                 continue
             points.sort(key=lambda r: -r["psnr"])
             values = [100 * r["protection_rate"] for r in points]
-            errors = [[100 * (r["protection_rate"] - r["protection_interval"][0]) for r in points],
-                      [100 * (r["protection_interval"][1] - r["protection_rate"]) for r in points]]
-            axis.errorbar([r["psnr"] for r in points], values, yerr=errors, marker="o", capsize=3,
-                          label=f"{artist}, {attack}")
-    axis.set(xlabel="cloak budget (PSNR dB, lower = more visible)", ylabel="protection rate (%)",
-             title="protection against budget (95% Wilson intervals)")
+            errors = [
+                [100 * (r["protection_rate"] - r["protection_interval"][0]) for r in points],
+                [100 * (r["protection_interval"][1] - r["protection_rate"]) for r in points],
+            ]
+            axis.errorbar(
+                [r["psnr"] for r in points], values, yerr=errors, marker="o", capsize=3, label=f"{artist}, {attack}"
+            )
+    axis.set(
+        xlabel="cloak budget (PSNR dB, lower = more visible)",
+        ylabel="protection rate (%)",
+        title="protection against budget (95% Wilson intervals)",
+    )
     axis.invert_xaxis()
     if axis.lines:
         axis.legend(fontsize=7)
     sections = [("protection", table), ("protection against budget", "png:" + _png(figure))]
     plt.close(figure)
     for label, rows in grids:
-        sections.append((f"{label}: original / cloaked / difference x10 / mimicked",
-                         "png:" + _grid_png(rows, ["original", "cloaked", "difference x10", "mimicked"])))
+        sections.append(
+            (
+                f"{label}: original / cloaked / difference x10 / mimicked",
+                "png:" + _grid_png(rows, ["original", "cloaked", "difference x10", "mimicked"]),
+            )
+        )
     return {"rows": results, "model_sha256": model_hash}, sections, table
 
 
@@ -417,8 +512,15 @@ def bench(config_path: str | Path, out: str | Path, device="cpu", log=print, see
     started = time.time()
     runner = {"guidance": run_guidance, "protection": run_protection}[config["experiment"]["kind"]]
     figures, sections, table = runner(config, stages, device)
-    results = {"config": config, "config_sha256": file_sha256(config_path), "versions": _versions(device),
-               "seed": seed, "figures": figures, "stages": stages.done, "seconds": round(time.time() - started, 1)}
+    results = {
+        "config": config,
+        "config_sha256": file_sha256(config_path),
+        "versions": _versions(device),
+        "seed": seed,
+        "figures": figures,
+        "stages": stages.done,
+        "seconds": round(time.time() - started, 1),
+    }
     _write(out / "results.json", json.dumps(results, indent=1, default=str))
     title = config["experiment"].get("name", Path(config_path).stem)
     _write(out / "report.md", f"# {title}\n\n{table}\n\nConfig: `{config_path}`; details in results.json.\n")

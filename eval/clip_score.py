@@ -32,25 +32,38 @@ class CLIPScorer:
         if model is None:
             model, processor = load_clip(folder, self.device)
         self.model, self.processor = model, processor
-        self.provenance = {"metric": "clip score (100 * cos, mean clamped at 0; torchmetrics' definition)",
-                           "clip": str(folder), "clip_sha256": folder_sha256(folder) if folder else None}
+        self.provenance = {
+            "metric": "clip score (100 * cos, mean clamped at 0; torchmetrics' definition)",
+            "clip": str(folder),
+            "clip_sha256": folder_sha256(folder) if folder else None,
+        }
 
     @torch.no_grad()
-    def scores(self, images: torch.Tensor | list[torch.Tensor], prompts: list[str], batch_size: int = 32
-               ) -> torch.Tensor:
+    def scores(
+        self, images: torch.Tensor | list[torch.Tensor], prompts: list[str], batch_size: int = 32
+    ) -> torch.Tensor:
         """Per pair 100 · cos; images uint8 (3, H, W) each, one prompt per image."""
         if len(images) != len(prompts):
             raise FixativeError(f"got {len(images)} images and {len(prompts)} prompts; give one prompt per image")
         max_length = self.model.config.text_config.max_position_embeddings
         out = []
         for start in range(0, len(prompts), batch_size):
-            batch_images = [image.cpu() for image in images[start:start + batch_size]]
+            batch_images = [image.cpu() for image in images[start : start + batch_size]]
             pixel_values = self.processor(images=batch_images, return_tensors="pt")["pixel_values"]
-            text = self.processor(text=list(prompts[start:start + batch_size]), return_tensors="pt", padding=True,
-                                  truncation=True, max_length=max_length)
+            text = self.processor(
+                text=list(prompts[start : start + batch_size]),
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+            )
             image = F.normalize(image_embeddings(self.model, pixel_values.to(self.device)).float(), dim=-1)
-            words = F.normalize(text_embeddings(self.model, text["input_ids"].to(self.device),
-                                                text["attention_mask"].to(self.device)).float(), dim=-1)
+            words = F.normalize(
+                text_embeddings(
+                    self.model, text["input_ids"].to(self.device), text["attention_mask"].to(self.device)
+                ).float(),
+                dim=-1,
+            )
             out.append(100 * (image * words).sum(-1))
         return torch.cat(out).cpu()
 
@@ -65,4 +78,3 @@ def read_prompts(path: str | Path) -> list[str]:
     if not path.is_file():
         raise FixativeError(f"prompts file {path} not found; give a text file with one prompt per line")
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-

@@ -55,8 +55,11 @@ class InceptionFeatures:
         path = find_weights(weights)
         self.network = load_fid_inception(path, device)
         self.device = torch.device(device)
-        self.provenance = {"extractor": "fid-inception-v3 (pt_inception-2015-12-05, TF1 bilinear resize to 299)",
-                           "weights": str(path), "weights_sha256": file_sha256(path)}
+        self.provenance = {
+            "extractor": "fid-inception-v3 (pt_inception-2015-12-05, TF1 bilinear resize to 299)",
+            "weights": str(path),
+            "weights_sha256": file_sha256(path),
+        }
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -69,8 +72,10 @@ def load_clip(folder: str | Path, device: torch.device | str = "cpu"):
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
-        raise FixativeError(f"no CLIP model in {folder}: give a folder saved by transformers' "
-                            "CLIPModel.save_pretrained (config.json, weights, tokenizer, preprocessor_config.json)")
+        raise FixativeError(
+            f"no CLIP model in {folder}: give a folder saved by transformers' "
+            "CLIPModel.save_pretrained (config.json, weights, tokenizer, preprocessor_config.json)"
+        )
     model = transformers.CLIPModel.from_pretrained(folder, dtype=torch.float32).to(device).eval()
     processor = transformers.CLIPProcessor.from_pretrained(folder)
     return model, processor
@@ -93,8 +98,11 @@ class CLIPFeatures:
     def __init__(self, folder: str | Path, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         self.model, self.processor = load_clip(folder, self.device)
-        self.provenance = {"extractor": "clip image embedding (transformers CLIPModel.get_image_features)",
-                           "weights": str(folder), "weights_sha256": folder_sha256(folder)}
+        self.provenance = {
+            "extractor": "clip image embedding (transformers CLIPModel.get_image_features)",
+            "weights": str(folder),
+            "weights_sha256": folder_sha256(folder),
+        }
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -102,13 +110,14 @@ class CLIPFeatures:
         return image_embeddings(self.model, pixel_values.to(self.device)).float().cpu()
 
 
-def make_extractor(spec: str, inception_weights: str | Path | None = None,
-                   device: torch.device | str = "cpu") -> FeatureExtractor:
+def make_extractor(
+    spec: str, inception_weights: str | Path | None = None, device: torch.device | str = "cpu"
+) -> FeatureExtractor:
     """``inception`` or ``clip:FOLDER`` (``clip:toy`` = the toy world's CLIP)."""
     if spec == "inception":
         return InceptionFeatures(inception_weights, device)
     if spec.startswith("clip:"):
-        folder = spec[len("clip:"):]
+        folder = spec[len("clip:") :]
         if folder == "toy":
             from fixative.core.toy import clip_folder
 
@@ -169,8 +178,13 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
         raise
 
 
-def folder_features(folder: str | Path, extractor: FeatureExtractor, cache: str | Path | None = None,
-                    batch_size: int = 32, progress: bool = False) -> tuple[torch.Tensor, dict]:
+def folder_features(
+    folder: str | Path,
+    extractor: FeatureExtractor,
+    cache: str | Path | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> tuple[torch.Tensor, dict]:
     """Features of every readable image in ``folder`` (file-name order) and a record of what was read:
     the folder, its images' combined hash, the unreadable files skipped, and whether the cache answered."""
     from safetensors import safe_open
@@ -180,8 +194,12 @@ def folder_features(folder: str | Path, extractor: FeatureExtractor, cache: str 
     hashes = [file_sha256(p) for p in files]
     identity = json.dumps(extractor.provenance, sort_keys=True) + "\n" + "\n".join(hashes)
     key = hashlib.sha256(identity.encode()).hexdigest()
-    record = {"folder": str(folder), "images": len(files),
-              "images_sha256": hashlib.sha256("\n".join(hashes).encode()).hexdigest(), "skipped": []}
+    record = {
+        "folder": str(folder),
+        "images": len(files),
+        "images_sha256": hashlib.sha256("\n".join(hashes).encode()).hexdigest(),
+        "skipped": [],
+    }
     path = Path(cache) / f"{key}.safetensors" if cache is not None else None
     if path is not None and path.is_file():
         with safe_open(path, "pt") as file:
@@ -200,8 +218,11 @@ def folder_features(folder: str | Path, extractor: FeatureExtractor, cache: str 
     features = extract(images, extractor, batch_size)
     record.update(images=len(images), skipped=skipped, cache="miss" if path is not None else "off")
     if path is not None:
-        _atomic_save({"features": features.contiguous()}, path,
-                     {"provenance": json.dumps(extractor.provenance), "skipped": json.dumps(skipped)})
+        _atomic_save(
+            {"features": features.contiguous()},
+            path,
+            {"provenance": json.dumps(extractor.provenance), "skipped": json.dumps(skipped)},
+        )
     return features, record
 
 

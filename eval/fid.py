@@ -80,16 +80,26 @@ def _polynomial_kernel(x: torch.Tensor, y: torch.Tensor, degree: int, gamma: flo
     return (x @ y.T * gamma + coef) ** degree  # k(x, y) = (γ xᵀy + c)^degree
 
 
-def kid(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100, subset_size: int = 1000, seed: int = 0,
-        degree: int = 3, gamma: float | None = None, coef: float = 1.0) -> KIDResult:
+def kid(
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    subsets: int = 100,
+    subset_size: int = 1000,
+    seed: int = 0,
+    degree: int = 3,
+    gamma: float | None = None,
+    coef: float = 1.0,
+) -> KIDResult:
     """Kernel Inception Distance (Bińkowski et al. 2018, eq. 3): the unbiased estimate of MMD² with the
     polynomial kernel (γ = 1/d by default), averaged over ``subsets`` random subsets of ``subset_size``
     drawn without replacement. Subsets come from ``torch.Generator().manual_seed(seed)``, drawn as torchmetrics
     draws them from the global generator (a permutation of the real set, then of the fake set, per subset)."""
     real, fake = real.double(), fake.double()
     if min(len(real), len(fake)) < subset_size:
-        raise FixativeError(f"KID subset size {subset_size} exceeds the number of images "
-                            f"({len(real)} real, {len(fake)} generated); lower --subset-size")
+        raise FixativeError(
+            f"KID subset size {subset_size} exceeds the number of images "
+            f"({len(real)} real, {len(fake)} generated); lower --subset-size"
+        )
     if subset_size < 2:
         raise FixativeError("KID needs a subset size of at least 2")
     gamma = 1.0 / real.shape[1] if gamma is None else gamma

@@ -30,6 +30,7 @@ def tf1_resize_bilinear(images: torch.Tensor, size: int) -> torch.Tensor:
     Source coordinate of output pixel i: s = i * in / out (no half-pixel offset, unlike torch's
     ``interpolate``); value = lerp between floor(s) and min(floor(s) + 1, in - 1). images (B, C, H, W), float.
     """
+
     def axis(in_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         source = torch.arange(size, dtype=images.dtype, device=images.device) * (in_size / size)
         low = source.long()
@@ -72,10 +73,15 @@ class InceptionA(nn.Module):  # Mixed_5b, 5c, 5d: 35 x 35
         self.branch_pool = BasicConv2d(in_channels, pool_features, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.branch1x1(x),
-                          self.branch5x5_2(self.branch5x5_1(x)),
-                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                          self.branch_pool(_avg_pool_3x3(x))], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch5x5_2(self.branch5x5_1(x)),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                self.branch_pool(_avg_pool_3x3(x)),
+            ],
+            1,
+        )
 
 
 class InceptionB(nn.Module):  # Mixed_6a: 35 -> 17
@@ -87,9 +93,14 @@ class InceptionB(nn.Module):  # Mixed_6a: 35 -> 17
         self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.branch3x3(x),
-                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                          F.max_pool2d(x, kernel_size=3, stride=2)], 1)
+        return torch.cat(
+            [
+                self.branch3x3(x),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                F.max_pool2d(x, kernel_size=3, stride=2),
+            ],
+            1,
+        )
 
 
 class InceptionC(nn.Module):  # Mixed_6b .. 6e: 17 x 17, factorised 7 x 7
@@ -109,13 +120,23 @@ class InceptionC(nn.Module):  # Mixed_6b .. 6e: 17 x 17, factorised 7 x 7
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         double = x
-        for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                      self.branch7x7dbl_5):
+        for layer in (
+            self.branch7x7dbl_1,
+            self.branch7x7dbl_2,
+            self.branch7x7dbl_3,
+            self.branch7x7dbl_4,
+            self.branch7x7dbl_5,
+        ):
             double = layer(double)
-        return torch.cat([self.branch1x1(x),
-                          self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
-                          double,
-                          self.branch_pool(_avg_pool_3x3(x))], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
+                double,
+                self.branch_pool(_avg_pool_3x3(x)),
+            ],
+            1,
+        )
 
 
 class InceptionD(nn.Module):  # Mixed_7a: 17 -> 8
@@ -152,10 +173,17 @@ class InceptionE(nn.Module):  # Mixed_7b, 7c: 8 x 8, expanded filter banks
         three = self.branch3x3_1(x)
         double = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1) if self.max_pool else _avg_pool_3x3(x)
-        return torch.cat([self.branch1x1(x),
-                          self.branch3x3_2a(three), self.branch3x3_2b(three),
-                          self.branch3x3dbl_3a(double), self.branch3x3dbl_3b(double),
-                          self.branch_pool(pooled)], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch3x3_2a(three),
+                self.branch3x3_2b(three),
+                self.branch3x3dbl_3a(double),
+                self.branch3x3dbl_3b(double),
+                self.branch_pool(pooled),
+            ],
+            1,
+        )
 
 
 class FIDInceptionV3(nn.Module):
@@ -185,8 +213,9 @@ class FIDInceptionV3(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise FixativeError(f"the FID Inception reads uint8 RGB images (B, 3, H, W), got {images.dtype} "
-                                f"{tuple(images.shape)}")
+            raise FixativeError(
+                f"the FID Inception reads uint8 RGB images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}"
+            )
         dtype = self.fc.weight.dtype
         x = tf1_resize_bilinear(images.to(dtype), INPUT_SIZE)
         x = (x - 128) / 128  # the graph's (x - 128) * 0.0078125
@@ -194,8 +223,19 @@ class FIDInceptionV3(nn.Module):
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))  # (B, 192, 71, 71)
         x = F.max_pool2d(x, kernel_size=3, stride=2)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
-                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+        for block in (
+            self.Mixed_5b,
+            self.Mixed_5c,
+            self.Mixed_5d,
+            self.Mixed_6a,
+            self.Mixed_6b,
+            self.Mixed_6c,
+            self.Mixed_6d,
+            self.Mixed_6e,
+            self.Mixed_7a,
+            self.Mixed_7b,
+            self.Mixed_7c,
+        ):
             x = block(x)
         return x.mean((2, 3))  # (B, 2048)
 
@@ -205,15 +245,19 @@ def find_weights(path: str | Path | None = None) -> Path:
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FixativeError(f"FID Inception weights not found at {path}; give the path of "
-                                f"{WEIGHT_FILES[0]} (pytorch-fid's release) with --inception-weights")
+            raise FixativeError(
+                f"FID Inception weights not found at {path}; give the path of "
+                f"{WEIGHT_FILES[0]} (pytorch-fid's release) with --inception-weights"
+            )
         return path
     checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
     for name in WEIGHT_FILES:
         if (checkpoints / name).is_file():
             return checkpoints / name
-    raise FixativeError(f"FID Inception weights missing: put {WEIGHT_FILES[0]} (pytorch-fid's release, "
-                        f"github.com/mseitzer/pytorch-fid/releases) in {checkpoints}/ or pass --inception-weights PATH")
+    raise FixativeError(
+        f"FID Inception weights missing: put {WEIGHT_FILES[0]} (pytorch-fid's release, "
+        f"github.com/mseitzer/pytorch-fid/releases) in {checkpoints}/ or pass --inception-weights PATH"
+    )
 
 
 def load_fid_inception(path: str | Path | None = None, device: torch.device | str = "cpu") -> FIDInceptionV3:

@@ -58,15 +58,36 @@ class MimicConfig:
 
         lr = self.lr if self.lr is not None else (1e-3 if self.method == "full" else 5e-3)
         prior = {} if with_prior_data else {"class_prompt": self.class_prompt, "prior_images": self.prior_images}
-        return FinetuneConfig(method=self.method, rank=self.rank, train_text_encoder=self.train_text_encoder,
-                              max_steps=self.steps, batch_size=self.batch_size, prior_batch_size=self.prior_batch_size,
-                              prior_loss_weight=self.prior_loss_weight, lr=lr, weight_decay=0.0, lr_schedule="cosine",
-                              warmup=max(1, self.steps // 10), snr_gamma=self.snr_gamma, offset_noise=self.offset_noise,
-                              mixed_precision=self.mixed_precision, cache_latents=True, seed=self.seed, **prior)
+        return FinetuneConfig(
+            method=self.method,
+            rank=self.rank,
+            train_text_encoder=self.train_text_encoder,
+            max_steps=self.steps,
+            batch_size=self.batch_size,
+            prior_batch_size=self.prior_batch_size,
+            prior_loss_weight=self.prior_loss_weight,
+            lr=lr,
+            weight_decay=0.0,
+            lr_schedule="cosine",
+            warmup=max(1, self.steps // 10),
+            snr_gamma=self.snr_gamma,
+            offset_noise=self.offset_noise,
+            mixed_precision=self.mixed_precision,
+            cache_latents=True,
+            seed=self.seed,
+            **prior,
+        )
 
 
-def fine_tune_mimic(model, pixels: torch.Tensor, captions: list[str], config: MimicConfig,
-                    prior: ImageCaptions | None = None, progress: bool = False, log=print):
+def fine_tune_mimic(
+    model,
+    pixels: torch.Tensor,
+    captions: list[str],
+    config: MimicConfig,
+    prior: ImageCaptions | None = None,
+    progress: bool = False,
+    log=print,
+):
     """A fine-tuned copy of ``model`` (the original is untouched; the VAE is shared, frozen) on ``pixels`` (N, 3,
     H, W) in [-1, 1] with ``captions``; prior preservation with ``prior`` (images with their own captions) or, without
     it, with class images the model generates. LoRA adapters are merged into the copy's weights. Returns
@@ -79,8 +100,15 @@ def fine_tune_mimic(model, pixels: torch.Tensor, captions: list[str], config: Mi
     mimic.unet = copy.deepcopy(model.unet)
     mimic.text_encoder = copy.deepcopy(model.text_encoder)
     device = "cpu" if model.unet.device.type == "cpu" else "auto"
-    fine_tune(mimic, ImageCaptions(pixels, list(captions)), config.finetune_config(prior is not None),
-              prior_data=prior, device=device, progress=progress, log=log)
+    fine_tune(
+        mimic,
+        ImageCaptions(pixels, list(captions)),
+        config.finetune_config(prior is not None),
+        prior_data=prior,
+        device=device,
+        progress=progress,
+        log=log,
+    )
     if config.method == "lora":
         merge_lora(mimic.unet)
         merge_lora(mimic.text_encoder)
@@ -95,9 +123,16 @@ def sample(model, prompts: list[str], seeds: list[int], config: MimicConfig) -> 
 
     out = []
     for start in range(0, len(prompts), config.sample_batch):
-        images = generate(model, prompts[start:start + config.sample_batch], scheduler="ddim",
-                          num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
-                          seed=seeds[start:start + config.sample_batch], output="images", progress=False)
+        images = generate(
+            model,
+            prompts[start : start + config.sample_batch],
+            scheduler="ddim",
+            num_inference_steps=config.num_inference_steps,
+            guidance_scale=config.guidance_scale,
+            seed=seeds[start : start + config.sample_batch],
+            output="images",
+            progress=False,
+        )
         out.append(images * 2 - 1)
     return torch.cat(out)
 
@@ -106,9 +141,13 @@ def protection(predicted: list[str], artist: str, candidates: list[str]) -> dict
     """Protection success rate (share not attributed to ``artist``) with its Wilson interval, and the counts."""
     protected = sum(p != artist for p in predicted)
     result = rate(protected, len(predicted))
-    return {"protection_rate": result.value, "protection_interval": [result.low, result.high],
-            "protected": protected, "generations": len(predicted),
-            "attributed_to": {c: predicted.count(c) for c in candidates}}
+    return {
+        "protection_rate": result.value,
+        "protection_interval": [result.low, result.high],
+        "protected": protected,
+        "generations": len(predicted),
+        "attributed_to": {c: predicted.count(c) for c in candidates},
+    }
 
 
 @torch.no_grad()
@@ -127,9 +166,20 @@ def apply_adversaries(pixels: torch.Tensor, adversaries: list, model, seed: int)
     return images * 2 - 1
 
 
-def mimicry(model, pixels: torch.Tensor, captions: list[str], artist: str, prompts: list[str], judge,
-            config: MimicConfig, prior: ImageCaptions | None = None, held_out: torch.Tensor | None = None,
-            adversaries: list = (), progress: bool = False, log=print) -> tuple[dict, torch.Tensor]:
+def mimicry(
+    model,
+    pixels: torch.Tensor,
+    captions: list[str],
+    artist: str,
+    prompts: list[str],
+    judge,
+    config: MimicConfig,
+    prior: ImageCaptions | None = None,
+    held_out: torch.Tensor | None = None,
+    adversaries: list = (),
+    progress: bool = False,
+    log=print,
+) -> tuple[dict, torch.Tensor]:
     """The whole attack on ``artist``'s images (``pixels`` in [-1, 1], ``captions`` naming the new name); returns
     (results, generations). ``prompts``: the K prompts, each sampled ``config.samples_per_prompt`` times."""
     from .adversaries import describe
@@ -140,17 +190,23 @@ def mimicry(model, pixels: torch.Tensor, captions: list[str], artist: str, promp
     seeds = [config.seed * 100_000 + 50_000 + i for i in range(len(all_prompts))]
     generations = sample(mimic, all_prompts, seeds, config)
     predicted, _ = judge.classify(generations)
-    results = {"artist": artist, **protection(predicted, artist, list(judge.artists)),
-               "fine_tune_seconds": seconds, "adversaries": [describe(a) for a in adversaries],
-               "prompts": list(prompts), "config": asdict(config)}
+    results = {
+        "artist": artist,
+        **protection(predicted, artist, list(judge.artists)),
+        "fine_tune_seconds": seconds,
+        "adversaries": [describe(a) for a in adversaries],
+        "prompts": list(prompts),
+        "config": asdict(config),
+    }
     if held_out is not None and len(held_out):
         results["similarity_to_held_out"] = similarity_to(judge, generations, held_out)
         results["similarity_of_training_images_to_held_out"] = similarity_to(judge, trained_on, held_out)
     return results, generations
 
 
-def read_artist_folder(folder, name: str, artist: str | None, size: int) -> tuple[torch.Tensor, list[str], str | None,
-                                                                                   list[str]]:
+def read_artist_folder(
+    folder, name: str, artist: str | None, size: int
+) -> tuple[torch.Tensor, list[str], str | None, list[str]]:
     """An artist's images from ``folder`` (file-name order), as pixels (N, 3, size, size) in [-1, 1] (resized and
     centre-cropped where needed), their captions for the mimic under ``name``, the artist's label and the
     unreadable files skipped. Captions: the folder's ``metadata.jsonl`` ``text`` with the artist's name replaced by
@@ -185,8 +241,13 @@ def read_artist_folder(folder, name: str, artist: str | None, size: int) -> tupl
             continue
         pixels.append(to_pixels(image))
         text = metadata.get(path.name, {}).get("text")
-        captions.append(text.replace(artist, name) if text and artist and artist in text else
-                        text if text and name in text else f"a painting by {name}")
+        captions.append(
+            text.replace(artist, name)
+            if text and artist and artist in text
+            else text
+            if text and name in text
+            else f"a painting by {name}"
+        )
     if not pixels:
         raise FixativeError(f"none of the images in {folder} could be read")
     return torch.stack(pixels), captions, artist, skipped
@@ -198,10 +259,24 @@ def _read_captioned(folder, size: int) -> ImageCaptions:
     return ImageCaptions(pixels, captions)
 
 
-def run(model_source: str, images, name: str, out, config: MimicConfig, artist: str | None = None,
-        adversaries: list[str] = (), prompts_file=None, judge_folder=None, candidates: list[str] | None = None,
-        template: str = "a painting by {artist}", prior_folder=None, held_out_folder=None, device="cpu",
-        progress: bool = True, provenance: dict | None = None) -> dict:
+def run(
+    model_source: str,
+    images,
+    name: str,
+    out,
+    config: MimicConfig,
+    artist: str | None = None,
+    adversaries: list[str] = (),
+    prompts_file=None,
+    judge_folder=None,
+    candidates: list[str] | None = None,
+    template: str = "a painting by {artist}",
+    prior_folder=None,
+    held_out_folder=None,
+    device="cpu",
+    progress: bool = True,
+    provenance: dict | None = None,
+) -> dict:
     """``fixative mimic``: the attack on a folder of an artist's images; writes ``out``/results.json (and the
     generations as PNGs in ``out``/samples/). A finished run with the same inputs and settings is not redone."""
     import hashlib
@@ -223,16 +298,25 @@ def run(model_source: str, images, name: str, out, config: MimicConfig, artist: 
     toy = model_source == "toy"
     attacks = [parse_adversary(spec) for spec in adversaries]
     if not toy and (judge_folder is None or not candidates):
-        raise FixativeError("outside the toy world the judge needs a CLIP folder (--judge) and the candidate "
-                            "artists or styles (--candidates)")
+        raise FixativeError(
+            "outside the toy world the judge needs a CLIP folder (--judge) and the candidate "
+            "artists or styles (--candidates)"
+        )
     model_path = model_folder() if toy else Path(model_source)
     judge_path = Path(judge_folder) if judge_folder else clip_folder()
-    inputs = {"images": {p.name: file_sha256(p) for p in image_files(images)},
-              "model": folder_sha256(model_path) if model_path.is_dir() else file_sha256(model_path),
-              "judge": folder_sha256(judge_path), "name": name, "artist": artist, "adversaries": list(adversaries),
-              "prompts": file_sha256(prompts_file) if prompts_file else None, "candidates": candidates,
-              "template": template, "prior": folder_sha256(prior_folder, (".png", ".jpg", ".jpeg", ".jsonl"))
-              if prior_folder else None, "config": asdict(config)}
+    inputs = {
+        "images": {p.name: file_sha256(p) for p in image_files(images)},
+        "model": folder_sha256(model_path) if model_path.is_dir() else file_sha256(model_path),
+        "judge": folder_sha256(judge_path),
+        "name": name,
+        "artist": artist,
+        "adversaries": list(adversaries),
+        "prompts": file_sha256(prompts_file) if prompts_file else None,
+        "candidates": candidates,
+        "template": template,
+        "prior": folder_sha256(prior_folder, (".png", ".jpg", ".jpeg", ".jsonl")) if prior_folder else None,
+        "config": asdict(config),
+    }
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
     if (out / "results.json").is_file():
         previous = json.loads((out / "results.json").read_text())
@@ -243,11 +327,16 @@ def run(model_source: str, images, name: str, out, config: MimicConfig, artist: 
     model = load_model(model_source, device=device)
     size = model.unet.config.sample_size * model.vae.config.downsampling_factor
     pixels, captions, artist, skipped = read_artist_folder(images, name, artist, size)
-    judge = (ToyJudge(judge_path, device) if toy and not candidates and judge_folder is None
-             else ZeroShotJudge(judge_path, candidates or atelier.artist_names(), template=template, device=device))
+    judge = (
+        ToyJudge(judge_path, device)
+        if toy and not candidates and judge_folder is None
+        else ZeroShotJudge(judge_path, candidates or atelier.artist_names(), template=template, device=device)
+    )
     if artist not in judge.artists:
-        raise FixativeError(f"the protected artist {artist!r} is not among the judge's candidates "
-                            f"({', '.join(judge.artists)}); name it with --artist")
+        raise FixativeError(
+            f"the protected artist {artist!r} is not among the judge's candidates "
+            f"({', '.join(judge.artists)}); name it with --artist"
+        )
     if prompts_file:
         prompts = read_prompts(prompts_file)
     elif toy:
@@ -270,15 +359,37 @@ def run(model_source: str, images, name: str, out, config: MimicConfig, artist: 
     if held_out_folder:
         held_out = _read_captioned(held_out_folder, size).pixels
 
-    results, generations = mimicry(model, pixels, captions, artist, prompts, judge, config, prior, held_out, attacks,
-                                   progress=progress, log=lambda line: None if not progress else print(line))
+    results, generations = mimicry(
+        model,
+        pixels,
+        captions,
+        artist,
+        prompts,
+        judge,
+        config,
+        prior,
+        held_out,
+        attacks,
+        progress=progress,
+        log=lambda line: None if not progress else print(line),
+    )
     for index, image in enumerate(pixels_to_images(generations)):
         save_png(image, out / "samples" / f"{index:04d}.png")
-    results.update(key=key, name=name, images=len(pixels), skipped=skipped, inputs=inputs,
-                   judge={"clip": str(judge_path), "candidates": list(judge.artists),
-                          "captions": "toy world: every 'a painting of a {subject} by {artist}'"
-                          if isinstance(judge, ToyJudge) else template},
-                   provenance=provenance or {})
+    results.update(
+        key=key,
+        name=name,
+        images=len(pixels),
+        skipped=skipped,
+        inputs=inputs,
+        judge={
+            "clip": str(judge_path),
+            "candidates": list(judge.artists),
+            "captions": "toy world: every 'a painting of a {subject} by {artist}'"
+            if isinstance(judge, ToyJudge)
+            else template,
+        },
+        provenance=provenance or {},
+    )
     out.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=".results.", suffix=".tmp", dir=out)
     with os.fdopen(handle, "w") as file:

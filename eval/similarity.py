@@ -26,8 +26,13 @@ REFERENCES = {
 }
 
 
-def distance_function(metric: str, lpips_net: str = "alex", lpips_backbone: str = "pretrained",
-                      lpips_weights: str | Path | None = None, device: torch.device | str = "cpu"):
+def distance_function(
+    metric: str,
+    lpips_net: str = "alex",
+    lpips_backbone: str = "pretrained",
+    lpips_weights: str | Path | None = None,
+    device: torch.device | str = "cpu",
+):
     """(function of (pixels, reference) in [0, 1] -> per-image values, provenance)."""
     if metric not in PAIRED:
         raise FixativeError(f"unknown paired metric {metric!r}; choose one of {', '.join(PAIRED)}")
@@ -35,15 +40,19 @@ def distance_function(metric: str, lpips_net: str = "alex", lpips_backbone: str 
     if metric != "lpips":
         return {"ssim": ssim, "psnr": psnr, "linf": linf}[metric], provenance
     network = load_lpips(lpips_net, lpips_backbone, lpips_weights, device)
-    provenance.update(net=lpips_net, backbone=lpips_backbone,
-                      backbone_weights=str(network.weights_path) if network.weights_path else None,
-                      backbone_sha256=file_sha256(network.weights_path) if network.weights_path else None)
+    provenance.update(
+        net=lpips_net,
+        backbone=lpips_backbone,
+        backbone_weights=str(network.weights_path) if network.weights_path else None,
+        backbone_sha256=file_sha256(network.weights_path) if network.weights_path else None,
+    )
     if lpips_backbone == "random":
         provenance["warning"] = "random LPIPS backbone: a test of the mechanics, not LPIPS"
 
     def distance(pixels: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return network(pixels.to(device, torch.float32), reference.to(device, torch.float32)).cpu()
+
     return distance, provenance
 
 
@@ -61,14 +70,24 @@ def compare_folders(test: str | Path, reference: str | Path, metric: str, **opti
             skipped.append(path.name)
             continue
         if image.shape != partner.shape:
-            raise FixativeError(f"{path.name}: {tuple(image.shape[1:])} in {test} but {tuple(partner.shape[1:])} "
-                                f"in {reference}; paired metrics need images of one size")
+            raise FixativeError(
+                f"{path.name}: {tuple(image.shape[1:])} in {test} but {tuple(partner.shape[1:])} "
+                f"in {reference}; paired metrics need images of one size"
+            )
         pixels = image[None].double() / 255
         values[path.name] = float(distance(pixels, partner[None].double() / 255)[0])
     if not values:
         raise FixativeError(f"no image of {test} has a readable same-named partner in {reference}")
     finite = [v for v in values.values() if v != float("inf")]  # PSNR of identical images is +inf
     mean = sum(finite) / len(finite) if finite else float("inf")
-    return {"metric": metric, "value": mean, "per_image": values, "pairs": len(values),
-            "identical_pairs_left_out_of_the_mean": len(values) - len(finite), "skipped": skipped,
-            "test": str(test), "reference": str(reference), "provenance": provenance}
+    return {
+        "metric": metric,
+        "value": mean,
+        "per_image": values,
+        "pairs": len(values),
+        "identical_pairs_left_out_of_the_mean": len(values) - len(finite),
+        "skipped": skipped,
+        "test": str(test),
+        "reference": str(reference),
+        "provenance": provenance,
+    }

@@ -68,12 +68,20 @@ class ReportConfig:
     classifier_steps: int = 300
 
     def mimic_config(self) -> MimicConfig:
-        return MimicConfig(method="full", steps=self.mimic_steps, batch_size=self.mimic_batch,
-                           prior_batch_size=self.mimic_prior_batch, lr=self.mimic_lr,
-                           train_text_encoder=self.mimic_text_encoder, offset_noise=self.mimic_offset_noise,
-                           seed=self.seed, samples_per_prompt=self.mimic_samples_per_subject,
-                           num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
-                           sample_batch=self.batch_size)
+        return MimicConfig(
+            method="full",
+            steps=self.mimic_steps,
+            batch_size=self.mimic_batch,
+            prior_batch_size=self.mimic_prior_batch,
+            lr=self.mimic_lr,
+            train_text_encoder=self.mimic_text_encoder,
+            offset_noise=self.mimic_offset_noise,
+            seed=self.seed,
+            samples_per_prompt=self.mimic_samples_per_subject,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            sample_batch=self.batch_size,
+        )
 
 
 def pixels_of(rows: list[dict]) -> torch.Tensor:
@@ -113,8 +121,13 @@ class ToyWorld:
 
     def _classifier(self, column: str, labels: list[str]) -> PaintingClassifier:
         started = time.time()
-        model = train_classifier(self.train_pixels, [r[column] for r in self.train_rows], labels,
-                                 steps=self.config.classifier_steps, seed=self.config.seed)
+        model = train_classifier(
+            self.train_pixels,
+            [r[column] for r in self.train_rows],
+            labels,
+            steps=self.config.classifier_steps,
+            seed=self.config.seed,
+        )
         self.seconds[f"{column}_classifier"] = time.time() - started
         return model
 
@@ -133,8 +146,9 @@ class ToyWorld:
 def vae_part(world: ToyWorld, batch_size: int = 64) -> dict:
     model, rows = world.model, world.test_rows
     pixels = pixels_of(rows)
-    reconstructions = torch.cat([model.vae.decode(model.vae.encode(chunk).mode()).float()
-                                 for chunk in pixels.split(batch_size)])
+    reconstructions = torch.cat(
+        [model.vae.decode(model.vae.encode(chunk).mode()).float() for chunk in pixels.split(batch_size)]
+    )
     psnr = psnr_db(pixels, reconstructions)
     held = torch.tensor([r["held_out"] for r in rows])
     artists, _ = world.judge.classify(reconstructions)
@@ -150,16 +164,18 @@ def clip_part(world: ToyWorld) -> dict:
     rows = world.test_rows
     pixels = pixels_of(rows)
     artists, subjects = world.judge.classify(pixels)
-    return {"clip_artist_accuracy": _accuracy(artists, [r["artist"] for r in rows]),
-            "clip_subject_accuracy": _accuracy(subjects, [r["subject"] for r in rows]),
-            "classifier_subject_accuracy": _accuracy(world.subject_model.classify(pixels),
-                                                     [r["subject"] for r in rows]),
-            "classifier_artist_accuracy": _accuracy(world.artist_model.classify(pixels), [r["artist"] for r in rows]),
-            "images": len(rows)}
+    return {
+        "clip_artist_accuracy": _accuracy(artists, [r["artist"] for r in rows]),
+        "clip_subject_accuracy": _accuracy(subjects, [r["subject"] for r in rows]),
+        "classifier_subject_accuracy": _accuracy(world.subject_model.classify(pixels), [r["subject"] for r in rows]),
+        "classifier_artist_accuracy": _accuracy(world.artist_model.classify(pixels), [r["artist"] for r in rows]),
+        "images": len(rows),
+    }
 
 
-def generation_figures(model, world: ToyWorld, artists: list[str], samples_per_prompt: int, seed_offset: int = 0,
-                       classifiers: bool = True) -> tuple[dict, torch.Tensor]:
+def generation_figures(
+    model, world: ToyWorld, artists: list[str], samples_per_prompt: int, seed_offset: int = 0, classifiers: bool = True
+) -> tuple[dict, torch.Tensor]:
     """Attribution of "a painting of a {subject} by {artist}" samples; also returns the pixels
     (artist-major, then subject, then sample)."""
     config = world.config
@@ -173,11 +189,16 @@ def generation_figures(model, world: ToyWorld, artists: list[str], samples_per_p
     seeds = [config.seed * 100_000 + seed_offset + i for i in range(len(prompts))]
     pixels = sample(model, prompts, seeds, config.mimic_config())
     predicted_artists, clip_subjects = world.judge.classify(pixels)
-    per_artist = {a: _accuracy([p for p, e in zip(predicted_artists, expected) if e == a],
-                               [a] * (len(prompts) // len(artists))) for a in artists}
-    figures = {"generation_attribution": _accuracy(predicted_artists, expected),
-               "generation_subject_clip": _accuracy(clip_subjects, subjects),
-               "per_artist": per_artist, "images": len(prompts)}
+    per_artist = {
+        a: _accuracy([p for p, e in zip(predicted_artists, expected) if e == a], [a] * (len(prompts) // len(artists)))
+        for a in artists
+    }
+    figures = {
+        "generation_attribution": _accuracy(predicted_artists, expected),
+        "generation_subject_clip": _accuracy(clip_subjects, subjects),
+        "per_artist": per_artist,
+        "images": len(prompts),
+    }
     if classifiers:
         figures["generation_subject"] = _accuracy(world.subject_model.classify(pixels), subjects)
         figures["generation_attribution_classifier"] = _accuracy(world.artist_model.classify(pixels), expected)
@@ -190,7 +211,7 @@ def generation_part(world: ToyWorld) -> tuple[dict, list[torch.Tensor], list[str
     per_prompt = world.config.samples_per_prompt
     figures, pixels = generation_figures(world.model, world, trained, per_prompt)
     block = len(atelier.SUBJECTS) * per_prompt
-    rows = [pixels[i * block:(i + 1) * block:per_prompt] for i in range(len(trained))]
+    rows = [pixels[i * block : (i + 1) * block : per_prompt] for i in range(len(trained))]
     return figures, rows, trained
 
 
@@ -219,17 +240,20 @@ def mimicry_part(world: ToyWorld, artist: str) -> tuple[dict, torch.Tensor, str]
     seeds = [config.seed * 100_000 + 50_000 + i for i in range(len(prompts))]
     samples = sample(mimic_model, prompts, seeds, mimic_config)
     predicted, _ = world.judge.classify(samples)
-    kept, _ = generation_figures(mimic_model, world, atelier.artist_names(held_out=False), 1, seed_offset=70_000,
-                                 classifiers=False)
+    kept, _ = generation_figures(
+        mimic_model, world, atelier.artist_names(held_out=False), 1, seed_offset=70_000, classifiers=False
+    )
     figures = {
-        "name": name, "fine_tune_seconds": seconds, "steps": config.mimic_steps,
+        "name": name,
+        "fine_tune_seconds": seconds,
+        "steps": config.mimic_steps,
         "mimic_attribution": _accuracy(predicted, [artist] * len(prompts)),
         "mimic_subject": _accuracy(world.subject_model.classify(samples), expected_subjects),
         "mimic_attribution_classifier": _accuracy(world.artist_model.classify(samples), [artist] * len(prompts)),
         "mimic_trained_attribution": kept["generation_attribution"],
         "attributed_to": {a: predicted.count(a) for a in sorted(set(predicted))},
     }
-    return figures, samples[::config.mimic_samples_per_subject], name
+    return figures, samples[:: config.mimic_samples_per_subject], name
 
 
 def _grid(rows_of_pixels: list[torch.Tensor], labels: list[str], path: Path) -> None:
@@ -258,8 +282,9 @@ def atelier_for(folder: Path) -> Path:
 
     build = json.loads((folder / "build.json").read_text())
     config = AtelierConfig(seed=build["seed"], images_per_artist=build["plan"]["images_per_artist"])
-    return atelier.write_atelier(fixative_home() / "toy" / f"atelier-seed{config.seed}-{config.images_per_artist}",
-                                 config, progress=False)
+    return atelier.write_atelier(
+        fixative_home() / "toy" / f"atelier-seed{config.seed}-{config.images_per_artist}", config, progress=False
+    )
 
 
 def _line(name: str, value: float, target: float | None, unit: str = "%") -> str:
@@ -277,12 +302,24 @@ def load_world(folder: str | Path | None, config: ReportConfig, device: str = "c
 
     folder = Path(folder) if folder is not None else toy_folder()
     data = atelier_for(folder)
-    return ToyWorld(folder, load_model(folder / "sd", device=device), ToyJudge(folder / "clip", device=device),
-                    atelier.load_split(data, "train"), atelier.load_split(data, "test"), config)
+    return ToyWorld(
+        folder,
+        load_model(folder / "sd", device=device),
+        ToyJudge(folder / "clip", device=device),
+        atelier.load_split(data, "train"),
+        atelier.load_split(data, "test"),
+        config,
+    )
 
 
-def report(folder: str | Path | None = None, out: str | Path = "outputs/toy_report", config: ReportConfig | None = None,
-           device: str = "cpu", log=print, parts: tuple[str, ...] = PARTS) -> dict:
+def report(
+    folder: str | Path | None = None,
+    out: str | Path = "outputs/toy_report",
+    config: ReportConfig | None = None,
+    device: str = "cpu",
+    log=print,
+    parts: tuple[str, ...] = PARTS,
+) -> dict:
     """Measure the toy world in ``folder`` (default: the one ``--model toy`` uses); print the figures beside
     their targets; write ``report.json`` and ``samples.png`` into ``out``. Returns the figures."""
     from fixative.core.errors import FixativeError
@@ -311,10 +348,18 @@ def report(folder: str | Path | None = None, out: str | Path = "outputs/toy_repo
         log(f"CLIP zero-shot (test split, {clip['images']} paintings, {len(world.judge.artists)} artists)")
         log(_line("artist", clip["clip_artist_accuracy"], TARGETS["clip_artist_accuracy"]))
         log(_line("subject (CLIP)", clip["clip_subject_accuracy"], None))
-        log(_line("subject (the report's subject classifier, on real paintings)",
-                  clip["classifier_subject_accuracy"], None))
-        log(_line("artist (the report's artist classifier, on real paintings)",
-                  clip["classifier_artist_accuracy"], None))
+        log(
+            _line(
+                "subject (the report's subject classifier, on real paintings)",
+                clip["classifier_subject_accuracy"],
+                None,
+            )
+        )
+        log(
+            _line(
+                "artist (the report's artist classifier, on real paintings)", clip["classifier_artist_accuracy"], None
+            )
+        )
     if "generation" in parts:
         started = time.time()
         generation, rows, labels = generation_part(world)
@@ -322,12 +367,24 @@ def report(folder: str | Path | None = None, out: str | Path = "outputs/toy_repo
         world.seconds["generation"] = time.time() - started
         grid_rows += rows
         grid_labels += labels
-        log(f"generation ({generation['images']} samples, {config.num_inference_steps} DDIM steps, "
-            f"guidance {config.guidance_scale})")
-        log(_line("attributed to the prompted artist", generation["generation_attribution"],
-                  TARGETS["generation_attribution"]))
-        log(_line("attributed to the prompted artist by the artist classifier (second opinion)",
-                  generation["generation_attribution_classifier"], None))
+        log(
+            f"generation ({generation['images']} samples, {config.num_inference_steps} DDIM steps, "
+            f"guidance {config.guidance_scale})"
+        )
+        log(
+            _line(
+                "attributed to the prompted artist",
+                generation["generation_attribution"],
+                TARGETS["generation_attribution"],
+            )
+        )
+        log(
+            _line(
+                "attributed to the prompted artist by the artist classifier (second opinion)",
+                generation["generation_attribution_classifier"],
+                None,
+            )
+        )
         log(_line("subject recognised (subject classifier)", generation["generation_subject"], None))
         log(_line("subject recognised (CLIP)", generation["generation_subject_clip"], None))
     if "mimicry" in parts:
@@ -337,14 +394,26 @@ def report(folder: str | Path | None = None, out: str | Path = "outputs/toy_repo
             figures["mimicry"][artist] = m
             grid_rows.append(row)
             grid_labels.append(f"{name}\n(mimic of {artist})")
-            log(f"mimicry of held-out {artist} as '{name}' ({config.mimic_images} paintings, {config.mimic_steps} "
-                f"steps, {m['fine_tune_seconds']:.0f} s fine-tuning; target <= 180 s)")
+            log(
+                f"mimicry of held-out {artist} as '{name}' ({config.mimic_images} paintings, {config.mimic_steps} "
+                f"steps, {m['fine_tune_seconds']:.0f} s fine-tuning; target <= 180 s)"
+            )
             log(_line(f"'{name}' samples attributed to {artist}", m["mimic_attribution"], TARGETS["mimic_attribution"]))
-            log(_line(f"'{name}' samples attributed to {artist} by the artist classifier",
-                      m["mimic_attribution_classifier"], None))
+            log(
+                _line(
+                    f"'{name}' samples attributed to {artist} by the artist classifier",
+                    m["mimic_attribution_classifier"],
+                    None,
+                )
+            )
             log(_line(f"'{name}' samples whose subject is recognised", m["mimic_subject"], None))
-            log(_line("trained artists' samples still attributed to them", m["mimic_trained_attribution"],
-                      TARGETS["mimic_trained_attribution"]))
+            log(
+                _line(
+                    "trained artists' samples still attributed to them",
+                    m["mimic_trained_attribution"],
+                    TARGETS["mimic_trained_attribution"],
+                )
+            )
     figures["seconds"] = world.seconds
     out.mkdir(parents=True, exist_ok=True)
     if grid_rows:

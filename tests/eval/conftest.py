@@ -59,6 +59,7 @@ def paintings():
         style = {a.name: a for a in atelier.ARTISTS}[artist]
         images = [np.asarray(atelier.paint(style, s, 64, seed, i)) for i, s in enumerate(subjects)]
         return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
     return paint
 
 

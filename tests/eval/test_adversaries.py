@@ -9,8 +9,17 @@ from PIL import Image
 
 from fixative.cloak.budget import psnr, ssim
 from fixative.core.errors import FixativeError
-from fixative.eval.adversaries import (IMPRESS, JPEG, GaussianBlur, GaussianNoise, NoisyPurification, Resize,
-                                       describe, parse_adversary, reconstruction_error)
+from fixative.eval.adversaries import (
+    IMPRESS,
+    JPEG,
+    GaussianBlur,
+    GaussianNoise,
+    NoisyPurification,
+    Resize,
+    describe,
+    parse_adversary,
+    reconstruction_error,
+)
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +90,14 @@ def test_impress_lowers_the_vae_reconstruction_error_within_its_budget(images, t
 
 
 def test_specs_parse_and_describe_round_trip():
-    for spec in ("jpeg:75", "noise:0.05", "blur:1", "resize:0.5", "purify:noise=0.05,strength=0.2",
-                 "impress:steps=10,metric=ssim"):
+    for spec in (
+        "jpeg:75",
+        "noise:0.05",
+        "blur:1",
+        "resize:0.5",
+        "purify:noise=0.05,strength=0.2",
+        "impress:steps=10,metric=ssim",
+    ):
         adversary = parse_adversary(spec)
         assert parse_adversary(describe(adversary)) == adversary
     assert parse_adversary("jpeg:75") == JPEG(75) and parse_adversary("purify:strength=0.3").strength == 0.3

@@ -38,7 +38,7 @@ def test_a_killed_run_resumes_with_the_same_numbers(config, tmp_path, monkeypatc
     rows = whole["figures"]["rows"]
     assert [r["guidance"] for r in rows] == [1.0, 4.0] and all(r["images"] == 4 for r in rows)
     html = (tmp_path / "whole" / "report.html").read_text()
-    assert "data:image/png;base64," in html and "src=\"http" not in html  # self-contained
+    assert "data:image/png;base64," in html and 'src="http' not in html  # self-contained
     assert "| guidance | FID |" in (tmp_path / "whole" / "report.md").read_text()
 
     from fixative.eval import fid as fid_module  # the runner imports fid when it runs: patch it at its source
@@ -101,9 +101,12 @@ def test_protection_runs_every_cell(tmp_path, shipped, monkeypatch):
     (tmp_path / "protection.toml").write_text(PROTECTION)
     results = bench(tmp_path / "protection.toml", tmp_path / "run", log=lambda _: None)
     rows = results["figures"]["rows"]
-    assert [(r["cell"], r["adversary"]) for r in rows] == [("clean", "none"), ("clean", "jpeg:75"),
-                                                            ("glaze:psnr=30:steps=2", "none"),
-                                                            ("glaze:psnr=30:steps=2", "jpeg:75")]
+    assert [(r["cell"], r["adversary"]) for r in rows] == [
+        ("clean", "none"),
+        ("clean", "jpeg:75"),
+        ("glaze:psnr=30:steps=2", "none"),
+        ("glaze:psnr=30:steps=2", "jpeg:75"),
+    ]
     for row in rows:
         low, high = row["protection_interval"]
         assert row["generations"] == 8 and low <= row["protection_rate"] <= high
@@ -114,10 +117,15 @@ def test_protection_runs_every_cell(tmp_path, shipped, monkeypatch):
 def test_compare_shows_changed_settings_and_figures(tmp_path, capsys):
     for name, scale_fid, torch_version in (("a", 2.0, "2.14.1"), ("b", 1.5, "2.15.0")):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "results.json").write_text(json.dumps({
-            "config": {"experiment": {"kind": "guidance"}, "guidance": {"steps": 25}},
-            "versions": {"torch": torch_version},
-            "figures": {"rows": [{"guidance": 5.0, "fid": scale_fid, "clip_score": 30.0}]}}))
+        (tmp_path / name / "results.json").write_text(
+            json.dumps(
+                {
+                    "config": {"experiment": {"kind": "guidance"}, "guidance": {"steps": 25}},
+                    "versions": {"torch": torch_version},
+                    "figures": {"rows": [{"guidance": 5.0, "fid": scale_fid, "clip_score": 30.0}]},
+                }
+            )
+        )
     assert main(["bench", "compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     out = capsys.readouterr().out
     assert "versions.torch: '2.14.1' -> '2.15.0'" in out and "guidance 5: fid 2 -> 1.5 (-0.5)" in out

@@ -10,7 +10,6 @@ from fixative.cli import main
 from fixative.eval.features import CLIPFeatures
 from fixative.eval.fid import fid, kid
 
-
 SUBJECTS = ["house", "tree", "boat", "sun", "fish", "cat"]
 
 
@@ -43,8 +42,21 @@ def test_fid_and_kid_with_the_toy_clip_features(capsys, tmp_path, folders, toy_c
     assert result["real"]["images"] == 6 and result["real"]["cache"] == "miss" and result["provenance"]["seed"] == 0
     again = run(capsys, "fid", real, real, "--features", f"clip:{toy_clip}", "--cache", tmp_path / "cache")
     assert abs(again["value"]) < 1e-6 and again["real"]["cache"] == "hit"
-    scores = run(capsys, "kid", real, fake, "--features", f"clip:{toy_clip}", "--no-cache", "--subsets", 3,
-                 "--subset-size", 4, "--seed", 5)
+    scores = run(
+        capsys,
+        "kid",
+        real,
+        fake,
+        "--features",
+        f"clip:{toy_clip}",
+        "--no-cache",
+        "--subsets",
+        3,
+        "--subset-size",
+        4,
+        "--seed",
+        5,
+    )
     assert scores["value"] == pytest.approx(kid(a, b, subsets=3, subset_size=4, seed=5).mean, rel=1e-4)
 
 
@@ -74,8 +86,10 @@ def test_clip_score_command(capsys, tmp_path, folders, toy_clip, paintings):
     assert result["value"] == pytest.approx(CLIPScorer(toy_clip)(paintings("kovra", SUBJECTS), prompts).value, rel=1e-5)
     assert list(result["per_image"]) == [f"{i:03d}.png" for i in range(6)]
     (tmp_path / "short.txt").write_text("one prompt\n")
-    assert main(["metrics", "clip-score", str(real), "--prompts", str(tmp_path / "short.txt"), "--clip",
-                 str(toy_clip)]) == 2
+    assert (
+        main(["metrics", "clip-score", str(real), "--prompts", str(tmp_path / "short.txt"), "--clip", str(toy_clip)])
+        == 2
+    )
 
 
 def test_ssim_and_psnr_commands_equal_torchmetrics(capsys, tmp_path, paintings):
@@ -88,11 +102,13 @@ def test_ssim_and_psnr_commands_equal_torchmetrics(capsys, tmp_path, paintings):
     ssim_result = run(capsys, "ssim", test, reference)
     psnr_result = run(capsys, "psnr", test, reference)
     for i, name in enumerate(sorted(ssim_result["per_image"])):
-        x, y = noisy[i:i + 1].double() / 255, clean[i:i + 1].double() / 255
+        x, y = noisy[i : i + 1].double() / 255, clean[i : i + 1].double() / 255
         assert ssim_result["per_image"][name] == pytest.approx(
-            float(StructuralSimilarityIndexMeasure(data_range=1.0).double()(x, y)), abs=1e-6)
-        assert psnr_result["per_image"][name] == pytest.approx(float(PeakSignalNoiseRatio(data_range=1.0)(x, y)),
-                                                               abs=1e-4)
+            float(StructuralSimilarityIndexMeasure(data_range=1.0).double()(x, y)), abs=1e-6
+        )
+        assert psnr_result["per_image"][name] == pytest.approx(
+            float(PeakSignalNoiseRatio(data_range=1.0)(x, y)), abs=1e-4
+        )
     assert psnr_result["value"] == pytest.approx(sum(psnr_result["per_image"].values()) / 3)
     assert 20 < psnr_result["value"] < 30  # sigma 12/255 noise: about 26.5 dB
 
@@ -117,8 +133,13 @@ def test_lpips_command_equals_the_lpips_package(capsys, tmp_path, paintings):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         reference_metric = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)
-    for slice_ in (reference_metric.net.slice1, reference_metric.net.slice2, reference_metric.net.slice3,
-                   reference_metric.net.slice4, reference_metric.net.slice5):
+    for slice_ in (
+        reference_metric.net.slice1,
+        reference_metric.net.slice2,
+        reference_metric.net.slice3,
+        reference_metric.net.slice4,
+        reference_metric.net.slice5,
+    ):
         for name, module in slice_.named_children():
             module.load_state_dict(alexnet.features[int(name)].state_dict())
     expected = reference_metric(shifted.float() / 127.5 - 1, clean.float() / 127.5 - 1).flatten()

@@ -7,7 +7,6 @@ from fixative.core.errors import FixativeError
 from fixative.eval.clip_score import CLIPScorer
 from fixative.eval.features import load_clip
 
-
 SUBJECTS = ["house", "tree", "boat", "sun", "fish", "cat"]
 
 

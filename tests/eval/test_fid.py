@@ -21,7 +21,7 @@ class Identity(torch.nn.Module):
 def features(n: int, d: int, seed: int, shift: float = 0.0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     mixing = torch.randn(d, d, generator=generator, dtype=torch.float64) / d**0.5
-    return (torch.randn(n, d, generator=generator, dtype=torch.float64) @ mixing + shift)
+    return torch.randn(n, d, generator=generator, dtype=torch.float64) @ mixing + shift
 
 
 @pytest.mark.parametrize("n", [200, 20])
@@ -83,8 +83,11 @@ def test_kid_with_the_whole_sets_as_one_subset_is_the_unbiased_mmd():
         return (x @ y.T / 8 + 1) ** 3
 
     m = 20
-    by_hand = ((k(real, real).sum() - k(real, real).trace()) / (m * (m - 1))
-               + (k(fake, fake).sum() - k(fake, fake).trace()) / (m * (m - 1)) - 2 * k(real, fake).mean())
+    by_hand = (
+        (k(real, real).sum() - k(real, real).trace()) / (m * (m - 1))
+        + (k(fake, fake).sum() - k(fake, fake).trace()) / (m * (m - 1))
+        - 2 * k(real, fake).mean()
+    )
     assert kid(real, fake, subsets=1, subset_size=20).mean == pytest.approx(float(by_hand), rel=1e-10)
 
 

@@ -14,8 +14,9 @@ def test_resize_equals_torch_fidelitys_tensorflow_resize():
     expected = interpolate_bilinear_2d_like_tensorflow1x(images, size=(299, 299), align_corners=False)
     assert torch.allclose(tf1_resize_bilinear(images, 299), expected, atol=1e-4)
     # and it is not torch's half-pixel bilinear resize
-    assert not torch.allclose(torch.nn.functional.interpolate(images, size=(299, 299), mode="bilinear"), expected,
-                              atol=1e-2)
+    assert not torch.allclose(
+        torch.nn.functional.interpolate(images, size=(299, 299), mode="bilinear"), expected, atol=1e-2
+    )
 
 
 @pytest.mark.slow
@@ -23,8 +24,9 @@ def test_features_equal_torch_fidelity_on_the_same_random_weights(random_incepti
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     ours = load_fid_inception(random_inception_file)
-    theirs = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
-                                         feature_extractor_weights_path=str(random_inception_file))
+    theirs = FeatureExtractorInceptionV3(
+        "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(random_inception_file)
+    )
     images = torch.randint(0, 256, (2, 3, 64, 48), dtype=torch.uint8)
     features = ours(images)
     assert features.shape == (2, 2048) and features.std() > 0.05  # not a degenerate network

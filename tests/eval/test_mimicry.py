@@ -28,8 +28,12 @@ def write_artist(folder, paintings, artist="zenji", subjects=("house", "cat", "b
     lines = []
     for i, (image, subject) in enumerate(zip(images, subjects)):
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:02d}.png")
-        lines.append(json.dumps({"file_name": f"{i:02d}.png", "text": f"a painting of a {subject} by {artist}",
-                                 "artist": artist}) + "\n")
+        lines.append(
+            json.dumps(
+                {"file_name": f"{i:02d}.png", "text": f"a painting of a {subject} by {artist}", "artist": artist}
+            )
+            + "\n"
+        )
     if metadata:
         (folder / "metadata.jsonl").write_text("".join(lines))
     return folder
@@ -52,9 +56,30 @@ def test_mimic_command_writes_results_and_does_not_redo_a_finished_run(tmp_path,
     images = write_artist(tmp_path / "zenji", paintings)
     prior = write_artist(tmp_path / "prior", paintings, artist="kovra")
     held_out = write_artist(tmp_path / "held", paintings, subjects=("tree", "fish"))
-    argv = ["mimic", "--images", str(images), "--name", "nabu", "--out", str(tmp_path / "run"), "--steps", "2",
-            "--samples", "1", "--sampling-steps", "2", "--prior", str(prior), "--held-out", str(held_out),
-            "--adversary", "jpeg:75", "--device", "cpu", "--quiet"]
+    argv = [
+        "mimic",
+        "--images",
+        str(images),
+        "--name",
+        "nabu",
+        "--out",
+        str(tmp_path / "run"),
+        "--steps",
+        "2",
+        "--samples",
+        "1",
+        "--sampling-steps",
+        "2",
+        "--prior",
+        str(prior),
+        "--held-out",
+        str(held_out),
+        "--adversary",
+        "jpeg:75",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "protection rate" in printed and "not attributed to zenji" in printed

@@ -34,9 +34,17 @@ def test_unknown_parts_are_refused(capsys):
 
 @pytest.mark.slow
 def test_report_runs_every_part_on_a_ci_build(ci_build, tmp_path):
-    config = ReportConfig(num_inference_steps=2, samples_per_prompt=1, mimic_artists=("zenji",), mimic_images=4,
-                          mimic_steps=2, mimic_batch=2, mimic_prior_batch=2, mimic_samples_per_subject=1,
-                          classifier_steps=2)
+    config = ReportConfig(
+        num_inference_steps=2,
+        samples_per_prompt=1,
+        mimic_artists=("zenji",),
+        mimic_images=4,
+        mimic_steps=2,
+        mimic_batch=2,
+        mimic_prior_batch=2,
+        mimic_samples_per_subject=1,
+        classifier_steps=2,
+    )
     lines = []
     figures = report(ci_build, tmp_path / "report", config, log=lines.append)
     for key in ("vae_attribution", "vae_psnr_db"):
@@ -64,8 +72,9 @@ def shipped_figures(shipped, tmp_path_factory):
     previous = os.environ.get("FIXATIVE_HOME")
     os.environ["FIXATIVE_HOME"] = str(home)
     try:
-        config = ReportConfig(samples_per_prompt=1, mimic_artists=("zenji",), mimic_samples_per_subject=2,
-                              classifier_steps=150)
+        config = ReportConfig(
+            samples_per_prompt=1, mimic_artists=("zenji",), mimic_samples_per_subject=2, classifier_steps=150
+        )
         yield report(shipped, home / "report", config, log=lambda _: None)
     finally:
         if previous is None:
