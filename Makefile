@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(BIN)/fixative generate --model toy --prompt "a painting of a house by kovra" --seed 0 --steps 25 \
 		--guidance 5 --scheduler ddim --num-images 4 --out outputs/demo
 	@echo "wrote outputs/demo/image-00{0..3}.png (toy world, 25 DDIM steps)."
-	@echo "coming next: cloak (GLAZE-style cloaking), consistency (one-step distillation), eval (FID, CLIP score, protection rates)."
+	@echo "next: fixative cloak, finetune, distill, mimic, metrics and bench (see the README tour)."
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

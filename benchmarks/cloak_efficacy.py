@@ -32,22 +32,15 @@ from fixative.cloak.targets import StyleTargetConfig
 from fixative.core.checkpoints import load_model
 from fixative.core.toy import atelier, clip_folder, toy_folder
 
-# The mimicry attack and its judge: the one import to re-point when they move to fixative.eval.
-from fixative.core.toy.judge import ToyJudge
-from fixative.core.toy.report import MIMIC_NAMES, ReportConfig, mimic, sample
+# The mimicry attack, its judge and the interval: eval's
+from fixative.core.datasets import ImageCaptions
+from fixative.eval.attribution import ToyJudge
+from fixative.eval.mimicry import fine_tune_mimic, sample
+from fixative.eval.rates import wilson_interval
+from fixative.eval.toy_report import MIMIC_NAMES, ReportConfig, atelier_for, pixels_of
 
 TARGETS = {"zenji": "lumo", "tovik": "dervo"}  # the issue's plain-recipe targets
 SAMPLES_PER_SUBJECT = 8  # 8 subjects x 8 = 64 mimic samples per cell
-
-
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score 95% interval of a binomial rate (stands in until fixative.eval has its own)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def parse_cell(cell: str) -> dict:
@@ -140,23 +133,25 @@ def run_cell(model, judge, rows, artist: str, cell: str, out: Path, seed: int) -
     published = _jpeg75(stored) if spec["jpeg"] else stored
     folder = out / "images" / f"{artist}-{_slug(cell)}"
     folder.mkdir(parents=True, exist_ok=True)
-    by_path = {}
     for row, image in zip(mimic_rows, published):
         path = folder / Path(row["path"]).name
         Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy()).save(path)
-        by_path[row["path"]] = str(path)
-    attacked_rows = [dict(r, path=by_path.get(r["path"], r["path"])) for r in rows]
     name = MIMIC_NAMES[artist]
-    mimic_model, record["mimic_seconds"] = mimic(model, attacked_rows, artist, name, report_config)
+    mimic_config = report_config.mimic_config()
+    prior_rows = [r for r in rows if not r["held_out"]]
+    prior = ImageCaptions(pixels_of(prior_rows), [r["text"] for r in prior_rows])
+    captions = [atelier.caption(r["subject"], name) for r in mimic_rows]
+    mimic_model, record["mimic_seconds"] = fine_tune_mimic(model, published * 2 - 1, captions, mimic_config, prior,
+                                                           log=lambda _: None)
     subjects = [s for s in atelier.SUBJECTS for _ in range(SAMPLES_PER_SUBJECT)]
     prompts = [atelier.caption(s, name) for s in subjects]
     seeds = [seed * 100_000 + 50_000 + i for i in range(len(prompts))]
-    predicted, _ = judge.classify(sample(mimic_model, prompts, seeds, report_config))
+    predicted, _ = judge.classify(sample(mimic_model, prompts, seeds, mimic_config))
     protected = sum(p != artist for p in predicted)
     record.update(
         samples=len(predicted),
         protection=protected / len(predicted),
-        interval=wilson(protected, len(predicted)),
+        interval=wilson_interval(protected, len(predicted)),
         attributed_to={a: predicted.count(a) for a in sorted(set(predicted), key=predicted.count, reverse=True)},
     )
     return record
@@ -240,9 +235,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     model = load_model("toy")
     judge = ToyJudge(clip_folder())
-    from fixative.core.toy.report import _atelier_for
-
-    rows = atelier.load_split(_atelier_for(toy_folder()), "train")
+    rows = atelier.load_split(atelier_for(toy_folder()), "train")
     (out / "cells").mkdir(parents=True, exist_ok=True)
     for artist in args.artists:
         for cell in args.cells:

@@ -7,7 +7,7 @@ Prompts: the captions of the Toy Atelier's test split (the trained artists' pain
   teacher at 1, 2, 4 and 25 DDIM steps (guidance ``--guidance``), the full LCD student at 1, 2, 4 LCM steps
   (same guidance: it embeds w = guidance - 1) and the LCM-LoRA on the teacher at 1, 2, 4 LCM steps
   (guidance 1, as LCM-LoRA samples).
-- Attribution: the share of samples the toy CLIP judge (core/toy/judge.py) gives to the prompted artist.
+- Attribution: the share of samples the toy CLIP judge (eval/attribution.py) gives to the prompted artist.
 - Carry-over (``--mimic ARTIST``): the toy report's mimic (its ``mimic``: 24 paintings of a held-out artist
   under a new name) sampled at 25 DDIM steps and with the LCM-LoRA applied to it at 2 and 4 steps; the share
   of samples the judge attributes to the held-out artist, LCM-LoRA over DDIM.
@@ -33,8 +33,10 @@ from fixative.core.checkpoints import load_model
 from fixative.core.pipelines import generate
 from fixative.core.toy import clip_folder
 from fixative.core.toy.atelier import AtelierConfig, load_split, write_atelier
-from fixative.core.toy.judge import ToyJudge
-from fixative.core.toy.report import ReportConfig, mimic
+from fixative.core.datasets import ImageCaptions
+from fixative.eval.attribution import ToyJudge
+from fixative.eval.mimicry import fine_tune_mimic
+from fixative.eval.toy_report import ReportConfig, pixels_of
 
 
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
@@ -108,7 +110,13 @@ def carry_over(args, lora: Path, judge: ToyJudge) -> None:
     data = args.data or Path("outputs") / "atelier"
     config = ReportConfig()
     name = "sks"
-    mimic_model, seconds = mimic(load_model("toy"), load_split(data, "train"), args.mimic, name, config)
+    rows = load_split(data, "train")
+    mimic_rows = [r for r in rows if r["artist"] == args.mimic][: config.mimic_images]
+    prior_rows = [r for r in rows if not r["held_out"]]
+    prior = ImageCaptions(pixels_of(prior_rows), [r["text"] for r in prior_rows])
+    mimic_model, seconds = fine_tune_mimic(load_model("toy"), pixels_of(mimic_rows),
+                                           [caption(r["subject"], name) for r in mimic_rows], config.mimic_config(),
+                                           prior, log=lambda _: None)
     prompts = [caption(subject, name) for subject in SUBJECTS for _ in range(config.mimic_samples_per_subject)]
     shares = {}
     for label, steps in (("DDIM", 25), ("LCM-LoRA", 2), ("LCM-LoRA", 4)):

@@ -4,7 +4,7 @@ Writes the instance folder (24 training paintings of ARTIST captioned "a paintin
 a prior folder (the trained artists' training paintings with their own captions), runs `fixative finetune
 --model toy` with the toy report's mimic recipe, full and LoRA, then samples "a painting of a {subject} by
 NAME" (25 DDIM steps, guidance 5) and the trained artists' prompts, and judges them with the toy CLIP
-(core/toy/judge.py ToyJudge). Prints the share attributed to ARTIST, the share of trained artists' samples
+(eval/attribution.py ToyJudge). Prints the share attributed to ARTIST, the share of trained artists' samples
 still attributed to them, and the fine-tuning times.
 
     python benchmarks/toy_finetune.py [--artist zenji] [--steps 120] [--methods full,lora] [--threads 1] [--skip-base]
@@ -28,7 +28,7 @@ from fixative.core.lora import apply_lora
 from fixative.core.pipelines import generate
 from fixative.core.toy import atelier, clip_folder
 from fixative.core.toy.atelier import AtelierConfig
-from fixative.core.toy.judge import ToyJudge
+from fixative.eval.attribution import ToyJudge
 
 RECIPE = ["--train-text-encoder", "--batch-size", "16", "--prior-batch-size", "8", "--prior-loss-weight", "0.5",
           "--weight-decay", "0", "--lr-schedule", "cosine", "--snr-gamma", "5", "--offset-noise", "0.3",

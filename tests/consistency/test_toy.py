@@ -43,7 +43,7 @@ def test_shipped_toy_lcm_lora_samples_the_prompted_artists_in_two_steps():
     from fixative.core.pipelines import generate
     from fixative.core.toy import clip_folder
     from fixative.core.toy.atelier import artist_names, caption
-    from fixative.core.toy.judge import ToyJudge
+    from fixative.eval.attribution import ToyJudge
 
     artists = artist_names(held_out=False)
     prompts = [caption(subject, artist) for artist in artists for subject in ("boat", "house")]

@@ -1,0 +1,132 @@
+"""The benchmark runner: results, a self-contained report, and resuming a killed run with the same numbers."""
+
+import json
+
+import pytest
+
+from fixative.cli import main
+from fixative.core.errors import FixativeError
+from fixative.eval.bench import bench
+
+CONFIG = """
+[experiment]
+name = "tiny guidance"
+kind = "guidance"
+seed = 0
+
+[guidance]
+scales = [1, 4]
+samples_per_prompt = 1
+steps = 2
+artists = ["kovra", "tazu"]
+subjects = ["house", "cat"]
+features = "clip:toy"
+"""
+
+
+@pytest.fixture
+def config(tmp_path, shipped, monkeypatch):
+    monkeypatch.setenv("FIXATIVE_HOME", str(tmp_path / "home"))  # the data set is repainted here
+    path = tmp_path / "tiny.toml"
+    path.write_text(CONFIG)
+    return path
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_with_the_same_numbers(config, tmp_path, monkeypatch, capsys):
+    whole = bench(config, tmp_path / "whole", log=lambda _: None)
+    rows = whole["figures"]["rows"]
+    assert [r["guidance"] for r in rows] == [1.0, 4.0] and all(r["images"] == 4 for r in rows)
+    html = (tmp_path / "whole" / "report.html").read_text()
+    assert "data:image/png;base64," in html and 'src="http' not in html  # self-contained
+    assert "| guidance | FID |" in (tmp_path / "whole" / "report.md").read_text()
+
+    from fixative.eval import fid as fid_module  # the runner imports fid when it runs: patch it at its source
+
+    calls = {"n": 0}
+    original = fid_module.fid
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second scale's metrics stage
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fid_module, "fid", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench(config, tmp_path / "killed", log=lambda _: None)
+    monkeypatch.setattr(fid_module, "fid", original)
+    assert main(["bench", str(config), "--out", str(tmp_path / "killed"), "--quiet", "--device", "cpu"]) == 0
+    resumed = json.loads((tmp_path / "killed" / "results.json").read_text())
+    assert resumed["figures"]["rows"] == json.loads(json.dumps(rows))
+    assert resumed["stages"]["generate-g1"] == "cached" and resumed["stages"]["metrics-g1"] == "cached"
+    assert resumed["stages"]["metrics-g4"] != "cached"
+    assert resumed["versions"]["torch"] and resumed["config"]["guidance"]["scales"] == [1, 4]
+
+
+def test_bad_configs_are_one_line_errors(tmp_path):
+    with pytest.raises(FixativeError, match="not found"):
+        bench(tmp_path / "missing.toml", tmp_path / "run")
+    (tmp_path / "bad.toml").write_text("[experiment]\nkind = 'speed'\n")
+    with pytest.raises(FixativeError, match="kind must be one of guidance, protection"):
+        bench(tmp_path / "bad.toml", tmp_path / "run")
+
+
+PROTECTION = """
+[experiment]
+kind = "protection"
+seed = 0
+
+[protection]
+artists = ["zenji"]
+images = 4
+prior_per_artist = 1
+cells = ["clean", "glaze:psnr=30:steps=2"]
+adversaries = ["none", "jpeg:75"]
+
+[protection.mimic]
+method = "lora"
+steps = 2
+batch_size = 2
+prior_batch_size = 2
+samples_per_prompt = 1
+num_inference_steps = 2
+"""
+
+
+@pytest.mark.slow
+def test_protection_runs_every_cell(tmp_path, shipped, monkeypatch):
+    """Mechanics only (2 cloak steps, 2 fine-tuning steps): one row per (cloak, adversary) with an interval."""
+    monkeypatch.setenv("FIXATIVE_HOME", str(tmp_path / "home"))
+    (tmp_path / "protection.toml").write_text(PROTECTION)
+    results = bench(tmp_path / "protection.toml", tmp_path / "run", log=lambda _: None)
+    rows = results["figures"]["rows"]
+    assert [(r["cell"], r["adversary"]) for r in rows] == [
+        ("clean", "none"),
+        ("clean", "jpeg:75"),
+        ("glaze:psnr=30:steps=2", "none"),
+        ("glaze:psnr=30:steps=2", "jpeg:75"),
+    ]
+    for row in rows:
+        low, high = row["protection_interval"]
+        assert row["generations"] == 8 and low <= row["protection_rate"] <= high
+    assert rows[2]["psnr"] >= 30 - 1e-6  # the cloak's budget holds
+    assert "protection against budget" in (tmp_path / "run" / "report.html").read_text()
+
+
+def test_compare_shows_changed_settings_and_figures(tmp_path, capsys):
+    for name, scale_fid, torch_version in (("a", 2.0, "2.14.1"), ("b", 1.5, "2.15.0")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(
+            json.dumps(
+                {
+                    "config": {"experiment": {"kind": "guidance"}, "guidance": {"steps": 25}},
+                    "versions": {"torch": torch_version},
+                    "figures": {"rows": [{"guidance": 5.0, "fid": scale_fid, "clip_score": 30.0}]},
+                }
+            )
+        )
+    assert main(["bench", "compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "versions.torch: '2.14.1' -> '2.15.0'" in out and "guidance 5: fid 2 -> 1.5 (-0.5)" in out
+    assert main(["bench", "compare", str(tmp_path / "a")]) == 2

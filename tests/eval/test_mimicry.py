@@ -1,0 +1,97 @@
+"""The mimicry protocol: protection rates by hand, caption handling, and `fixative mimic` end to end (tiny)."""
+
+import json
+import math
+
+import pytest
+from PIL import Image
+
+from fixative.cli import main
+from fixative.eval.mimicry import protection, read_artist_folder
+
+
+def test_protection_rate_and_interval_by_hand():
+    predicted = ["zenji"] * 7 + ["kovra"] * 2 + ["lumo"]
+    result = protection(predicted, "zenji", ["kovra", "lumo", "zenji", "tovik"])
+    assert result["protection_rate"] == pytest.approx(0.3) and result["protected"] == 3
+    z = 1.959963984540054
+    n, p = 10, 0.3
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert result["protection_interval"] == pytest.approx([centre - half, centre + half], abs=1e-12)
+    assert result["attributed_to"] == {"kovra": 2, "lumo": 1, "zenji": 7, "tovik": 0}
+
+
+def write_artist(folder, paintings, artist="zenji", subjects=("house", "cat", "boat", "sun"), metadata=True):
+    folder.mkdir(parents=True)
+    images = paintings(artist, list(subjects))
+    lines = []
+    for i, (image, subject) in enumerate(zip(images, subjects)):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:02d}.png")
+        lines.append(
+            json.dumps(
+                {"file_name": f"{i:02d}.png", "text": f"a painting of a {subject} by {artist}", "artist": artist}
+            )
+            + "\n"
+        )
+    if metadata:
+        (folder / "metadata.jsonl").write_text("".join(lines))
+    return folder
+
+
+def test_captions_name_the_new_name(tmp_path, paintings):
+    folder = write_artist(tmp_path / "zenji", paintings)
+    pixels, captions, artist, skipped = read_artist_folder(folder, "nabu", None, 64)
+    assert artist == "zenji" and skipped == [] and pixels.shape == (4, 3, 64, 64)
+    assert captions[1] == "a painting of a cat by nabu"
+    assert pixels.min() >= -1 and pixels.max() <= 1
+    bare = write_artist(tmp_path / "bare", paintings, metadata=False)
+    _, captions, artist, _ = read_artist_folder(bare, "nabu", None, 32)
+    assert captions == ["a painting by nabu"] * 4 and artist is None
+
+
+@pytest.mark.slow
+def test_mimic_command_writes_results_and_does_not_redo_a_finished_run(tmp_path, paintings, shipped, capsys):
+    """Mechanics only (2 fine-tuning steps, 2 DDIM steps): the keys, counts and provenance of results.json."""
+    images = write_artist(tmp_path / "zenji", paintings)
+    prior = write_artist(tmp_path / "prior", paintings, artist="kovra")
+    held_out = write_artist(tmp_path / "held", paintings, subjects=("tree", "fish"))
+    argv = [
+        "mimic",
+        "--images",
+        str(images),
+        "--name",
+        "nabu",
+        "--out",
+        str(tmp_path / "run"),
+        "--steps",
+        "2",
+        "--samples",
+        "1",
+        "--sampling-steps",
+        "2",
+        "--prior",
+        str(prior),
+        "--held-out",
+        str(held_out),
+        "--adversary",
+        "jpeg:75",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "protection rate" in printed and "not attributed to zenji" in printed
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["generations"] == 8 and sum(results["attributed_to"].values()) == 8
+    assert len(results["attributed_to"]) == 10  # every Atelier artist is a candidate
+    low, high = results["protection_interval"]
+    assert 0 <= low <= results["protection_rate"] <= high <= 1
+    assert results["adversaries"] == ["jpeg:quality=75"] and -1 <= results["similarity_to_held_out"] <= 1
+    assert results["provenance"]["seed"] == 0 and len(results["inputs"]["images"]) == 4
+    assert len(list((tmp_path / "run" / "samples").glob("*.png"))) == 8
+    stamp = (tmp_path / "run" / "results.json").stat().st_mtime_ns
+    assert main(argv) == 0 and (tmp_path / "run" / "results.json").stat().st_mtime_ns == stamp
+    assert main([*argv[:-3], "--seed", "1", "--device", "cpu", "--quiet"]) == 2  # other settings, same folder
+    assert "other inputs or settings" in capsys.readouterr().err
