@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close
+from parity import assert_close
 from PIL import Image
 
 diffusers = pytest.importorskip("diffusers")

@@ -14,7 +14,7 @@ import math
 import diffusers
 import pytest
 import torch
-from conftest import assert_close
+from parity import assert_close
 from diffusers.utils.torch_utils import randn_tensor as diffusers_randn_tensor
 
 from fixative.core.errors import FixativeError

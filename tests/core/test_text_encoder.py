@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import assert_close
+from parity import assert_close
 import transformers
 
 from fixative.core.config import CLIPTextConfig

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import assert_close
+from parity import assert_close
 from diffusers import UNet2DConditionModel as DiffusersUNet
 
 from fixative.core.config import UNetConfig

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import assert_close
+from parity import assert_close
 import torch.nn.functional as F
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 
