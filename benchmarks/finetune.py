@@ -7,9 +7,12 @@ SD 1.5-shaped model (random weights, saved once as a diffusers folder and loaded
 batch size and resolution (256 px), in fp32 and with bf16 autocast; fixative also with LoRA (rank 4). Each
 (implementation, precision) runs in its own process (so peak memory is its own), rounds interleaved;
 medians over rounds and the ratios fixative / diffusers are printed. Every process imports the same
-libraries (torch, diffusers, transformers, accelerate, fixative) before it loads the model; memory is the
-process's peak resident set, and the training memory is that peak less the resident set after the imports
-(what the models, activations, gradients and optimiser state took), on which the ratios are computed.
+libraries (torch, diffusers, transformers, accelerate, fixative) before it loads the model. Memory (CPU):
+the training memory is the peak resident set during the training steps (the high-water mark is reset once
+the networks are loaded, cast and the optimiser built, and read after the last step, before fixative casts
+the frozen networks back to their own dtype) less the resident set after the imports: networks,
+activations, gradients and optimiser state; the ratios are computed on it. The process's whole peak
+(loading and the end included) is printed beside it.
 
     python benchmarks/finetune.py [--quick] [--rounds 2] [--steps 4] [--threads 2]
 
@@ -58,6 +61,24 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the peak count anew (CPU: Linux's resident-set high-water mark, /proc/self/clear_refs)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_resident_mb(device: torch.device) -> float:
+    """The peak since the last reset (CPU: VmHWM)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def resident_mb(device: torch.device) -> float:
     """The memory in use now (CUDA: allocated; CPU: the resident set)."""
     if device.type == "cuda":
@@ -76,31 +97,36 @@ def batch_data(batch: int, resolution: int):
 
 
 def run_fixative(folder: Path, precision: str, lora: bool, steps: int, batch: int, resolution: int,
-                 device: torch.device) -> list[float]:
+                 device: torch.device) -> tuple[list[float], float]:
     from fixative.core.checkpoints import load_model
     from fixative.core.datasets import ImageCaptions
     from fixative.core.finetune import DenoisingObjective, FinetuneConfig, fine_tune
 
     model = load_model(folder, device=device)
-    times = []
+    times, peaks = [], []
 
     class Timed(DenoisingObjective):
+        def setup(self, model, config):
+            super().setup(model, config)
+            reset_peak_memory(device)
+
         def after_step(self):
             super().after_step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter())
+            peaks.append(peak_resident_mb(device))
 
     pixels, captions = batch_data(batch, resolution)
     config = FinetuneConfig(method="lora" if lora else "full", rank=4, max_steps=steps + 1, batch_size=batch, lr=1e-5,
                             mixed_precision="no" if precision == "fp32" else "bf16")
     fine_tune(model, ImageCaptions(pixels, captions), config, Timed(), progress=False, log=lambda _: None,
               device="cpu" if device.type == "cpu" else "auto")
-    return [b - a for a, b in zip(times, times[1:])]  # the first step (warm-up) is not counted
+    return [b - a for a, b in zip(times, times[1:])], peaks[-1]  # the first step (warm-up) is not counted
 
 
 def run_diffusers(folder: Path, precision: str, steps: int, batch: int, resolution: int,
-                  device: torch.device) -> list[float]:
+                  device: torch.device) -> tuple[list[float], float]:
     import diffusers
     import torch.nn.functional as F
     import transformers
@@ -114,6 +140,7 @@ def run_diffusers(folder: Path, precision: str, steps: int, batch: int, resoluti
     noise_scheduler = diffusers.DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5, weight_decay=1e-2)
     lr_scheduler = diffusers.optimization.get_scheduler("constant", optimizer=optimizer)
+    reset_peak_memory(device)
     pixels, captions = batch_data(batch, resolution)
     generator = torch.Generator().manual_seed(0)
     times = []
@@ -138,7 +165,7 @@ def run_diffusers(folder: Path, precision: str, steps: int, batch: int, resoluti
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter())
-    return [b - a for a, b in zip(times, times[1:])]
+    return [b - a for a, b in zip(times, times[1:])], peak_resident_mb(device)
 
 
 def worker(args) -> None:
@@ -152,12 +179,12 @@ def worker(args) -> None:
     device = torch.device(args.device)
     baseline = resident_mb(device)
     if args.implementation == "diffusers":
-        times = run_diffusers(args.folder, args.precision, args.steps, args.batch, args.resolution, device)
+        times, training_peak = run_diffusers(args.folder, args.precision, args.steps, args.batch, args.resolution, device)
     else:
-        times = run_fixative(args.folder, args.precision, args.implementation == "fixative-lora", args.steps,
+        times, training_peak = run_fixative(args.folder, args.precision, args.implementation == "fixative-lora", args.steps,
                              args.batch, args.resolution, device)
-    peak = peak_memory_mb(device)
-    print(json.dumps({"seconds_per_step": statistics.median(times), "peak_mb": peak, "training_mb": peak - baseline}))
+    print(json.dumps({"seconds_per_step": statistics.median(times), "peak_mb": peak_memory_mb(device),
+                      "training_mb": training_peak - baseline}))
 
 
 def main() -> None:
@@ -197,8 +224,8 @@ def main() -> None:
     shape = "SD 1.5 layout, narrower (--quick)" if args.quick else "SD 1.5"
     print(f"\n{shape}, batch {args.batch}, {args.resolution} px, {args.device}, {args.threads} threads, "
           f"median of {args.rounds} rounds x {args.steps} steps")
-    print("training memory = peak resident set less the resident set after the imports (MB); ratios on it, "
-          "peak-RSS ratios in brackets")
+    print("training memory = peak resident set during training less the resident set after the imports (MB); "
+          "ratios on it; in brackets the ratios of the whole process's peak (loading included)")
     print(f"{'':8} {'fixative s/step':>16} {'diffusers s/step':>17} {'time ratio':>11} {'ours MB':>8} {'diffusers MB':>13} "
           f"{'LoRA MB':>8} {'memory ratio':>17} {'LoRA / full memory':>22}")
     for precision in PRECISIONS:

@@ -574,6 +574,8 @@ def fine_tune(model, data, config: FinetuneConfig = FinetuneConfig(), objective:
                 _validate(model, config, out / "validation" / f"step-{done}")
             accelerator.wait_for_everyone()
     bar.close()
+    optimizer.zero_grad(set_to_none=True)  # gradients and moments freed before finish() casts networks back
+    optimizer.state.clear()
     objective.finish()
     if out is not None and accelerator.is_main_process:
         if save:
