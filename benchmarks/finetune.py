@@ -179,10 +179,11 @@ def worker(args) -> None:
     device = torch.device(args.device)
     baseline = resident_mb(device)
     if args.implementation == "diffusers":
-        times, training_peak = run_diffusers(args.folder, args.precision, args.steps, args.batch, args.resolution, device)
+        times, training_peak = run_diffusers(args.folder, args.precision, args.steps, args.batch, args.resolution,
+                                             device)
     else:
-        times, training_peak = run_fixative(args.folder, args.precision, args.implementation == "fixative-lora", args.steps,
-                             args.batch, args.resolution, device)
+        times, training_peak = run_fixative(args.folder, args.precision, args.implementation == "fixative-lora",
+                                            args.steps, args.batch, args.resolution, device)
     print(json.dumps({"seconds_per_step": statistics.median(times), "peak_mb": peak_memory_mb(device),
                       "training_mb": training_peak - baseline}))
 
@@ -226,8 +227,8 @@ def main() -> None:
           f"median of {args.rounds} rounds x {args.steps} steps")
     print("training memory = peak resident set during training less the resident set after the imports (MB); "
           "ratios on it; in brackets the ratios of the whole process's peak (loading included)")
-    print(f"{'':8} {'fixative s/step':>16} {'diffusers s/step':>17} {'time ratio':>11} {'ours MB':>8} {'diffusers MB':>13} "
-          f"{'LoRA MB':>8} {'memory ratio':>17} {'LoRA / full memory':>22}")
+    print(f"{'':8} {'fixative s/step':>16} {'diffusers s/step':>17} {'time ratio':>11} {'ours MB':>8} "
+          f"{'diffusers MB':>13} {'LoRA MB':>8} {'memory ratio':>17} {'LoRA / full memory':>22}")
     for precision in PRECISIONS:
         ours, theirs, lora = (median[(i, precision)] for i in IMPLEMENTATIONS)
         print(f"{precision:8} {ours['seconds_per_step']:16.3f} {theirs['seconds_per_step']:17.3f} "

@@ -124,7 +124,7 @@ class FinetuneConfig:
     shuffle_tags: bool = False  # shuffle comma-separated tags of each caption ...
     keep_tags: int = 1  # ... keeping the first N in place
     mixed_precision: str = "no"  # no | bf16 | fp16: autocast of the UNet's forward pass
-    frozen_in_mixed_precision: bool = True  # hold the frozen networks in that dtype (see the module docstring)
+    frozen_in_mixed_precision: bool = True  # DenoisingObjective: frozen networks in that dtype (module docstring)
     gradient_checkpointing: bool = False
     cache_latents: bool = False  # encode each image once (posterior parameters; sampled per step)
     cache_dir: str | None = None  # with cache_latents: also keep them on disk here, keyed by content hash
