@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import single_file
+from .compilation import compile_model
 from .config import ModelConfig, architecture_problems
 from .config_files import parse, read_configs, read_json
 from .errors import FixativeError
@@ -129,7 +130,8 @@ class TensorFile:
 
 
 def load_model(source: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-               prediction_type: str | None = None, config: str | Path | None = None) -> StableDiffusionModel:
+               prediction_type: str | None = None, config: str | Path | None = None,
+               compile: bool = False) -> StableDiffusionModel:
     """A Stable Diffusion 1.x/2.x model from a diffusers folder, an original single file, or a model name
     (``registry.model_names()``: "toy").
 
@@ -137,7 +139,14 @@ def load_model(source: str | Path, device: torch.device | str = "cpu", dtype: to
     single file does not record it (epsilon is assumed). ``config`` (single files only) gives what tensor
     shapes cannot tell, as ``config_files.read_configs`` reads it: a diffusers folder, one sub-model's
     config, or an original LDM .yaml. ``device="meta"`` reads only shapes (for ``info``).
+    ``compile=True`` compiles the UNet with torch.compile (``fixative.core.compilation.compile_model``).
     """
+    model = _load_model(source, device, dtype, prediction_type, config)
+    return compile_model(model) if compile else model
+
+
+def _load_model(source: str | Path, device, dtype: torch.dtype, prediction_type: str | None,
+                config: str | Path | None) -> StableDiffusionModel:
     if prediction_type not in (None, *PREDICTION_TYPES):
         raise FixativeError(f"unknown prediction type {prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)}")
     folder = named_model_folder(str(source))

@@ -20,14 +20,21 @@ from torch import nn
 from .config import AutoencoderKLConfig, check_buildable, vae_problems
 from .errors import FixativeError
 from .noise import randn_tensor
+from .upsampling import upsample_nearest2x_conv
 
 NORM_EPS = 1e-6  # every GroupNorm of the SD autoencoder (LDM's Normalize uses eps=1e-6)
 
 
-def _working_layout(x: torch.Tensor) -> torch.Tensor:
-    """Channels-last activations on the CPU: oneDNN convolves NHWC without reordering input and output at
-    every layer (about twice as fast in bf16). Other devices keep the layout they were given."""
-    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+def _working_layout(x: torch.Tensor, network: nn.Module) -> torch.Tensor:
+    """Channels-last activations on the CPU when autograd records nothing: oneDNN convolves NHWC without
+    reordering input and output at every layer (about twice as fast in bf16). When gradients flow (to the
+    pixels of a cloak, to the weights in training) channels-first: ATen's channels-last GroupNorm backward
+    is tens of times slower in bf16 and its convolution backward slower too. Other devices keep the layout
+    they were given."""
+    if x.device.type != "cpu":
+        return x
+    records_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in network.parameters()))
+    return x.contiguous() if records_grad else x.contiguous(memory_format=torch.channels_last)
 
 
 class DiagonalGaussian:
@@ -82,41 +89,16 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
-def _fold_for_upsampling(kernel: torch.Tensor, dim: int) -> torch.Tensor:
-    """3 taps along ``dim`` -> 2 taps for each output phase of conv3x3(nearest_up2(x)): output row 2i reads
-    input rows (i-1, i) with kernel rows (0, 1+2); output row 2i+1 reads (i, i+1) with rows (0+1, 2).
-    Returns the phases stacked in front: (2, *kernel.shape with 2 at dim)."""
-    k0, k1, k2 = kernel.unbind(dim)
-    return torch.stack([torch.stack([k0, k1 + k2], dim), torch.stack([k0 + k1, k2], dim)])
-
-
 class Upsample(nn.Module):
-    """Nearest-neighbour 2x up-sampling, then a 3x3 conv (``self.conv``, stored as trained).
-
-    Computed without materialising the up-sampled image: each of the four output phases (a, b) (output
-    pixel (2i + a, 2j + b)) is a 2x2 conv of the input whose taps are sums of the 3x3 taps that fall on the
-    same input pixel. Same result, 16 instead of 36 multiply-adds per input pixel and channel pair.
-    """
+    """Nearest-neighbour 2x up-sampling, then a 3x3 conv (``self.conv``, stored as trained), computed as
+    four 2x2 convolutions of the input (``upsampling.upsample_nearest2x_conv``)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, _, height, width = x.shape
-        weight = self.conv.weight  # (out, in, 3, 3); folded in fp32 for low-precision weights
-        channels = weight.shape[0]
-        rows = _fold_for_upsampling(weight.float(), dim=2)  # (2, out, in, 2, 3)
-        phase_weight = _fold_for_upsampling(rows, dim=4).transpose(0, 1)  # (a, b, out, in, 2, 2)
-        phase_weight = phase_weight.reshape(4 * channels, -1, 2, 2).to(weight.dtype)
-        phases = F.conv2d(F.pad(x, (1, 1, 1, 1)), phase_weight, self.conv.bias.repeat(4))
-        phases = phases.view(batch, 2, 2, channels, height + 1, width + 1)  # (batch, a, b, out, h + 1, w + 1)
-        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-        out = torch.empty(batch, channels, 2 * height, 2 * width, dtype=x.dtype, device=x.device, memory_format=layout)
-        for a in (0, 1):
-            for b in (0, 1):
-                out[:, :, a::2, b::2] = phases[:, a, b, :, a:a + height, b:b + width]
-        return out
+        return upsample_nearest2x_conv(x, self.conv)
 
 
 class SpatialSelfAttention(nn.Module):
@@ -330,10 +312,10 @@ class AutoencoderKL(nn.Module):
         return self._encode_tile(pixels)
 
     def _encode_tile(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.quant_conv(self.encoder(_working_layout(pixels))).contiguous()
+        return self.quant_conv(self.encoder(_working_layout(pixels, self))).contiguous()
 
     def _decode_tile(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(_working_layout(latents))).contiguous()
+        return self.decoder(self.post_quant_conv(_working_layout(latents, self))).contiguous()
 
     def _pixels(self, latents: torch.Tensor) -> torch.Tensor:
         if self.use_tiling and max(latents.shape[-2:]) > self.latent_tile_size:

@@ -57,6 +57,9 @@ def register(subparsers) -> None:
                              "pytorch_lora_weights.safetensors) at SCALE (default scale 1); repeatable (default: none)")
     parser.add_argument("--clip-skip", type=int, default=0, help="skip the text encoder's last N layers (default: %(default)s)")
     parser.add_argument("--vae-tiling", action="store_true", help="decode in tiles, for large images (default: off)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the UNet with torch.compile: the first step takes longer (the time is printed), "
+                             "the others run faster (default: off)")
     add_dtype(parser)
     add_device(parser)
     add_quiet(parser)
@@ -81,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from ..checkpoints import load_model
+    from ..compilation import compile_model
     from ..errors import FixativeError
     from ..images import load_image, load_mask, save_png
     from ..lora import apply_lora, parse_lora_spec
@@ -109,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
                                 f"down-sampling factor); use e.g. {max(multiple, value - value % multiple)}")
     for path, lora_scale in loras:
         apply_lora(model, path, lora_scale)
+    if args.compile:
+        compile_model(model)
     scheduler = args.scheduler or default_scheduler_name(model)
     images = generate(
         model, args.prompt, args.negative_prompt, image=image, mask=mask, strength=args.strength,

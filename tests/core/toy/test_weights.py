@@ -15,7 +15,8 @@ def test_shipped_weights_are_safetensors_within_25_mb(shipped):
     files = [p for p in shipped.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= 25_000_000
     weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".ckpt")]
-    assert {p.suffix for p in weights} == {".safetensors"} and len(weights) == 4  # unet, vae, text encoder, CLIP
+    # unet, vae, text encoder, CLIP, and the LCM-LoRA (issue 11: all shipped weights within 32 MB)
+    assert {p.suffix for p in weights} == {".safetensors"} and len(weights) == 5
 
 
 def test_diffusers_renders_the_shipped_toy_world_as_fixative_does(shipped):

@@ -1,0 +1,173 @@
+"""Speed of cloaking: seconds per optimisation step and per image, and peak memory, for fixative's optimiser against a
+straightforward re-implementation of the published recipe, measured in the same run on the same weights.
+
+    .venv/bin/python benchmarks/cloak.py            # 512x512, sd15 VAE architecture (random weights), 500 steps
+    .venv/bin/python benchmarks/cloak.py --quick    # 128x128, 30 reference steps: minutes on a busy CPU
+
+Reference ("published recipe, straightforward"): diffusers' AutoencoderKL, lpips, Adam in fp32 for a fixed number of
+steps on ||E(x + δ) − z_T||² + α · max(LPIPS(x + δ, x) − p, 0), the whole graph kept (VAE parameters require
+grad, as a model loaded by diffusers does). fixative: the same objective on its own VAE with the same weights,
+cloak.optimise under bf16 autocast (channels-last on the CPU), stopping once the objective reaches the reference's
+final value; both final objectives are then measured in fp32 on the reference VAE. The LPIPS backbone is random on
+this machine (no torchvision weights): the timing is what it measures, not LPIPS. Each side runs in its own
+process so that its peak resident memory (ru_maxrss) is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+ALPHA, LPIPS_BOUND, LR = 30.0, 0.07, 0.01
+
+
+def _setup(size: int, seed: int):
+    from fixative.core.presets import get_preset
+    from fixative.core.vae import AutoencoderKL
+
+    torch.manual_seed(seed)
+    config = get_preset("sd15").model_config.vae
+    vae = AutoencoderKL(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 3, 8, 8, generator=generator)
+    pixels = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+    target_pixels = torch.rand(1, 3, size, size, generator=generator)
+    return config, vae, pixels, target_pixels
+
+
+def _diffusers_vae(config, vae):
+    import diffusers
+
+    reference = diffusers.AutoencoderKL.from_config(config.to_diffusers())
+    reference.load_state_dict(vae.state_dict(), strict=True)
+    return reference.eval()
+
+
+def _lpips():
+    from fixative.cloak.budget import load_lpips
+
+    return load_lpips("alex", backbone="random")
+
+
+def reference_objective(reference_vae, lpips_metric, pixels, delta, target_latents):
+    adv = (pixels + delta).clamp(0, 1)
+    latents = reference_vae.encode(adv * 2 - 1).latent_dist.mean
+    latent_loss = (latents - target_latents).pow(2).mean()
+    return latent_loss, latent_loss + ALPHA * (lpips_metric(adv, pixels) - LPIPS_BOUND).clamp(min=0).mean()
+
+
+def worker_reference(size: int, steps: int, seed: int) -> dict:
+    config, vae, pixels, target_pixels = _setup(size, seed)
+    reference_vae, lpips_metric = _diffusers_vae(config, vae), _lpips()
+    with torch.no_grad():
+        target_latents = reference_vae.encode(target_pixels * 2 - 1).latent_dist.mean
+    delta = torch.zeros_like(pixels, requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=LR)
+    started = time.perf_counter()
+    for _ in range(steps):
+        _, loss = reference_objective(reference_vae, lpips_metric, pixels, delta, target_latents)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    seconds = time.perf_counter() - started
+    with torch.no_grad():
+        latent_loss, loss = reference_objective(reference_vae, lpips_metric, pixels, delta, target_latents)
+    return {
+        "seconds": seconds,
+        "steps": steps,
+        "objective": loss.item(),
+        "latent_loss": latent_loss.item(),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def worker_fixative(size: int, steps: int, seed: int, stop_loss: float, autocast: str | None) -> dict:
+    from fixative.cloak.bounds import Budget
+    from fixative.cloak.objectives import Objective, latent_distance
+    from fixative.cloak.optimise import OptimiserConfig, optimise
+
+    config, vae, pixels, target_pixels = _setup(size, seed)
+    vae.requires_grad_(False)
+    lpips_metric = _lpips()
+
+    def encode(p):
+        return vae.encode(p * 2 - 1).mode().float()  # unscaled posterior mean, as the reference uses
+
+    with torch.no_grad():
+        target_latents = encode(target_pixels)
+    objective = Objective(loss=lambda p, step: latent_distance(encode(p), target_latents), target_distance=None)
+    optimiser = OptimiserConfig(steps=steps, lr=LR, alpha=ALPHA, stop_loss=stop_loss, autocast=autocast)
+    started = time.perf_counter()
+    delta, run = optimise(pixels, objective, Budget(lpips=LPIPS_BOUND), optimiser, lpips_metric)
+    seconds = time.perf_counter() - started
+    reference_vae = _diffusers_vae(config, vae)
+    with torch.no_grad():
+        latent_loss, loss = reference_objective(reference_vae, lpips_metric, pixels, delta, target_latents)
+    return {
+        "seconds": seconds,
+        "steps": run["steps"],
+        "objective": loss.item(),
+        "latent_loss": latent_loss.item(),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def _run_worker(*args) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", *map(str, args)], capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="128 px, 30 reference steps (default: 512 px, 500 steps)")
+    parser.add_argument("--size", type=int, default=None, help="image size in pixels (default: 512, --quick 128)")
+    parser.add_argument("--steps", type=int, default=None, help="reference steps (default: 500, --quick 30)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per worker (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights and images (default: %(default)s)")
+    parser.add_argument(
+        "--autocast", default="bf16", help="fixative's autocast: bf16, fp16 or none (default: %(default)s)"
+    )
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        kind, *rest = args.worker
+        if kind == "reference":
+            result = worker_reference(int(rest[0]), int(rest[1]), int(rest[2]))
+        else:
+            result = worker_fixative(
+                int(rest[0]), int(rest[1]), int(rest[2]), float(rest[3]), None if rest[4] == "none" else rest[4]
+            )
+        print(json.dumps(result))
+        return 0
+    size = args.size or (128 if args.quick else 512)
+    steps = args.steps or (30 if args.quick else 500)
+    threads = ["--threads", str(args.threads)]
+    reference = _run_worker("reference", size, steps, args.seed, *threads)
+    ours = _run_worker("fixative", size, steps, args.seed, reference["objective"], args.autocast, *threads)
+    print(f"sd15 VAE architecture (random weights), {size}x{size}, CPU, {args.threads} threads; LPIPS backbone random")
+    print(f"{'':<32}{'steps':>7}{'s/step':>9}{'s/image':>10}{'objective':>11}{'peak RSS MB':>13}")
+    for name, r in (("reference (diffusers, fp32)", reference), (f"fixative ({args.autocast})", ours)):
+        print(
+            f"{name:<32}{r['steps']:>7}{r['seconds'] / r['steps']:>9.3f}{r['seconds']:>10.1f}{r['objective']:>11.5f}"
+            f"{r['peak_rss_mb']:>13.0f}"
+        )
+    reached = ours["objective"] <= reference["objective"] * 1.01
+    print(
+        f"speed-up per image to the reference's final objective: {reference['seconds'] / ours['seconds']:.2f}x "
+        f"({'reached' if reached else 'NOT reached'}: {ours['objective']:.5f} vs {reference['objective']:.5f}); "
+        f"per step {reference['seconds'] / reference['steps'] / (ours['seconds'] / ours['steps']):.2f}x"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

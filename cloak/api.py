@@ -1,0 +1,371 @@
+"""``cloak(images, model, config) -> results`` and the batch over files behind ``fixative cloak``.
+
+Each image is cloaked at its native size: padded (reflect) to the VAE's multiple and cropped back; an image larger
+than ``tile_size`` is cut into overlapping tiles that are optimised as one batch and blended with linear ramps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from fixative.core.errors import FixativeError
+
+from . import files, targets
+from .bounds import measure
+from .budget import load_lpips
+from .finalize import finalize, quantize
+from .optimise import optimise
+from .protect import CloakConfig, image_record, make_objective
+from .robust import RandomTransform
+
+
+@dataclass
+class CloakResult:
+    image: Image.Image | None  # the cloaked image, in the input's mode (None when it failed)
+    record: dict  # method, budget values, latent distances, projection, seconds, provenance; or "error"
+
+
+def _padded(pixels: torch.Tensor, multiple: int) -> torch.Tensor:
+    height, width = pixels.shape[-2:]
+    pad_h, pad_w = (-height) % multiple, (-width) % multiple
+    if not pad_h and not pad_w:
+        return pixels
+    mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+    return F.pad(pixels, (0, pad_w, 0, pad_h), mode=mode)
+
+
+def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, length - tile, stride)) + [length - tile]
+    return sorted(set(starts))
+
+
+def _ramp(tile: int, overlap: int, device) -> torch.Tensor:
+    """Blend weights along one axis: rising over the overlap, flat inside, falling at the far edge."""
+    weights = torch.ones(tile, device=device)
+    if overlap:
+        ramp = (torch.arange(overlap, device=device) + 1) / (overlap + 1)
+        weights[:overlap] = ramp
+        weights[-overlap:] = ramp.flip(0)
+    return weights
+
+
+def image_delta(
+    model,
+    pixels: torch.Tensor,
+    config: CloakConfig,
+    style: str | None,
+    lpips_metric,
+    tied_channels: bool,
+    tile_size: int,
+    progress: bool,
+) -> tuple[torch.Tensor, dict]:
+    """δ for one image (1, 3, H, W) in [0, 1] at its native size, and what the record needs of the run."""
+    multiple = model.vae.config.downsampling_factor
+    height, width = pixels.shape[-2:]
+    padded = _padded(pixels, multiple)
+    tile = max(multiple, tile_size - tile_size % multiple)
+    overlap = (tile // 4) - (tile // 4) % multiple
+    rows, columns = _tile_starts(padded.shape[-2], tile, overlap), _tile_starts(padded.shape[-1], tile, overlap)
+    tile_h, tile_w = min(tile, padded.shape[-2]), min(tile, padded.shape[-1])
+    crops = torch.cat([padded[..., y : y + tile_h, x : x + tile_w] for y in rows for x in columns])
+    objective, aimed = make_objective(model, crops, config, style)
+    transform = RandomTransform(config.robust, config.seed) if config.robust else None
+    delta_tiles, run = optimise(
+        crops, objective, config.budget, config.optimiser, lpips_metric, transform, tied_channels, progress
+    )
+    delta_tiles = delta_tiles.expand(-1, 3, -1, -1)
+    delta = torch.zeros_like(padded)
+    weight = torch.zeros_like(padded[:, :1])
+    ramp = (
+        _ramp(tile_h, overlap if len(rows) > 1 else 0, padded.device)[:, None]
+        * _ramp(tile_w, overlap if len(columns) > 1 else 0, padded.device)[None, :]
+    )
+    index = 0
+    for y in rows:
+        for x in columns:
+            delta[..., y : y + tile_h, x : x + tile_w] += ramp * delta_tiles[index]
+            weight[..., y : y + tile_h, x : x + tile_w] += ramp
+            index += 1
+    delta = (delta / weight)[..., :height, :width]
+
+    def target_distance(candidate: torch.Tensor) -> float | None:
+        if objective.target_distance is None:
+            return None
+        padded_candidate = _padded(candidate, multiple)
+        tiles = torch.cat([padded_candidate[..., y : y + tile_h, x : x + tile_w] for y in rows for x in columns])
+        return float(objective.target_distance(tiles).mean())
+
+    return delta, {
+        "run": run,
+        "aimed": aimed,
+        "details": objective.details,
+        "tiles": len(rows) * len(columns),
+        "target_distance": target_distance,
+    }
+
+
+def cloak_artwork(
+    model,
+    artwork: files.Artwork,
+    config: CloakConfig,
+    style: str | None = None,
+    lpips_metric=None,
+    output_format: str = "png",
+    tile_size: int = 1024,
+    progress: bool = False,
+) -> tuple[torch.Tensor, dict]:
+    """Stored pixels (1, 3, H, W) of the cloaked artwork and its record."""
+    started = time.time()
+    torch.manual_seed(config.seed)
+    pixels = artwork.pixels.to(model.vae.device)
+    # an RGB PNG stores exactly the 8-bit rounding; every other output is encoded and read back
+    exact = artwork.mode == "RGB" and output_format == "png"
+    restore = quantize if exact else files.restorer(artwork, output_format)
+    delta, info = image_delta(model, pixels, config, style, lpips_metric, artwork.grey, tile_size, progress)
+    stored, scale, met = finalize(pixels, delta, config.budget, lpips_metric, restore)
+    with torch.no_grad():
+        values = measure(config.budget, stored, pixels, lpips_metric)
+        before, after = info["target_distance"](pixels), info["target_distance"](stored)
+    record = image_record(
+        config,
+        {**info["aimed"], **info["details"]},
+        values,
+        0,
+        before,
+        after,
+        float(scale[0]),
+        bool(met[0]),
+        info["run"]["steps"],
+        time.time() - started,
+        lpips_metric,
+    )
+    record.update(tiles=info["tiles"], size=list(pixels.shape[-2:]), mode=artwork.mode, notes=artwork.notes)
+    return stored, record
+
+
+def lpips_for(config: CloakConfig, device) -> object | None:
+    """The LPIPS metric when the budget bounds LPIPS (or None); a missing backbone file is a FixativeError."""
+    if config.budget.lpips is None:
+        return None
+    return load_lpips(config.lpips_net, config.lpips_backbone, config.lpips_weights, device)
+
+
+def resolve_style(
+    model, config: CloakConfig, artworks: list[files.Artwork], clip_folder: str | Path | None
+) -> tuple[str | None, dict]:
+    """The target style: given, or ``auto`` (toy model: its artists judged by the toy CLIP)."""
+    if config.method != "glaze" or config.target_style != "auto":
+        return config.target_style, {}
+    if clip_folder is None:
+        if model.source != "toy":
+            raise FixativeError("--target-style auto needs a CLIP model folder (--clip DIR) for a model other than toy")
+        from fixative.core.toy import clip_folder as toy_clip
+
+        clip_folder = toy_clip()
+    if model.source == "toy":
+        candidates, captions = targets.toy_candidates()
+    else:
+        candidates, captions = list(targets.ART_HISTORICAL_STYLES), None
+    size = 64  # CLIP resizes again to its own input size; 64 keeps the stack small
+    pixels = torch.cat([F.interpolate(a.pixels, size=(size, size), mode="bilinear", antialias=True) for a in artworks])
+    style, distances = targets.auto_style(pixels, clip_folder, candidates, captions)
+    return style, {"style_distances": distances}
+
+
+def cloak(
+    images,
+    model,
+    config: CloakConfig,
+    style: str | None = None,
+    output_format: str = "png",
+    tile_size: int = 1024,
+    progress: bool = False,
+) -> list[CloakResult]:
+    """Cloak PIL images (any mode) or image paths with ``model``; one CloakResult per image, in order.
+
+    A file that cannot be read gives a result with ``image=None`` and the error in ``record["error"]``.
+    """
+    artworks, results = [], []
+    for item in images:
+        try:
+            artworks.append(
+                files.read_artwork(item) if isinstance(item, (str, Path)) else files.artwork_from_image(item)
+            )
+        except FixativeError as error:
+            artworks.append(error)
+    readable = [a for a in artworks if isinstance(a, files.Artwork)]
+    if style is None and readable:
+        style, _ = resolve_style(model, config, readable, None)
+    lpips_metric = lpips_for(config, model.vae.device)
+    for artwork in artworks:
+        if isinstance(artwork, FixativeError):
+            results.append(CloakResult(None, {"error": str(artwork)}))
+            continue
+        stored, record = cloak_artwork(model, artwork, config, style, lpips_metric, output_format, tile_size, progress)
+        results.append(CloakResult(files.to_image(artwork, stored), record))
+    return results
+
+
+def settings_hash(config: CloakConfig, model_source: str, style: str | None, output_format: str, tile_size: int) -> str:
+    text = json.dumps(
+        {
+            "config": config.settings(),
+            "model": str(model_source),
+            "style": style,
+            "format": output_format,
+            "tile_size": tile_size,
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cloak_files(
+    inputs: list[str | Path],
+    out: str | Path,
+    model,
+    config: CloakConfig,
+    output_format: str = "png",
+    tile_size: int = 1024,
+    clip_folder: str | Path | None = None,
+    progress: bool = True,
+    log=print,
+) -> dict:
+    """Cloak every image file given or under the folders given into ``out`` (same relative paths), with a JSON
+    record beside each output and ``summary.json``. Outputs whose record has the same settings hash are skipped;
+    a file that fails is reported and the others finish. Returns the summary."""
+    from importlib.metadata import version
+
+    if output_format not in files.OUTPUT_FORMATS:
+        raise FixativeError(f"--format must be one of {', '.join(files.OUTPUT_FORMATS)}, not {output_format!r}")
+    if output_format == "jpeg":
+        log(
+            "warning: JPEG output re-compresses the cloak and weakens it; the budget is measured on the JPEG as "
+            "stored. PNG (the default) keeps every pixel."
+        )
+    out = Path(out)
+    found = files.find_images(inputs)
+    if not found:
+        raise FixativeError(f"no image files in {', '.join(map(str, inputs))}")
+    style, style_info = config.target_style, {}
+    if config.method == "glaze" and config.target_style == "auto":
+        readable = []
+        for path, _ in found:
+            try:
+                readable.append(files.read_artwork(path))
+            except FixativeError:
+                pass
+        style, style_info = resolve_style(model, config, readable, clip_folder)
+        log(f"target style (auto): {style}")
+    digest = settings_hash(config, model.source, style, output_format, tile_size)
+    lpips_metric = lpips_for(config, model.vae.device)
+    provenance = {
+        "fixative": version("fixative"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(model.vae.device),
+        "dtype": str(model.vae.dtype).removeprefix("torch."),
+        "model": str(model.source),
+        "settings_hash": digest,
+    }
+    rows, failures, skipped = [], [], 0
+    for path, relative in tqdm(found, desc="images", disable=not progress):
+        record_path = out / relative.with_suffix(".json")
+        if record_path.is_file():
+            previous = json.loads(record_path.read_text())
+            if previous.get("provenance", {}).get("settings_hash") == digest and Path(previous["output"]).is_file():
+                rows.append(previous)
+                skipped += 1
+                continue
+        try:
+            artwork = files.read_artwork(path)
+            stored, record = cloak_artwork(
+                model, artwork, config, style, lpips_metric, output_format, tile_size, progress
+            )
+        except FixativeError as error:
+            failures.append({"input": str(path), "error": str(error)})
+            log(f"failed: {error}")
+            continue
+        output = out / relative.with_suffix(files.output_suffix(artwork, output_format))
+        files.write_artwork(artwork, stored, output, output_format)
+        record.update(
+            input=str(path),
+            input_sha256=file_sha256(path),
+            output=str(output),
+            target_style=style if config.method == "glaze" else None,
+            settings=config.settings(),
+            provenance=provenance,
+            **style_info,
+        )
+        files.write_text(record_path, json.dumps(record, indent=1, default=str))
+        rows.append(record)
+    summary = {
+        "settings_hash": digest,
+        "method": config.method,
+        "budget": config.budget.as_dict(),
+        "target_style": style,
+        "images": len(rows),
+        "skipped_as_done": skipped,
+        "failed": failures,
+        "projected": sum(r["final_projection"] for r in rows),
+        "provenance": provenance,
+        "per_image": [
+            {
+                k: r.get(k)
+                for k in (
+                    "input",
+                    "output",
+                    "values",
+                    "latent_distance_before",
+                    "latent_distance_after",
+                    "final_projection",
+                    "seconds",
+                )
+            }
+            for r in rows
+        ],
+    }
+    files.write_text(out / "summary.json", json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def summary_table(summary: dict) -> str:
+    """The summary as a plain text table, one line per image."""
+    lines = [
+        f"{'image':<40} {'PSNR dB':>8} {'SSIM':>6} {'L-inf':>8} {'latent dist. before -> after':>30} {'projected':>9}"
+    ]
+    for row in summary["per_image"]:
+        values = row["values"]
+        before, after = row["latent_distance_before"], row["latent_distance_after"]
+        distance = "—" if before is None else f"{before:.4f} -> {after:.4f}"
+        lines.append(
+            f"{Path(row['input']).name[:40]:<40} {values['psnr']:>8.2f} {values['ssim']:>6.3f} "
+            f"{values['linf'] * 255:>6.1f}/255 {distance:>30} {'yes' if row['final_projection'] else 'no':>9}"
+        )
+    lines.append(
+        f"{summary['images']} cloaked ({summary['skipped_as_done']} already done), "
+        f"{len(summary['failed'])} failed, {summary['projected']} needed the final projection"
+    )
+    return "\n".join(lines)

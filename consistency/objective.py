@@ -1,0 +1,157 @@
+"""Consistency distillation as an objective of core's one training loop (``core.finetune.fine_tune``).
+
+    model = load_model("toy")
+    objective = ConsistencyDistillation(DistillSettings(method="lcm-lora", rank=16))
+    fine_tune(model, data, FinetuneConfig(max_steps=500, lr=1e-4), objective, out="runs/lcm-lora")
+
+The loop brings the data (scaled latents and frozen text embeddings per micro-batch), accumulation, lr
+schedule, clipping, processes, checkpoints and resume; this objective brings the networks and the loss:
+
+- ``lcd``: the student is the teacher's UNet plus a guidance-scale embedding (``student_from_teacher``),
+  trained in full; the target network θ⁻ is the EMA of the student, θ⁻ ← μ θ⁻ + (1 − μ) θ after every
+  optimiser step (LCM, Algorithm 1; μ = ``ema_decay``). The result is the target network (as diffusers'
+  script keeps ``unet_target`` and the LCM paper samples with θ⁻), saved as a model folder with an LCM
+  scheduler.
+- ``lcm-lora``: low-rank adapters (core's ``LoRALinear``) on a copy of the teacher UNet, the teacher itself
+  frozen; no guidance embedding and no separate target: the target is the adapted UNet under
+  ``torch.no_grad`` (μ = 0), as in LCM-LoRA (Luo et al. 2023b) and diffusers' train_lcm_distill_lora
+  scripts. The result is ``pytorch_lora_weights.safetensors``.
+
+While training, ``model.unet`` is the student and ``model.scheduler_config`` the LCM one, so the loop's
+validation images and the returned model sample as the distilled model does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fixative.core.errors import FixativeError
+from fixative.core.finetune import MIXED_PRECISION, Batch, FinetuneConfig, save_model_into
+from fixative.core.lora import inject_lora, save_lora
+from fixative.core.pipelines import encode_prompt
+from fixative.core.schedulers import NoiseSchedule
+from fixative.core.training import EMA
+
+from .export import lcm_scheduler_config
+from .lcd import LCDSettings, SkippingSchedule, consistency_distillation_loss, student_from_teacher
+
+METHODS = ("lcd", "lcm-lora")
+# Every Linear layer of the UNet that LCM-LoRA adapts (diffusers' train_lcm_distill_lora list, its
+# convolutions left out: core's LoRALinear adapts Linear layers only). proj_in / proj_out are Linear in
+# SD 2.x UNets and 1x1 convolutions in SD 1.x ones.
+LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                    "time_emb_proj")
+
+
+@dataclass
+class DistillSettings(LCDSettings):
+    """What to distil and how (``LCDSettings``' schedule, guidance range and loss, plus the networks)."""
+
+    method: str = "lcd"  # lcd (full student with guidance embedding) | lcm-lora (adapters on the teacher)
+    time_cond_proj_dim: int = 256  # lcd: width of the guidance-scale embedding
+    ema_decay: float = 0.95  # lcd: μ of the EMA target network
+    rank: int = 64  # lcm-lora: adapter rank (LCM-LoRA's and diffusers' default)
+    alpha: float | None = None  # lcm-lora: adapter α; None: α = rank
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.method not in METHODS:
+            raise FixativeError(f"unknown distillation method {self.method!r}; use one of {', '.join(METHODS)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise FixativeError(f"the EMA decay must be within [0, 1), got {self.ema_decay}")
+        if self.rank < 1:
+            raise FixativeError("the LoRA rank must be at least 1")
+
+
+class ConsistencyDistillation:
+    """The ``fine_tune`` objective of latent consistency distillation (see the module docstring)."""
+
+    trains_text_encoder = False
+
+    def __init__(self, settings: DistillSettings = DistillSettings()):
+        self.settings = settings
+        self.ema: EMA | None = None
+
+    def setup(self, model, config: FinetuneConfig) -> None:
+        settings = self.settings
+        self.model, self.config = model, config
+        self.schedule = SkippingSchedule(NoiseSchedule.from_config(model.scheduler_config), settings.num_ddim_timesteps)
+        self.prediction_type = model.prediction_type
+        teacher = model.unet
+        if teacher.config.time_cond_proj_dim is not None:
+            raise FixativeError("the teacher UNet already embeds a guidance scale: it is a distilled model; "
+                                "distil from the original one")
+        for network in (teacher, model.vae, model.text_encoder):
+            network.requires_grad_(False).eval()
+        with torch.no_grad():
+            self.uncond_embeddings = encode_prompt(model, [""], guidance=False)  # (1, 77, D), for guidance
+        if settings.method == "lcd":
+            student = student_from_teacher(teacher, settings.time_cond_proj_dim).requires_grad_(True)
+            self.ema = EMA(student, settings.ema_decay)
+        else:
+            student = copy.deepcopy(teacher)
+            inject_lora(student, settings.rank, settings.alpha, LCM_LORA_TARGETS)
+        self.teacher, self.student = teacher, student.train()
+        if config.gradient_checkpointing:
+            student.enable_gradient_checkpointing()
+        model.unet = student
+        model.scheduler_config = lcm_scheduler_config(model.scheduler_config, settings.num_ddim_timesteps)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.student.parameters() if p.requires_grad]
+
+    def _target(self, *args, **kwargs) -> torch.Tensor:
+        """θ⁻: the EMA of the student (lcd), or the student itself (lcm-lora; called under no_grad)."""
+        if self.ema is None:
+            return self.student(*args, **kwargs)
+        return torch.func.functional_call(self.student, self.ema.shadow, args, kwargs)
+
+    def loss(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        if batch.text_embeddings is None:
+            raise FixativeError("consistency distillation needs the frozen text encoder's embeddings")
+        autocast_dtype = MIXED_PRECISION[self.config.mixed_precision]
+        latents = batch.latents
+        precision = torch.autocast(latents.device.type, autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+        with precision:
+            return consistency_distillation_loss(self.student, self.teacher, self._target, latents,
+                                                 batch.text_embeddings, self.uncond_embeddings, self.schedule,
+                                                 self.settings, self.prediction_type, generator)
+
+    def after_step(self) -> None:
+        if self.ema is not None:
+            self.ema.update(self.student)
+
+    def finish(self) -> None:
+        if self.ema is not None:
+            self.ema.copy_to(self.student)
+        self.student.eval()
+
+    def state_dict(self) -> dict:
+        trained = {n: p.detach().clone() for n, p in self.student.named_parameters() if p.requires_grad}
+        return {"trained": trained, "ema": self.ema.state_dict() if self.ema is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        parameters = dict(self.student.named_parameters())
+        with torch.no_grad():
+            for name, value in state["trained"].items():
+                parameters[name].copy_(value)
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+
+    def save(self, out: Path) -> None:
+        """The result (a model folder, or pytorch_lora_weights.safetensors) and distill_config.json."""
+        if self.settings.method == "lcm-lora":
+            save_lora({"unet": self.student}, out)
+        else:
+            save_model_into(self.model, out)
+        record = out / "distill_config.json"
+        partial = record.with_name(record.name + ".partial")
+        partial.write_text(json.dumps(asdict(self.settings), indent=1))
+        partial.replace(record)

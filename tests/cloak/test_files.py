@@ -1,0 +1,230 @@
+"""An artist's files: sizes and modes come back as they went in, alpha untouched; batches survive a corrupt file and
+resume; the command line's errors are one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fixative.cli import main
+from fixative.cloak import Budget, CloakConfig, OptimiserConfig, cloak, cloak_files, files
+from fixative.cloak import budget as metrics
+from fixative.core.checkpoints import save_diffusers
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BUDGET = Budget(linf=12 / 255, psnr=30)
+
+
+def _config(steps: int = 3) -> CloakConfig:
+    return CloakConfig(method="photoguard", budget=BUDGET, optimiser=OptimiserConfig(steps=steps, lr=0.01))
+
+
+def _painting(width: int = 77, height: int = 131, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray((rng.random((4, 3, 3)) * 255).astype(np.uint8)).resize((width, height), Image.BILINEAR)
+    return np.asarray(coarse)
+
+
+def _inputs(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    rgb = _painting()
+    alpha = (np.indices(rgb.shape[:2]).sum(0) % 256).astype(np.uint8)
+    images = {
+        "rgb.png": Image.fromarray(rgb),
+        "rgba.png": Image.fromarray(np.dstack([rgb, alpha])),
+        "grey.png": Image.fromarray(rgb).convert("L"),
+        "palette.png": Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=64),
+        "deep.png": Image.fromarray(rgb[..., 0].astype(np.uint16) * 257),
+    }
+    for name, image in images.items():
+        image.save(folder / name)
+    return images
+
+
+@pytest.mark.parametrize(
+    "name, mode",
+    [("rgb.png", "RGB"), ("rgba.png", "RGBA"), ("grey.png", "L"), ("palette.png", "P"), ("deep.png", "I;16")],
+)
+def test_images_come_back_in_their_size_and_mode_with_alpha_untouched(tiny_model, tmp_path, name, mode):
+    images = _inputs(tmp_path / "in")
+    [result] = cloak([tmp_path / "in" / name], tiny_model, _config())
+    assert result.image.size == (77, 131) and result.image.mode == Image.open(tmp_path / "in" / name).mode == mode
+    assert result.record["budget_met"]
+    if mode == "RGBA":
+        assert np.array_equal(np.asarray(result.image)[..., 3], np.asarray(images[name])[..., 3])
+    if mode in ("RGB", "RGBA", "L", "I;16"):  # a palette cannot hold the change exactly; it is measured as stored
+        original = files.artwork_from_image(images[name]).pixels
+        stored = files.artwork_from_image(result.image).pixels
+        assert metrics.linf(stored, original).item() <= BUDGET.linf + 1e-6
+        assert metrics.psnr(stored, original).item() >= BUDGET.psnr
+        assert not torch.equal(stored, original)
+    if mode == "L":
+        assert np.asarray(result.image).ndim == 2
+
+
+def test_icc_profile_and_exif_orientation_are_kept(tiny_model, tmp_path):
+    from PIL import ImageCms
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    exif = Image.Exif()
+    exif[files.EXIF_ORIENTATION] = 6  # stored on its side: shown rotated 90 degrees
+    exif[0x010F] = "a camera"
+    Image.fromarray(_painting(40, 24)).save(tmp_path / "photo.png", icc_profile=icc, exif=exif)
+    [result] = cloak([tmp_path / "photo.png"], tiny_model, _config())
+    assert result.image.size == (24, 40)  # upright, as a viewer shows it
+    out = tmp_path / "out.png"
+    artwork = files.read_artwork(tmp_path / "photo.png")
+    files.write_artwork(artwork, files.artwork_from_image(result.image).pixels, out)
+    with Image.open(out) as written:
+        assert written.info["icc_profile"] == icc
+        assert written.getexif()[files.EXIF_ORIENTATION] == 1 and written.getexif()[0x010F] == "a camera"
+
+
+def test_large_images_are_cloaked_in_blended_tiles(tiny_model):
+    image = Image.fromarray(_painting(70, 44))
+    [result] = cloak([image], tiny_model, _config(steps=4), tile_size=32)
+    assert result.record["tiles"] == 6 and result.image.size == (70, 44) and result.record["budget_met"]
+
+
+def test_a_corrupt_file_is_reported_and_the_batch_finishes_then_resumes(tiny_model, tmp_path, monkeypatch):
+    _inputs(tmp_path / "in" / "sub")
+    (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG not really")
+    messages = []
+    summary = cloak_files(
+        [tmp_path / "in"], tmp_path / "out", tiny_model, _config(), progress=False, log=messages.append
+    )
+    assert summary["images"] == 5 and len(summary["failed"]) == 1 and "broken.png" in summary["failed"][0]["input"]
+    assert any("broken.png" in m for m in messages)
+    record = json.loads((tmp_path / "out" / "sub" / "rgba.json").read_text())
+    assert record["method"] == "photoguard" and record["provenance"]["settings_hash"] == summary["settings_hash"]
+    assert (tmp_path / "out" / "sub" / "rgba.png").is_file() and (tmp_path / "out" / "summary.json").is_file()
+    # an interrupted run: one output missing; the rerun redoes that one only
+    (tmp_path / "out" / "sub" / "grey.json").unlink()
+    from fixative.cloak import api
+
+    cloaked = []
+    real = api.cloak_artwork
+    monkeypatch.setattr(
+        api,
+        "cloak_artwork",
+        lambda model, artwork, *a, **k: cloaked.append(artwork.path.name) or real(model, artwork, *a, **k),
+    )
+    again = cloak_files([tmp_path / "in"], tmp_path / "out", tiny_model, _config(), progress=False, log=messages.append)
+    assert cloaked == ["grey.png"] and again["skipped_as_done"] == 4
+    # other settings: everything is redone
+    cloaked.clear()
+    cloak_files([tmp_path / "in"], tmp_path / "out", tiny_model, _config(steps=2), progress=False, log=messages.append)
+    assert len(cloaked) == 5
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tiny_model, tmp_path_factory):
+    return save_diffusers(tiny_model, tmp_path_factory.mktemp("cloak") / "tiny")
+
+
+def test_cli_cloaks_a_folder_and_prints_the_summary(tiny_folder, tmp_path, capsys):
+    _inputs(tmp_path / "in")
+    code = main(
+        [
+            "cloak",
+            str(tmp_path / "in" / "rgb.png"),
+            "--out",
+            str(tmp_path / "out"),
+            "--model",
+            str(tiny_folder),
+            "--method",
+            "photoguard",
+            "--budget",
+            "psnr=32",
+            "--budget",
+            "linf=8/255",
+            "--steps",
+            "2",
+            "--seed",
+            "1",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and "rgb.png" in out and "1 cloaked" in out
+    record = json.loads((tmp_path / "out" / "rgb.json").read_text())
+    assert record["budget"] == {"linf": 8 / 255, "psnr": 32.0} and record["settings"]["seed"] == 1
+
+
+def test_cli_missing_lpips_backbone_is_a_one_line_error(tiny_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    _inputs(tmp_path / "in")
+    code = main(
+        [
+            "cloak",
+            str(tmp_path / "in" / "rgb.png"),
+            "--out",
+            str(tmp_path / "out"),
+            "--model",
+            str(tiny_folder),
+            "--method",
+            "photoguard",
+            "--steps",
+            "1",
+            "--quiet",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "alexnet-owt-7be5be79.pth" in err and "Traceback" not in err
+
+
+def test_cli_random_lpips_backbone_is_written_in_every_record(tiny_folder, tmp_path):
+    _inputs(tmp_path / "in")
+    code = main(
+        [
+            "cloak",
+            str(tmp_path / "in" / "rgb.png"),
+            "--out",
+            str(tmp_path / "out"),
+            "--model",
+            str(tiny_folder),
+            "--method",
+            "photoguard",
+            "--steps",
+            "1",
+            "--quiet",
+            "--lpips-backbone",
+            "random",
+            "--budget",
+            "lpips=0.2",
+            "--budget",
+            "linf=8/255",
+        ]
+    )
+    record = json.loads((tmp_path / "out" / "rgb.json").read_text())
+    assert code == 0 and record["lpips_backbone"] == "random" and "not LPIPS" in record["lpips_note"]
+    assert "lpips" in record["values"]
+
+
+def test_cli_help_documents_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["cloak", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option in (
+        "--out",
+        "--model",
+        "--method",
+        "--target-style",
+        "--budget",
+        "--steps",
+        "--lr",
+        "--strength",
+        "--robust",
+        "--seed",
+        "--device",
+        "--dtype",
+        "--quiet",
+        "--lpips-weights",
+        "--format",
+    ):
+        assert option in text
+    assert "(default: glaze)" in text and "(default: lpips=0.07)" in text and "(default: 500)" in text

@@ -1,0 +1,139 @@
+"""The optimiser and the methods on a tiny random model: the latent distance falls, every budget holds on the 8-bit
+output, the same seed gives the same output, the final projection rescues a δ that breaks its budget."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fixative.cloak import budget as metrics
+from fixative.cloak.bounds import Budget, measure, parse_budget, satisfied
+from fixative.cloak.finalize import finalize, quantize
+from fixative.cloak.objectives import ASPLConfig
+from fixative.cloak.optimise import OptimiserConfig
+from fixative.cloak.protect import CloakConfig, cloak_pixels
+from fixative.cloak.robust import RandomTransform, jpeg
+from fixative.core.errors import FixativeError
+
+
+def _config(method="photoguard", budget=Budget(linf=16 / 255, psnr=30, ssim=0.9), steps=40, **kwargs) -> CloakConfig:
+    return CloakConfig(method=method, budget=budget, optimiser=OptimiserConfig(steps=steps, lr=0.01), **kwargs)
+
+
+def _assert_on_8_bit_grid_within(stored, pixels, budget):
+    assert torch.equal(stored, quantize(stored))
+    assert satisfied(budget, measure(budget, stored, pixels, every=False)).all()
+
+
+@pytest.mark.parametrize("budget", [Budget(linf=16 / 255, psnr=30, ssim=0.9), Budget(psnr=28)])
+def test_encoder_attack_halves_the_latent_distance_within_every_budget(tiny_model, artwork_pixels, budget):
+    stored, records = cloak_pixels(tiny_model, artwork_pixels, _config(budget=budget, steps=60))
+    _assert_on_8_bit_grid_within(stored, artwork_pixels, budget)
+    for record in records:
+        assert record["latent_distance_after"] <= 0.5 * record["latent_distance_before"]
+        assert record["budget_met"] and record["values"]["psnr"] >= budget.psnr
+
+
+def test_glaze_aims_at_an_img2img_target_and_records_the_style(tiny_model, artwork_pixels):
+    config = _config("glaze", steps=30)
+    config.style_target.steps = 4
+    stored, records = cloak_pixels(tiny_model, artwork_pixels, config, style="cubism")
+    _assert_on_8_bit_grid_within(stored, artwork_pixels, config.budget)
+    assert records[0]["target_style"] == "cubism"
+    assert all(r["latent_distance_after"] < r["latent_distance_before"] for r in records)
+
+
+def test_glaze_without_a_style_is_a_clear_error(tiny_model, artwork_pixels):
+    with pytest.raises(FixativeError, match="target style"):
+        cloak_pixels(tiny_model, artwork_pixels, _config("glaze"))
+
+
+def test_the_same_seed_gives_the_same_output(tiny_model, artwork_pixels):
+    config = _config("mist", steps=5, seed=3)
+    first, _ = cloak_pixels(tiny_model, artwork_pixels, config)
+    second, _ = cloak_pixels(tiny_model, artwork_pixels, config)
+    other, _ = cloak_pixels(tiny_model, artwork_pixels, _config("mist", steps=5, seed=4))
+    assert torch.equal(first, second) and not torch.equal(first, other)
+
+
+def test_mist_raises_the_denoising_loss_and_approaches_the_pattern(tiny_model, artwork_pixels):
+    config = _config("mist", steps=30)
+    stored, records = cloak_pixels(tiny_model, artwork_pixels, config)
+    _assert_on_8_bit_grid_within(stored, artwork_pixels, config.budget)
+    assert all(r["latent_distance_after"] < r["latent_distance_before"] for r in records)
+
+
+def test_anti_dreambooth_alternates_with_surrogate_fine_tuning(tiny_model, artwork_pixels, monkeypatch):
+    from fixative.cloak import objectives
+
+    calls = []
+    real_train_step = objectives.train_step
+    monkeypatch.setattr(objectives, "train_step", lambda *a, **k: calls.append(1) or real_train_step(*a, **k))
+    unet_before = {k: v.clone() for k, v in tiny_model.unet.state_dict().items()}
+    config = _config("anti-dreambooth", steps=6, aspl=ASPLConfig(every=3, surrogate_steps=2))
+    stored, records = cloak_pixels(tiny_model, artwork_pixels, config)
+    _assert_on_8_bit_grid_within(stored, artwork_pixels, config.budget)
+    # a refresh at the first step and after steps 3 and 6, each 2 steps on the clean copy + 2 on the surrogate
+    assert len(calls) == 3 * 4
+    assert records[0]["latent_distance_before"] is None and not torch.equal(stored, artwork_pixels)
+    assert all(torch.equal(v, tiny_model.unet.state_dict()[k]) for k, v in unet_before.items())  # model untouched
+
+
+def test_signed_pgd_with_momentum_and_eot_keep_the_budget(tiny_model, artwork_pixels):
+    budget = Budget(linf=8 / 255)
+    config = CloakConfig(
+        method="photoguard",
+        budget=budget,
+        robust=("jpeg", "resize", "blur", "noise"),
+        optimiser=OptimiserConfig(steps=20, lr=1 / 255, optimiser="pgd"),
+    )
+    stored, records = cloak_pixels(tiny_model, artwork_pixels, config)
+    _assert_on_8_bit_grid_within(stored, artwork_pixels, budget)
+    assert metrics.linf(stored, artwork_pixels).max() > 4 / 255  # the steps went somewhere
+    assert all(r["latent_distance_after"] < r["latent_distance_before"] for r in records)
+
+
+def test_final_projection_scales_a_delta_that_breaks_the_budget(artwork_pixels):
+    budget = Budget(psnr=35, ssim=0.97)
+    delta = 0.2 * torch.randn(artwork_pixels.shape, generator=torch.Generator().manual_seed(0))
+    stored, scale, met = finalize(artwork_pixels, delta, budget)
+    assert met.all() and (scale < 1).all() and (scale > 0).all()
+    _assert_on_8_bit_grid_within(stored, artwork_pixels, budget)
+    # as large as the bisection allows: twice the scale breaks a bound
+    larger = quantize(artwork_pixels + (2 * scale).view(-1, 1, 1, 1) * delta)
+    assert not satisfied(budget, measure(budget, larger, artwork_pixels, every=False)).any()
+    unchanged, scale_one, _ = finalize(artwork_pixels, delta * 1e-3, budget)
+    assert (scale_one == 1).all()
+
+
+def test_budget_parsing():
+    budget = parse_budget(["linf=16/255", "psnr=32", "ssim=0.95"])
+    assert budget == Budget(linf=16 / 255, psnr=32, ssim=0.95)
+    assert "16/255" in budget.describe()
+    for bad in (["linf"], ["size=3"], ["psnr=abc"], ["ssim=2"]):
+        with pytest.raises(FixativeError):
+            parse_budget(bad)
+    with pytest.raises(FixativeError, match="at least one bound"):
+        Budget()
+
+
+def test_differentiable_jpeg_is_close_to_pillows():
+    smooth = torch.nn.functional.avg_pool2d(
+        torch.rand(1, 3, 40, 48, generator=torch.Generator().manual_seed(0)), 5, 1, 2
+    )
+    smooth = quantize(smooth)
+    buffer = io.BytesIO()
+    Image.fromarray((smooth[0].permute(1, 2, 0) * 255).round().byte().numpy()).save(
+        buffer, "JPEG", quality=75, subsampling=0
+    )
+    pillow = torch.from_numpy(np.asarray(Image.open(buffer)).copy()).permute(2, 0, 1)[None].float() / 255
+    ours = jpeg(smooth.requires_grad_(True), 75)
+    assert (ours - pillow).abs().mean() < 0.3 * (smooth - pillow).abs().mean()
+    ours.sum().backward()
+    assert torch.isfinite(smooth.grad).all()
+    transform = RandomTransform(("jpeg", "resize", "blur", "noise"), seed=0)
+    assert all(transform(smooth.detach(), step).shape == smooth.shape for step in range(12))
