@@ -40,7 +40,12 @@ Processes. Under ``accelerate launch`` each process computes the loss on its sli
 gradients of the trained parameters are averaged across processes (``accelerator.reduce``) before
 clipping and the optimiser step, so every process holds the same weights; only the main process
 writes files. Mixed precision: bf16 / fp16 autocast of the UNet's forward pass (fp16 with a gradient
-scaler); the text encoder and VAE run in the model's dtype.
+scaler). With ``frozen_in_mixed_precision`` (the default) the networks that do not train are held in that
+dtype for the run, as diffusers' ``train_text_to_image.py`` (and ``_lora.py``) cast them to ``weight_dtype``:
+the VAE, the text encoder when it does not train, and with LoRA the UNet's frozen base weights (the
+adapters stay in the UNet's own dtype). Half their memory, and encodes about twice as fast
+on CPU; afterwards they are cast back to their own dtype, so their weights come back rounded to the
+mixed-precision dtype. ``frozen_in_mixed_precision=False`` leaves them untouched (the toy build).
 
 Extension point: the training objective. ``fine_tune(..., objective=obj)`` trains whatever ``obj``
 says, with this loop's data, accumulation, lr schedule, clipping, processes, checkpoints and resume.
@@ -117,6 +122,7 @@ class FinetuneConfig:
     shuffle_tags: bool = False  # shuffle comma-separated tags of each caption ...
     keep_tags: int = 1  # ... keeping the first N in place
     mixed_precision: str = "no"  # no | bf16 | fp16: autocast of the UNet's forward pass
+    frozen_in_mixed_precision: bool = True  # DenoisingObjective: frozen networks in that dtype (module docstring)
     gradient_checkpointing: bool = False
     cache_latents: bool = False  # encode each image once (posterior parameters; sampled per step)
     cache_dir: str | None = None  # with cache_latents: also keep them on disk here, keyed by content hash
@@ -188,12 +194,21 @@ class DenoisingObjective:
         self.schedule = NoiseSchedule.from_config(model.scheduler_config)
         self.trains_text_encoder = config.train_text_encoder
         model.vae.requires_grad_(False).eval()
+        dtype = MIXED_PRECISION[config.mixed_precision] if config.frozen_in_mixed_precision else None
+        frozen = ["vae"] + ([] if config.train_text_encoder else ["text_encoder"])
+        frozen += ["unet"] if config.method == "lora" else []
+        # the frozen networks' own dtypes, restored by finish()
+        self.frozen_dtypes = {name: getattr(model, name).dtype for name in frozen} if dtype else {}
+        for name in self.frozen_dtypes:
+            getattr(model, name).to(dtype)
         if config.method == "lora":
             model.unet.requires_grad_(False)
             model.text_encoder.requires_grad_(False)
-            inject_lora(model.unet, config.rank, config.alpha, config.lora_targets)
+            adapters = inject_lora(model.unet, config.rank, config.alpha, config.lora_targets)
             if config.train_text_encoder:
-                inject_lora(model.text_encoder, config.rank, config.alpha, TEXT_ENCODER_TARGETS)
+                adapters += inject_lora(model.text_encoder, config.rank, config.alpha, TEXT_ENCODER_TARGETS)
+            for adapter in adapters:  # trained in the UNet's own dtype, over frozen base weights in ``dtype``
+                adapter.data = adapter.data.to(self.frozen_dtypes.get("unet", adapter.dtype))
         else:
             model.unet.requires_grad_(True)
             model.text_encoder.requires_grad_(config.train_text_encoder)
@@ -235,6 +250,8 @@ class DenoisingObjective:
     def finish(self) -> None:
         if self.ema is not None:
             self.ema.copy_to(self._trained)
+        for name, dtype in self.frozen_dtypes.items():
+            getattr(self.model, name).to(dtype)
         self.model.unet.eval()
         self.model.text_encoder.eval()
 
@@ -277,9 +294,9 @@ class _Sampler:
     """Draws this process's micro-batches (see the module docstring) and turns them into ``Batch``es."""
 
     def __init__(self, model, data: ImageSet, prior: ImageSet | None, config: FinetuneConfig, objective,
-                 rank: int, world: int, device: torch.device):
+                 rank: int, world: int, device: torch.device, dtype: torch.dtype):
         self.model, self.data, self.prior, self.config = model, data, prior, config
-        self.rank, self.world, self.device = rank, world, device
+        self.rank, self.world, self.device, self.dtype = rank, world, device, dtype  # dtype: the latents'
         self.groups = data.groups()
         self.bucket_keys = list(self.groups)
         self.prior_groups = prior.groups() if prior is not None else {}
@@ -369,7 +386,7 @@ class _Sampler:
         input_ids = self.model.tokenizer(captions).to(self.device)
         text_embeddings = None if self.trains_text else self._frozen_text(captions, input_ids)
         is_prior = torch.tensor([False] * len(indices) + [True] * len(prior_indices))
-        batch = Batch(latents.to(self.device, self.model.unet.dtype), input_ids, text_embeddings, is_prior, captions)
+        batch = Batch(latents.to(self.device, self.dtype), input_ids, text_embeddings, is_prior, captions)
         return batch, generator
 
     @torch.no_grad()
@@ -470,6 +487,7 @@ def fine_tune(model, data, config: FinetuneConfig = FinetuneConfig(), objective:
     if (config.checkpoint_every or config.validation_prompts) and out is None:
         raise FixativeError("checkpoints and validation images need an output folder")
     model.to(device)
+    dtype = model.unet.dtype  # the UNet's own (objectives may hold frozen weights in another)
     objective = objective if objective is not None else DenoisingObjective()
     objective.setup(model, config)
 
@@ -487,10 +505,12 @@ def fine_tune(model, data, config: FinetuneConfig = FinetuneConfig(), objective:
             raise FixativeError("generated prior images need instance images of one size; turn bucketing off")
         prior = TensorImages(generated_prior(model, config, sizes[0]))
     with accelerator.main_process_first():  # the main process fills the latent cache, the others read it
-        sampler = _Sampler(model, images, prior, config, objective, rank, world, device)
+        sampler = _Sampler(model, images, prior, config, objective, rank, world, device, dtype)
 
     parameters = objective.parameters()
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    # the multi-tensor update: equal bit for bit to the per-tensor loop, and faster. Not the fused kernel: it does
+    # not bump the parameters' version counters, which caches keyed on them (upsampling.py) rely on
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
     schedule = _lr_schedule(optimizer, config)
     scaler = torch.amp.GradScaler(device.type) if config.mixed_precision == "fp16" else None
     start = 0
@@ -509,7 +529,7 @@ def fine_tune(model, data, config: FinetuneConfig = FinetuneConfig(), objective:
         from .provenance import provenance
 
         base = {"base": model.source} if Path(str(model.source)).exists() else None
-        record = {"config": asdict(config), "provenance": provenance(base, device, model.unet.dtype)}
+        record = {"config": asdict(config), "provenance": provenance(base, device, dtype)}
         tmp = out / ".finetune_config.json.tmp"
         tmp.write_text(json.dumps(record, indent=1, default=str))
         os.replace(tmp, out / "finetune_config.json")
@@ -553,6 +573,8 @@ def fine_tune(model, data, config: FinetuneConfig = FinetuneConfig(), objective:
                 _validate(model, config, out / "validation" / f"step-{done}")
             accelerator.wait_for_everyone()
     bar.close()
+    optimizer.zero_grad(set_to_none=True)  # gradients and moments freed before finish() casts networks back
+    optimizer.state.clear()
     objective.finish()
     if out is not None and accelerator.is_main_process:
         if save:

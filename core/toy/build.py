@@ -363,7 +363,8 @@ def _train_unet(work: Path, data: Path, plan: BuildPlan, seed: int, progress: bo
                             batch_size=plan.unet_batch, lr=plan.unet_lr, weight_decay=0.01, lr_schedule="cosine",
                             warmup=max(1, plan.unet_steps // 20), max_grad_norm=1.0, snr_gamma=5.0,
                             offset_noise=plan.unet_offset_noise, caption_dropout=plan.caption_dropout,
-                            mixed_precision="bf16", cache_latents=True, checkpoint_every=plan.checkpoint_every,
+                            mixed_precision="bf16", frozen_in_mixed_precision=False, cache_latents=True,
+                            checkpoint_every=plan.checkpoint_every,
                             seed=seed, seed_stream="unet")
     images = ImageCaptions(_to_pixels(_load_images(rows)), [r["text"] for r in rows])
     fine_tune(model, images, config, out=folder, resume=True, save=False, progress=progress, log=lambda _: None)

@@ -132,11 +132,12 @@ class Interrupt(DenoisingObjective):
         return super().loss(batch, generator)
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, method):
+@pytest.mark.parametrize("method, precision", [("full", "no"), ("lora", "no"), ("lora", "bf16")])
+def test_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, method, precision):
     config = FinetuneConfig(method=method, rank=2, max_steps=5, batch_size=2, gradient_accumulation=2, lr=1e-3,
                             lr_schedule="cosine", warmup=2, ema_decay=0.9, caption_dropout=0.3, snr_gamma=5.0,
-                            offset_noise=0.1, train_text_encoder=True, checkpoint_every=2, seed=4)
+                            offset_noise=0.1, train_text_encoder=precision == "no", mixed_precision=precision,
+                            checkpoint_every=2, seed=4)
 
     def run(out, objective=None, resume=False):
         model = tiny_model()
@@ -154,6 +155,42 @@ def test_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, method):
     assert straight.keys() == resumed.keys()
     assert not changed(straight, resumed)
     assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+class DtypeSpy(DenoisingObjective):
+    """Records the dtypes of the networks' weights while the loss is computed."""
+
+    def loss(self, batch, generator):
+        unet = self.model.unet
+        self.seen = {"vae": self.model.vae.dtype, "text_encoder": self.model.text_encoder.dtype,
+                     "unet": unet.conv_in.weight.dtype,
+                     "adapters": {p.dtype for n, p in unet.named_parameters() if "lora_" in n},
+                     "latents": batch.latents.dtype}
+        return super().loss(batch, generator)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("frozen_in_mixed_precision", [True, False])
+def test_frozen_networks_are_held_in_the_mixed_precision_dtype_and_cast_back(method, frozen_in_mixed_precision):
+    model = tiny_model()
+    before = snapshot(model)
+    spy = DtypeSpy()
+    fine_tune(model, tiny_data(), FinetuneConfig(method=method, rank=2, max_steps=1, batch_size=2, lr=1e-3,
+                                                 mixed_precision="bf16",
+                                                 frozen_in_mixed_precision=frozen_in_mixed_precision),
+              spy, progress=False)
+    frozen = torch.bfloat16 if frozen_in_mixed_precision else torch.float32
+    assert spy.seen["vae"] == spy.seen["text_encoder"] == frozen
+    assert spy.seen["unet"] == (frozen if method == "lora" else torch.float32)  # LoRA: the frozen base weights
+    assert spy.seen["adapters"] == ({torch.float32} if method == "lora" else set())
+    assert spy.seen["latents"] == torch.float32
+    after = snapshot(model)
+    assert all(p.dtype == torch.float32 for p in after.values())  # cast back to their own dtype ...
+    vae = [n for n in before if n.startswith("vae.")]
+    if frozen_in_mixed_precision:  # ... with their weights rounded to bf16
+        assert all(torch.equal(after[n], before[n].bfloat16().float()) for n in vae)
+    else:
+        assert not changed({n: before[n] for n in vae}, after)
 
 
 def render_ours(model, prompt="a painting of a thing by someone"):
