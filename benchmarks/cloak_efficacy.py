@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -30,10 +29,10 @@ from fixative.cloak.optimise import OptimiserConfig
 from fixative.cloak.protect import CloakConfig, cloak_pixels
 from fixative.cloak.targets import StyleTargetConfig
 from fixative.core.checkpoints import load_model
-from fixative.core.toy import atelier, clip_folder, toy_folder
 
 # The mimicry attack, its judge and the interval: eval's
 from fixative.core.datasets import ImageCaptions
+from fixative.core.toy import atelier, clip_folder, toy_folder
 from fixative.eval.attribution import ToyJudge
 from fixative.eval.mimicry import fine_tune_mimic, sample
 from fixative.eval.rates import wilson_interval
@@ -141,8 +140,9 @@ def run_cell(model, judge, rows, artist: str, cell: str, out: Path, seed: int) -
     prior_rows = [r for r in rows if not r["held_out"]]
     prior = ImageCaptions(pixels_of(prior_rows), [r["text"] for r in prior_rows])
     captions = [atelier.caption(r["subject"], name) for r in mimic_rows]
-    mimic_model, record["mimic_seconds"] = fine_tune_mimic(model, published * 2 - 1, captions, mimic_config, prior,
-                                                           log=lambda _: None)
+    mimic_model, record["mimic_seconds"] = fine_tune_mimic(
+        model, published * 2 - 1, captions, mimic_config, prior, log=lambda _: None
+    )
     subjects = [s for s in atelier.SUBJECTS for _ in range(SAMPLES_PER_SUBJECT)]
     prompts = [atelier.caption(s, name) for s in subjects]
     seeds = [seed * 100_000 + 50_000 + i for i in range(len(prompts))]

@@ -30,10 +30,10 @@ import torch
 
 from fixative.consistency.toy import TOY_LCM_LORA, lcm_sampler
 from fixative.core.checkpoints import load_model
+from fixative.core.datasets import ImageCaptions
 from fixative.core.pipelines import generate
 from fixative.core.toy import clip_folder
 from fixative.core.toy.atelier import AtelierConfig, load_split, write_atelier
-from fixative.core.datasets import ImageCaptions
 from fixative.eval.attribution import ToyJudge
 from fixative.eval.mimicry import fine_tune_mimic
 from fixative.eval.toy_report import ReportConfig, pixels_of
@@ -42,6 +42,7 @@ from fixative.eval.toy_report import ReportConfig, pixels_of
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     """d² = ||μ_r − μ_f||² + Tr(Σ_r + Σ_f − 2 (Σ_r Σ_f)^½) (Heusel et al. 2017, eq. 6), float64;
     Tr (Σ_r Σ_f)^½ as the nuclear norm of Σ_f^½ Σ_r^½ (symmetric-eigen square roots)."""
+
     def stats(x):
         x = x.double()
         mean = x.mean(0)
@@ -59,6 +60,7 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
 
 try:  # eval's metric once it is installed (branch i12-eval); the same formula otherwise
     from fixative.eval.fid import fid as fid_metric
+
     FID_SOURCE = "fixative.eval.fid"
 except ImportError:
     fid_metric, FID_SOURCE = frechet_distance, "benchmarks/consistency.py (eval not installed)"
@@ -66,8 +68,8 @@ except ImportError:
 
 def test_set(data: Path | None, limit: int | None) -> tuple[list[str], list[str], torch.Tensor]:
     """Captions, artists and pixels in [-1, 1] of the test split's trained-artist paintings."""
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     if data is None:
         data = Path("outputs") / "atelier"
@@ -75,25 +77,39 @@ def test_set(data: Path | None, limit: int | None) -> tuple[list[str], list[str]
             write_atelier(data, AtelierConfig(), progress=False)
     rows = [r for r in load_split(data, "test") if not r["held_out"]]
     if limit:  # evenly spaced, so that every artist and subject stays represented
-        rows = rows[::max(1, len(rows) // limit)][:limit]
-    pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(r["path"]).convert("RGB"), dtype=np.float32))
-                          for r in rows]).permute(0, 3, 1, 2) / 127.5 - 1
+        rows = rows[:: max(1, len(rows) // limit)][:limit]
+    pixels = (
+        torch.stack(
+            [torch.from_numpy(np.asarray(Image.open(r["path"]).convert("RGB"), dtype=np.float32)) for r in rows]
+        ).permute(0, 3, 1, 2)
+        / 127.5
+        - 1
+    )
     return [r["text"] for r in rows], [r["artist"] for r in rows], pixels
 
 
 @torch.no_grad()
 def clip_features(judge: ToyJudge, pixels: torch.Tensor, batch: int = 128) -> torch.Tensor:
-    return torch.cat([judge.clip.get_image_features(pixel_values=chunk).pooler_output.float()
-                      for chunk in pixels.split(batch)])
+    return torch.cat(
+        [judge.clip.get_image_features(pixel_values=chunk).pooler_output.float() for chunk in pixels.split(batch)]
+    )
 
 
 def sample(model, prompts: list[str], steps: int, scheduler: str, guidance: float, batch: int) -> torch.Tensor:
     """Pixels in [-1, 1]; prompt i is drawn with seed i."""
     out = []
     for start in range(0, len(prompts), batch):
-        chunk = prompts[start:start + batch]
-        images = generate(model, chunk, num_inference_steps=steps, scheduler=scheduler, guidance_scale=guidance,
-                          seed=list(range(start, start + len(chunk))), output="images", progress=False)
+        chunk = prompts[start : start + batch]
+        images = generate(
+            model,
+            chunk,
+            num_inference_steps=steps,
+            scheduler=scheduler,
+            guidance_scale=guidance,
+            seed=list(range(start, start + len(chunk))),
+            output="images",
+            progress=False,
+        )
         out.append(images * 2 - 1)
     return torch.cat(out)
 
@@ -114,42 +130,67 @@ def carry_over(args, lora: Path, judge: ToyJudge) -> None:
     mimic_rows = [r for r in rows if r["artist"] == args.mimic][: config.mimic_images]
     prior_rows = [r for r in rows if not r["held_out"]]
     prior = ImageCaptions(pixels_of(prior_rows), [r["text"] for r in prior_rows])
-    mimic_model, seconds = fine_tune_mimic(load_model("toy"), pixels_of(mimic_rows),
-                                           [caption(r["subject"], name) for r in mimic_rows], config.mimic_config(),
-                                           prior, log=lambda _: None)
+    mimic_model, seconds = fine_tune_mimic(
+        load_model("toy"),
+        pixels_of(mimic_rows),
+        [caption(r["subject"], name) for r in mimic_rows],
+        config.mimic_config(),
+        prior,
+        log=lambda _: None,
+    )
     prompts = [caption(subject, name) for subject in SUBJECTS for _ in range(config.mimic_samples_per_subject)]
     shares = {}
     for label, steps in (("DDIM", 25), ("LCM-LoRA", 2), ("LCM-LoRA", 4)):
         model = lcm_sampler(mimic_model, lora) if label == "LCM-LoRA" else mimic_model
-        pixels = sample(model, prompts, steps, "ddim" if label == "DDIM" else "lcm",
-                        args.guidance if label == "DDIM" else 1.0, args.batch)
+        pixels = sample(
+            model,
+            prompts,
+            steps,
+            "ddim" if label == "DDIM" else "lcm",
+            args.guidance if label == "DDIM" else 1.0,
+            args.batch,
+        )
         attributed, _ = judge.classify(pixels)
         shares[label, steps] = sum(a == args.mimic for a in attributed) / len(prompts)
-    print(f"\nmimic of {args.mimic} as '{name}' ({seconds:.0f} s fine-tuning), {len(prompts)} samples attributed "
-          f"to {args.mimic}: DDIM 25 steps {shares['DDIM', 25]:.1%}; LCM-LoRA 2 steps {shares['LCM-LoRA', 2]:.1%} "
-          f"({shares['LCM-LoRA', 2] / max(shares['DDIM', 25], 1e-9):.2f} of DDIM), 4 steps "
-          f"{shares['LCM-LoRA', 4]:.1%} ({shares['LCM-LoRA', 4] / max(shares['DDIM', 25], 1e-9):.2f} of DDIM)")
+    print(
+        f"\nmimic of {args.mimic} as '{name}' ({seconds:.0f} s fine-tuning), {len(prompts)} samples attributed "
+        f"to {args.mimic}: DDIM 25 steps {shares['DDIM', 25]:.1%}; LCM-LoRA 2 steps {shares['LCM-LoRA', 2]:.1%} "
+        f"({shares['LCM-LoRA', 2] / max(shares['DDIM', 25], 1e-9):.2f} of DDIM), 4 steps "
+        f"{shares['LCM-LoRA', 4]:.1%} ({shares['LCM-LoRA', 4] / max(shares['DDIM', 25], 1e-9):.2f} of DDIM)"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lcd", type=Path, default=None,
-                        help="a distilled student folder (fixative distill --method lcd)")
-    parser.add_argument("--lora", type=Path, default=None,
-                        help="an LCM-LoRA file for the toy teacher (default: the shipped one, if any)")
-    parser.add_argument("--data", type=Path, default=None,
-                        help="a Toy Atelier folder (default: outputs/atelier, painted)")
+    parser.add_argument(
+        "--lcd", type=Path, default=None, help="a distilled student folder (fixative distill --method lcd)"
+    )
+    parser.add_argument(
+        "--lora",
+        type=Path,
+        default=None,
+        help="an LCM-LoRA file for the toy teacher (default: the shipped one, if any)",
+    )
+    parser.add_argument(
+        "--data", type=Path, default=None, help="a Toy Atelier folder (default: outputs/atelier, painted)"
+    )
     parser.add_argument("--images", type=int, default=None, help="use N evenly spaced test images (default: all)")
     parser.add_argument("--guidance", type=float, default=5.0, help="teacher and LCD guidance scale (the toy report's)")
     parser.add_argument("--batch", type=int, default=64, help="images per sampling batch (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timing repeats; 0: no timing (default: %(default)s)")
-    parser.add_argument("--mimic", default=None,
-                        help="also measure the LCM-LoRA on the toy report's mimic of this held-out artist "
-                             "(zenji, tovik)")
+    parser.add_argument(
+        "--mimic",
+        default=None,
+        help="also measure the LCM-LoRA on the toy report's mimic of this held-out artist (zenji, tovik)",
+    )
     parser.add_argument("--speed-batch", type=int, default=16, help="images per timed batch (default: %(default)s)")
-    parser.add_argument("--cache", type=Path, default=Path("outputs/consistency_bench.json"),
-                        help="rows already measured (same sampler, weights path, steps, image count and guidance) are "
-                             "read from and written to this file (default: %(default)s)")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path("outputs/consistency_bench.json"),
+        help="rows already measured (same sampler, weights path, steps, image count and guidance) are "
+        "read from and written to this file (default: %(default)s)",
+    )
     parser.add_argument("--only-teacher", action="store_true", help="measure (and cache) the teacher's rows only")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     args = parser.parse_args()
@@ -180,24 +221,33 @@ def main() -> None:
             if key not in cache:
                 pixels = sample(model, captions, steps, scheduler, guidance, args.batch)
                 attributed, _ = judge.classify(pixels)
-                cache[key] = (fid_metric(real_features, clip_features(judge, pixels)),
-                              sum(a == b for a, b in zip(attributed, artists)) / len(artists))
+                cache[key] = (
+                    fid_metric(real_features, clip_features(judge, pixels)),
+                    sum(a == b for a, b in zip(attributed, artists)) / len(artists),
+                )
                 args.cache.parent.mkdir(parents=True, exist_ok=True)
                 partial = args.cache.with_name(args.cache.name + ".partial")
                 partial.write_text(json.dumps(cache, indent=1))
                 partial.replace(args.cache)
             fid, attribution = rows[name, steps] = cache[key]
-            print(f"  {name:13s} {steps:2d} steps  FID {fid:8.3f}  attribution {attribution:6.1%}  "
-                  f"({time.perf_counter() - started:.0f} s)", flush=True)
+            print(
+                f"  {name:13s} {steps:2d} steps  FID {fid:8.3f}  attribution {attribution:6.1%}  "
+                f"({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
     if args.only_teacher:
         return
 
     reference_fid, reference_attribution = rows["teacher DDIM", 25]
-    print(f"\n{'sampler':13s} {'steps':>5s} {'FID':>9s} {'FID / teacher-25':>17s} {'attribution':>12s} "
-          f"{'/ teacher-25':>13s}")
+    print(
+        f"\n{'sampler':13s} {'steps':>5s} {'FID':>9s} {'FID / teacher-25':>17s} {'attribution':>12s} "
+        f"{'/ teacher-25':>13s}"
+    )
     for (name, steps), (fid, attribution) in rows.items():
-        print(f"{name:13s} {steps:5d} {fid:9.3f} {fid / reference_fid:17.2f} {attribution:12.1%} "
-              f"{attribution / reference_attribution:13.2f}")
+        print(
+            f"{name:13s} {steps:5d} {fid:9.3f} {fid / reference_fid:17.2f} {attribution:12.1%} "
+            f"{attribution / reference_attribution:13.2f}"
+        )
 
     print("\nissue-11 targets (x = distilled FID / teacher 25-step FID):")
     for name in ("LCD", "LCM-LoRA"):
@@ -207,28 +257,34 @@ def main() -> None:
             ratio = rows[name, steps][0] / reference_fid
             below_ddim = rows[name, steps][0] < rows["teacher DDIM", steps][0]
             met = "met" if ratio <= bound else "NOT met"
-            print(f"  {name} {steps} step(s): x = {ratio:.2f} (target <= {bound}: {met}); "
-                  f"FID below the teacher's own {steps}-step DDIM: {'yes' if below_ddim else 'NO'}")
+            print(
+                f"  {name} {steps} step(s): x = {ratio:.2f} (target <= {bound}: {met}); "
+                f"FID below the teacher's own {steps}-step DDIM: {'yes' if below_ddim else 'NO'}"
+            )
         share = rows[name, 2][1] / reference_attribution
-        print(f"  {name} attribution at 2 steps: {share:.2f} of the teacher's 25-step "
-              f"(target >= 0.90: {'met' if share >= 0.9 else 'NOT met'})")
+        print(
+            f"  {name} attribution at 2 steps: {share:.2f} of the teacher's 25-step "
+            f"(target >= 0.90: {'met' if share >= 0.9 else 'NOT met'})"
+        )
 
     if args.mimic and "LCM-LoRA" in samplers:
         carry_over(args, lora, judge)
 
     fast = samplers.get("LCD") or samplers.get("LCM-LoRA")
     if fast is not None and args.repeats > 0:
-        prompts = (captions * (args.speed_batch // len(captions) + 1))[:args.speed_batch]
+        prompts = (captions * (args.speed_batch // len(captions) + 1))[: args.speed_batch]
         one_step, teacher_25 = [], []
         for _ in range(args.repeats):  # interleaved, so that load on the machine affects both alike
             one_step.append(timed(lambda: sample(fast[0], prompts, 1, "lcm", fast[2], args.speed_batch)))
             teacher_25.append(timed(lambda: sample(teacher, prompts, 25, "ddim", args.guidance, args.speed_batch)))
         one, many = statistics.median(one_step), statistics.median(teacher_25)
         which = "LCD" if "LCD" in samplers else "LCM-LoRA"
-        print(f"\nspeed, batch {args.speed_batch}, decode included, median of {args.repeats}: "
-              f"{which} 1 step {one:.3f} s, "
-              f"teacher 25 guided DDIM steps {many:.3f} s: {many / one:.1f}x faster (target >= 20x: "
-              f"{'met' if many / one >= 20 else 'NOT met'})")
+        print(
+            f"\nspeed, batch {args.speed_batch}, decode included, median of {args.repeats}: "
+            f"{which} 1 step {one:.3f} s, "
+            f"teacher 25 guided DDIM steps {many:.3f} s: {many / one:.1f}x faster (target >= 20x: "
+            f"{'met' if many / one >= 20 else 'NOT met'})"
+        )
 
 
 if __name__ == "__main__":

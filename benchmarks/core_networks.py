@@ -142,11 +142,13 @@ def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def format_row(row: dict) -> str:
-    text = (f"{row['case']:<38} ours {row['ours_s']:7.3f}s  ref {row['ref_s']:7.3f}s  "
-            f"ratio {row['ours_s'] / row['ref_s']:5.2f}  "
-            f"peak MiB ours {row['ours_mib']:6.0f} ref {row['ref_mib']:6.0f}  "
-            f"GFLOP {row['gflop']:6.0f}  GFLOP/s ours {row['gflop'] / row['ours_s']:5.0f} ref "
-            f"{row['gflop'] / row['ref_s']:5.0f} of {row['peak_gflops']:4.0f}  ours-vs-ref {row['parity']:.1e}")
+    text = (
+        f"{row['case']:<38} ours {row['ours_s']:7.3f}s  ref {row['ref_s']:7.3f}s  "
+        f"ratio {row['ours_s'] / row['ref_s']:5.2f}  "
+        f"peak MiB ours {row['ours_mib']:6.0f} ref {row['ref_mib']:6.0f}  "
+        f"GFLOP {row['gflop']:6.0f}  GFLOP/s ours {row['gflop'] / row['ours_s']:5.0f} ref "
+        f"{row['gflop'] / row['ref_s']:5.0f} of {row['peak_gflops']:4.0f}  ours-vs-ref {row['parity']:.1e}"
+    )
     if "ours_err" in row:
         text += f"  bf16-vs-fp32 ours {row['ours_err']:.1e} ref {row['ref_err']:.1e}"
     return text
@@ -175,8 +177,7 @@ def compiled_rows(args, device, name: str, ours, theirs, inputs) -> list[dict]:
     from fixative.core.compilation import compile_network
 
     compile_network(ours, "unet", report=lambda message: print(f"  {message}", flush=True))
-    rows = [compare(f"{name} compiled", lambda: ours(*inputs), lambda: theirs(*inputs).sample, device,
-                    args.repeats)[0]]
+    rows = [compare(f"{name} compiled", lambda: ours(*inputs), lambda: theirs(*inputs).sample, device, args.repeats)[0]]
     del ours.forward  # back to eager
     return rows
 
@@ -191,8 +192,13 @@ def unet_cases(args, device) -> list[dict]:
         text_embeddings = torch.randn(2, 77, config.cross_attention_dim, device=device)
         t = torch.tensor([500, 500], device=device)
         name = f"unet sd15 {size}x{size} b2 fp32"
-        row, ours_out, theirs_out = compare(name, lambda: ours(latents, t, text_embeddings),
-                                            lambda: theirs(latents, t, text_embeddings).sample, device, args.repeats)
+        row, ours_out, theirs_out = compare(
+            name,
+            lambda: ours(latents, t, text_embeddings),
+            lambda: theirs(latents, t, text_embeddings).sample,
+            device,
+            args.repeats,
+        )
         fp32_outputs[size] = (ours_out, theirs_out, latents, text_embeddings, t)
         rows.append(row)
         rows += compiled_rows(args, device, name, ours, theirs, (latents, t, text_embeddings))
@@ -202,9 +208,16 @@ def unet_cases(args, device) -> list[dict]:
         ours_fp32, theirs_fp32, latents, text_embeddings, t = fp32_outputs[size]
         latents, text_embeddings = latents.bfloat16(), text_embeddings.bfloat16()
         name = f"unet sd15 {size}x{size} b2 bf16"
-        rows.append(compare(name, lambda: ours(latents, t, text_embeddings),
-                            lambda: theirs(latents, t, text_embeddings).sample, device, args.repeats,
-                            reference_outputs=(ours_fp32, theirs_fp32))[0])
+        rows.append(
+            compare(
+                name,
+                lambda: ours(latents, t, text_embeddings),
+                lambda: theirs(latents, t, text_embeddings).sample,
+                device,
+                args.repeats,
+                reference_outputs=(ours_fp32, theirs_fp32),
+            )[0]
+        )
         rows += compiled_rows(args, device, name, ours, theirs, (latents, t, text_embeddings))
     return rows
 
@@ -231,9 +244,16 @@ def unet_grad_cases(args, device) -> list[dict]:
             unet.zero_grad(set_to_none=True)
             return grad
 
-        rows.append(compare(f"unet sd15 {size}x{size} b1 +grad {'bf16' if dtype == torch.bfloat16 else 'fp32'}",
-                            lambda: step(ours, lambda out: out), lambda: step(theirs, lambda out: out.sample),
-                            device, args.repeats, grad=True)[0])
+        rows.append(
+            compare(
+                f"unet sd15 {size}x{size} b1 +grad {'bf16' if dtype == torch.bfloat16 else 'fp32'}",
+                lambda: step(ours, lambda out: out),
+                lambda: step(theirs, lambda out: out.sample),
+                device,
+                args.repeats,
+                grad=True,
+            )[0]
+        )
     return rows
 
 
@@ -256,16 +276,28 @@ def vae_pair(device: torch.device):
 def vae_cases(args, device) -> list[dict]:
     ours, theirs = vae_pair(device)
     latents = torch.randn(1, 4, 32, 32, device=device)  # 256x256 pixels
-    row, ours_out, theirs_out = compare("vae decode 256x256 fp32", lambda: ours.decode(latents),
-                                        lambda: theirs.decode(latents).sample, device, args.repeats)
+    row, ours_out, theirs_out = compare(
+        "vae decode 256x256 fp32",
+        lambda: ours.decode(latents),
+        lambda: theirs.decode(latents).sample,
+        device,
+        args.repeats,
+    )
     rows = [row]
     reference = (ours_out, theirs_out)
     ours.to(torch.bfloat16)
     theirs.to(torch.bfloat16)
     latents_bf16 = latents.bfloat16()
-    rows.append(compare("vae decode 256x256 bf16", lambda: ours.decode(latents_bf16),
-                        lambda: theirs.decode(latents_bf16).sample, device, args.repeats,
-                        reference_outputs=reference)[0])
+    rows.append(
+        compare(
+            "vae decode 256x256 bf16",
+            lambda: ours.decode(latents_bf16),
+            lambda: theirs.decode(latents_bf16).sample,
+            device,
+            args.repeats,
+            reference_outputs=reference,
+        )[0]
+    )
     return rows
 
 
@@ -287,10 +319,16 @@ def vae_grad_cases(args, device) -> list[dict]:
             mean_of(x).float().square().sum().backward()
             return x.grad
 
-        rows.append(compare(f"vae encode {size}x{size} +grad {'bf16' if dtype == torch.bfloat16 else 'fp32'}",
-                            lambda: step(lambda x: ours.encode(x).mean),
-                            lambda: step(lambda x: theirs.encode(x).latent_dist.mean), device, args.repeats,
-                            grad=True)[0])
+        rows.append(
+            compare(
+                f"vae encode {size}x{size} +grad {'bf16' if dtype == torch.bfloat16 else 'fp32'}",
+                lambda: step(lambda x: ours.encode(x).mean),
+                lambda: step(lambda x: theirs.encode(x).latent_dist.mean),
+                device,
+                args.repeats,
+                grad=True,
+            )[0]
+        )
     return rows
 
 
@@ -303,12 +341,17 @@ def text_encoder_cases(args, device) -> list[dict]:
 
     config = CLIPTextConfig()
     torch.manual_seed(0)
-    hf_config = {k: v for k, v in config.to_diffusers().items() if k not in ("architectures", "model_type", "torch_dtype")}
+    hf_config = {
+        k: v for k, v in config.to_diffusers().items() if k not in ("architectures", "model_type", "torch_dtype")
+    }
     theirs = HFModel(HFConfig(**hf_config)).eval()
     with torch.device("meta"):
         ours = CLIPTextModel(config)
-    state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in theirs.state_dict().items()
-             if not k.endswith("position_ids")}
+    state = {
+        k if k.startswith("text_model.") else f"text_model.{k}": v
+        for k, v in theirs.state_dict().items()
+        if not k.endswith("position_ids")
+    }
     ours.load_state_dict(state, strict=True, assign=True)
     ours.eval()
     theirs.to(device)
@@ -316,24 +359,42 @@ def text_encoder_cases(args, device) -> list[dict]:
     input_ids = torch.randint(0, config.vocab_size - 2, (2, 77), device=device)
     input_ids[:, 0] = config.bos_token_id
     input_ids[:, 10:] = config.eos_token_id
-    return [compare("text encoder sd15 b2 fp32", lambda: ours(input_ids).last_hidden_state,
-                    lambda: theirs(input_ids).last_hidden_state, device, args.repeats)[0]]
+    return [
+        compare(
+            "text encoder sd15 b2 fp32",
+            lambda: ours(input_ids).last_hidden_state,
+            lambda: theirs(input_ids).last_hidden_state,
+            device,
+            args.repeats,
+        )[0]
+    ]
 
 
-GROUPS = {"text": text_encoder_cases, "vae": vae_cases, "vae-grad": vae_grad_cases, "unet": unet_cases,
-          "unet-grad": unet_grad_cases}
+GROUPS = {
+    "text": text_encoder_cases,
+    "vae": vae_cases,
+    "vae-grad": vae_grad_cases,
+    "unet": unet_cases,
+    "unet-grad": unet_grad_cases,
+}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="small cases only (UNet 32x32, VAE encoder 256 px), one repeat unless --repeats")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small cases only (UNet 32x32, VAE encoder 256 px), one repeat unless --repeats",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed runs of each implementation (default 3)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--only", nargs="+", choices=GROUPS, help="run these groups of cases only (default: all)")
-    parser.add_argument("--compile", action="store_true",
-                        help="also time our UNet forward under torch.compile (minutes of compiling; default: off)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time our UNet forward under torch.compile (minutes of compiling; default: off)",
+    )
     args = parser.parse_args()
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3

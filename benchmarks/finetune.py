@@ -47,9 +47,17 @@ def build_folder(folder: Path, quick: bool) -> None:
     preset = get_preset("sd15")
     config = preset.model_config
     if quick:
-        text = CLIPTextConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-                              hidden_act="quick_gelu", projection_dim=256)
-        unet = UNetConfig(**{**vars(config.unet), "block_out_channels": (64, 128, 256, 256), "cross_attention_dim": 256})
+        text = CLIPTextConfig(
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            hidden_act="quick_gelu",
+            projection_dim=256,
+        )
+        unet = UNetConfig(
+            **{**vars(config.unet), "block_out_channels": (64, 128, 256, 256), "cross_attention_dim": 256}
+        )
         config = ModelConfig(unet, config.vae, text)
     torch.manual_seed(0)
     save_diffusers(StableDiffusionModel.from_config(config, preset.scheduler_config), folder)
@@ -96,8 +104,9 @@ def batch_data(batch: int, resolution: int):
     return pixels, captions
 
 
-def run_fixative(folder: Path, precision: str, lora: bool, steps: int, batch: int, resolution: int,
-                 device: torch.device) -> tuple[list[float], float]:
+def run_fixative(
+    folder: Path, precision: str, lora: bool, steps: int, batch: int, resolution: int, device: torch.device
+) -> tuple[list[float], float]:
     from fixative.core.checkpoints import load_model
     from fixative.core.datasets import ImageCaptions
     from fixative.core.finetune import DenoisingObjective, FinetuneConfig, fine_tune
@@ -118,22 +127,38 @@ def run_fixative(folder: Path, precision: str, lora: bool, steps: int, batch: in
             peaks.append(peak_resident_mb(device))
 
     pixels, captions = batch_data(batch, resolution)
-    config = FinetuneConfig(method="lora" if lora else "full", rank=4, max_steps=steps + 1, batch_size=batch, lr=1e-5,
-                            mixed_precision="no" if precision == "fp32" else "bf16")
-    fine_tune(model, ImageCaptions(pixels, captions), config, Timed(), progress=False, log=lambda _: None,
-              device="cpu" if device.type == "cpu" else "auto")
+    config = FinetuneConfig(
+        method="lora" if lora else "full",
+        rank=4,
+        max_steps=steps + 1,
+        batch_size=batch,
+        lr=1e-5,
+        mixed_precision="no" if precision == "fp32" else "bf16",
+    )
+    fine_tune(
+        model,
+        ImageCaptions(pixels, captions),
+        config,
+        Timed(),
+        progress=False,
+        log=lambda _: None,
+        device="cpu" if device.type == "cpu" else "auto",
+    )
     return [b - a for a, b in zip(times, times[1:])], peaks[-1]  # the first step (warm-up) is not counted
 
 
-def run_diffusers(folder: Path, precision: str, steps: int, batch: int, resolution: int,
-                  device: torch.device) -> tuple[list[float], float]:
+def run_diffusers(
+    folder: Path, precision: str, steps: int, batch: int, resolution: int, device: torch.device
+) -> tuple[list[float], float]:
     import diffusers
     import torch.nn.functional as F
     import transformers
 
     weight_dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     unet = diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet").to(device).train()
-    vae = diffusers.AutoencoderKL.from_pretrained(folder, subfolder="vae").to(device, weight_dtype).requires_grad_(False)
+    vae = (
+        diffusers.AutoencoderKL.from_pretrained(folder, subfolder="vae").to(device, weight_dtype).requires_grad_(False)
+    )
     text_encoder = transformers.CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").to(device, weight_dtype)
     text_encoder.requires_grad_(False)
     tokenizer = transformers.CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
@@ -144,14 +169,17 @@ def run_diffusers(folder: Path, precision: str, steps: int, batch: int, resoluti
     pixels, captions = batch_data(batch, resolution)
     generator = torch.Generator().manual_seed(0)
     times = []
-    for step in range(steps + 1):
+    for _ in range(steps + 1):
         index = torch.randint(0, len(pixels), (batch,), generator=generator)
-        input_ids = tokenizer([captions[i] for i in index], padding="max_length", max_length=77, truncation=True,
-                              return_tensors="pt").input_ids.to(device)
+        input_ids = tokenizer(
+            [captions[i] for i in index], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
         latents = vae.encode(pixels[index].to(device, weight_dtype)).latent_dist.sample()
         latents = latents * vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator).to(device)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator).to(
+            device
+        )
         noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
         encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
         with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
@@ -179,13 +207,28 @@ def worker(args) -> None:
     device = torch.device(args.device)
     baseline = resident_mb(device)
     if args.implementation == "diffusers":
-        times, training_peak = run_diffusers(args.folder, args.precision, args.steps, args.batch, args.resolution,
-                                             device)
+        times, training_peak = run_diffusers(
+            args.folder, args.precision, args.steps, args.batch, args.resolution, device
+        )
     else:
-        times, training_peak = run_fixative(args.folder, args.precision, args.implementation == "fixative-lora",
-                                            args.steps, args.batch, args.resolution, device)
-    print(json.dumps({"seconds_per_step": statistics.median(times), "peak_mb": peak_memory_mb(device),
-                      "training_mb": training_peak - baseline}))
+        times, training_peak = run_fixative(
+            args.folder,
+            args.precision,
+            args.implementation == "fixative-lora",
+            args.steps,
+            args.batch,
+            args.resolution,
+            device,
+        )
+    print(
+        json.dumps(
+            {
+                "seconds_per_step": statistics.median(times),
+                "peak_mb": peak_memory_mb(device),
+                "training_mb": training_peak - baseline,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -211,31 +254,60 @@ def main() -> None:
         for round_index in range(args.rounds):
             for precision in PRECISIONS:
                 for implementation in IMPLEMENTATIONS:
-                    command = [sys.executable, __file__, "--worker", implementation, precision, "--folder", str(folder),
-                               "--steps", str(args.steps), "--batch", str(args.batch), "--resolution",
-                               str(args.resolution), "--threads", str(args.threads), "--device", args.device]
+                    command = [
+                        sys.executable,
+                        __file__,
+                        "--worker",
+                        implementation,
+                        precision,
+                        "--folder",
+                        str(folder),
+                        "--steps",
+                        str(args.steps),
+                        "--batch",
+                        str(args.batch),
+                        "--resolution",
+                        str(args.resolution),
+                        "--threads",
+                        str(args.threads),
+                        "--device",
+                        args.device,
+                    ]
                     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
                     result = json.loads(output.strip().splitlines()[-1])
                     results.setdefault((implementation, precision), []).append(result)
-                    print(f"round {round_index + 1} {implementation:14} {precision}: "
-                          f"{result['seconds_per_step']:.3f} s/step, peak {result['peak_mb']:.0f} MB, "
-                          f"training {result['training_mb']:.0f} MB", flush=True)
-    median = {key: {k: statistics.median(r[k] for r in runs) for k in ("seconds_per_step", "peak_mb", "training_mb")}
-              for key, runs in results.items()}
+                    print(
+                        f"round {round_index + 1} {implementation:14} {precision}: "
+                        f"{result['seconds_per_step']:.3f} s/step, peak {result['peak_mb']:.0f} MB, "
+                        f"training {result['training_mb']:.0f} MB",
+                        flush=True,
+                    )
+    median = {
+        key: {k: statistics.median(r[k] for r in runs) for k in ("seconds_per_step", "peak_mb", "training_mb")}
+        for key, runs in results.items()
+    }
     shape = "SD 1.5 layout, narrower (--quick)" if args.quick else "SD 1.5"
-    print(f"\n{shape}, batch {args.batch}, {args.resolution} px, {args.device}, {args.threads} threads, "
-          f"median of {args.rounds} rounds x {args.steps} steps")
-    print("training memory = peak resident set during training less the resident set after the imports (MB); "
-          "ratios on it; in brackets the ratios of the whole process's peak (loading included)")
-    print(f"{'':8} {'fixative s/step':>16} {'diffusers s/step':>17} {'time ratio':>11} {'ours MB':>8} "
-          f"{'diffusers MB':>13} {'LoRA MB':>8} {'memory ratio':>17} {'LoRA / full memory':>22}")
+    print(
+        f"\n{shape}, batch {args.batch}, {args.resolution} px, {args.device}, {args.threads} threads, "
+        f"median of {args.rounds} rounds x {args.steps} steps"
+    )
+    print(
+        "training memory = peak resident set during training less the resident set after the imports (MB); "
+        "ratios on it; in brackets the ratios of the whole process's peak (loading included)"
+    )
+    print(
+        f"{'':8} {'fixative s/step':>16} {'diffusers s/step':>17} {'time ratio':>11} {'ours MB':>8} "
+        f"{'diffusers MB':>13} {'LoRA MB':>8} {'memory ratio':>17} {'LoRA / full memory':>22}"
+    )
     for precision in PRECISIONS:
         ours, theirs, lora = (median[(i, precision)] for i in IMPLEMENTATIONS)
-        print(f"{precision:8} {ours['seconds_per_step']:16.3f} {theirs['seconds_per_step']:17.3f} "
-              f"{ours['seconds_per_step'] / theirs['seconds_per_step']:10.2f}x {ours['training_mb']:8.0f} "
-              f"{theirs['training_mb']:13.0f} {lora['training_mb']:8.0f} "
-              f"{ours['training_mb'] / theirs['training_mb']:6.2f}x ({ours['peak_mb'] / theirs['peak_mb']:.2f}x) "
-              f"{lora['training_mb'] / ours['training_mb']:11.2f}x ({lora['peak_mb'] / ours['peak_mb']:.2f}x)")
+        print(
+            f"{precision:8} {ours['seconds_per_step']:16.3f} {theirs['seconds_per_step']:17.3f} "
+            f"{ours['seconds_per_step'] / theirs['seconds_per_step']:10.2f}x {ours['training_mb']:8.0f} "
+            f"{theirs['training_mb']:13.0f} {lora['training_mb']:8.0f} "
+            f"{ours['training_mb'] / theirs['training_mb']:6.2f}x ({ours['peak_mb'] / theirs['peak_mb']:.2f}x) "
+            f"{lora['training_mb'] / ours['training_mb']:11.2f}x ({lora['peak_mb'] / ours['peak_mb']:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

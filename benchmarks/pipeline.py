@@ -38,30 +38,68 @@ def build_folder(folder: Path, quick: bool) -> None:
 
     torch.manual_seed(0)
     if quick:
-        unet = diffusers.UNet2DConditionModel(block_out_channels=(64, 128, 256, 256), layers_per_block=1,
-                                              cross_attention_dim=256, attention_head_dim=4, sample_size=16)
-        vae = diffusers.AutoencoderKL(block_out_channels=(32, 64, 64, 64), layers_per_block=1,
-                                      down_block_types=("DownEncoderBlock2D",) * 4,
-                                      up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, sample_size=128)
-        text_config = transformers.CLIPTextConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                                                  num_attention_heads=4, projection_dim=256)
+        unet = diffusers.UNet2DConditionModel(
+            block_out_channels=(64, 128, 256, 256),
+            layers_per_block=1,
+            cross_attention_dim=256,
+            attention_head_dim=4,
+            sample_size=16,
+        )
+        vae = diffusers.AutoencoderKL(
+            block_out_channels=(32, 64, 64, 64),
+            layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            sample_size=128,
+        )
+        text_config = transformers.CLIPTextConfig(
+            hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, projection_dim=256
+        )
     else:
         unet = diffusers.UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # SD 1.5's defaults
-        vae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                                      down_block_types=("DownEncoderBlock2D",) * 4,
-                                      up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, sample_size=512)
-        text_config = transformers.CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                                  num_attention_heads=12, projection_dim=768)
-    text_config.update({"vocab_size": 49408, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
-                        "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1})
+        vae = diffusers.AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            sample_size=512,
+        )
+        text_config = transformers.CLIPTextConfig(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768
+        )
+    text_config.update(
+        {
+            "vocab_size": 49408,
+            "max_position_embeddings": 77,
+            "hidden_act": "quick_gelu",
+            "bos_token_id": 49406,
+            "eos_token_id": 49407,
+            "pad_token_id": 1,
+        }
+    )
     text_encoder = transformers.CLIPTextModel(text_config)
     tokenizer_folder = folder.with_name(folder.name + "-tokenizer")
     CLIPTokenizer.bundled().save(tokenizer_folder)
-    scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                        clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    scheduler = diffusers.DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
     pipe = diffusers.StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=transformers.CLIPTokenizer.from_pretrained(tokenizer_folder),
-        unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(tokenizer_folder),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(folder)
 
 
@@ -82,21 +120,38 @@ def worker(args: argparse.Namespace) -> None:
         model = load_model(args.folder, device=device, dtype=dtype)
 
         def render(steps: int):
-            return generate(model, PROMPT, NEGATIVE, scheduler=args.scheduler, seed=0, progress=False,
-                            **dict(settings, num_inference_steps=steps))[0]
+            return generate(
+                model,
+                PROMPT,
+                NEGATIVE,
+                scheduler=args.scheduler,
+                seed=0,
+                progress=False,
+                **dict(settings, num_inference_steps=steps),
+            )[0]
     else:
         import diffusers
 
-        names = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
-                 "euler-a": "EulerAncestralDiscreteScheduler", "dpm++2m": "DPMSolverMultistepScheduler"}
-        pipe = diffusers.StableDiffusionPipeline.from_pretrained(args.folder, torch_dtype=dtype, safety_checker=None,
-                                                                 requires_safety_checker=False).to(device)
+        names = {
+            "ddim": "DDIMScheduler",
+            "euler": "EulerDiscreteScheduler",
+            "euler-a": "EulerAncestralDiscreteScheduler",
+            "dpm++2m": "DPMSolverMultistepScheduler",
+        }
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+            args.folder, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+        ).to(device)
         pipe.scheduler = getattr(diffusers, names[args.scheduler]).from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
 
         def render(steps: int):
-            return pipe(PROMPT, negative_prompt=NEGATIVE, generator=torch.Generator("cpu").manual_seed(0),
-                        **dict(settings, num_inference_steps=steps)).images[0]
+            return pipe(
+                PROMPT,
+                negative_prompt=NEGATIVE,
+                generator=torch.Generator("cpu").manual_seed(0),
+                **dict(settings, num_inference_steps=steps),
+            ).images[0]
+
     load_seconds = time.perf_counter() - start
     render(2)  # warm-up
     seconds = []
@@ -146,38 +201,70 @@ def main() -> None:
             args.folder = temporary / "model"
             start = time.perf_counter()
             build_folder(args.folder, args.quick)
-            print(f"built {'small' if args.quick else 'SD 1.5-architecture'} folder in "
-                  f"{time.perf_counter() - start:.0f} s", flush=True)
+            print(
+                f"built {'small' if args.quick else 'SD 1.5-architecture'} folder in "
+                f"{time.perf_counter() - start:.0f} s",
+                flush=True,
+            )
         results = {"fixative": [], "diffusers": []}
         for run in range(args.runs):
             order = ("fixative", "diffusers") if run % 2 == 0 else ("diffusers", "fixative")
             for name in order:
-                command = [sys.executable, __file__, "--worker", name, "--folder", str(args.folder),
-                           "--image-out", str(temporary / f"{name}.png"), "--size", str(args.size),
-                           "--steps", str(args.steps), "--images", str(args.images), "--scheduler", args.scheduler,
-                           "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads)]
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    name,
+                    "--folder",
+                    str(args.folder),
+                    "--image-out",
+                    str(temporary / f"{name}.png"),
+                    "--size",
+                    str(args.size),
+                    "--steps",
+                    str(args.steps),
+                    "--images",
+                    str(args.images),
+                    "--scheduler",
+                    args.scheduler,
+                    "--device",
+                    args.device,
+                    "--dtype",
+                    args.dtype,
+                    "--threads",
+                    str(args.threads),
+                ]
                 done = subprocess.run(command, capture_output=True, text=True)
                 if done.returncode:
                     sys.exit(f"{name} run failed:\n{done.stderr[-3000:]}")
                 result = json.loads(done.stdout.strip().splitlines()[-1])
                 results[name].append(result)
-                print(f"run {run + 1} {name:9s} {result['seconds']:7.2f} s/image  load {result['load_seconds']:5.1f} s"
-                      f"  peak {result['peak_mib']:7.0f} MiB", flush=True)
-        difference = np.abs(np.asarray(Image.open(temporary / "fixative.png"), dtype=np.int16)
-                            - np.asarray(Image.open(temporary / "diffusers.png"), dtype=np.int16)).max()
+                print(
+                    f"run {run + 1} {name:9s} {result['seconds']:7.2f} s/image  load {result['load_seconds']:5.1f} s"
+                    f"  peak {result['peak_mib']:7.0f} MiB",
+                    flush=True,
+                )
+        difference = np.abs(
+            np.asarray(Image.open(temporary / "fixative.png"), dtype=np.int16)
+            - np.asarray(Image.open(temporary / "diffusers.png"), dtype=np.int16)
+        ).max()
 
     median = {name: statistics.median(r["seconds"] for r in runs) for name, runs in results.items()}
     peak = {name: max(r["peak_mib"] for r in runs) for name, runs in results.items()}
     import torch
 
     threads = args.threads or torch.get_num_threads()
-    print(f"\n{args.size}x{args.size}, {args.steps} steps ({args.scheduler}), guidance 7.5, {args.device} {args.dtype}, "
-          f"{threads} threads, {args.runs} runs each, median s/image")
+    print(
+        f"\n{args.size}x{args.size}, {args.steps} steps ({args.scheduler}), guidance 7.5, {args.device} {args.dtype}, "
+        f"{threads} threads, {args.runs} runs each, median s/image"
+    )
     print(f"{'':10s} {'s/image':>8s} {'peak MiB':>9s}")
     for name in ("fixative", "diffusers"):
         print(f"{name:10s} {median[name]:8.2f} {peak[name]:9.0f}")
-    print(f"ratio fixative/diffusers: time {median['fixative'] / median['diffusers']:.2f}, "
-          f"peak memory {peak['fixative'] / peak['diffusers']:.2f} (target time <= 1.00)")
+    print(
+        f"ratio fixative/diffusers: time {median['fixative'] / median['diffusers']:.2f}, "
+        f"peak memory {peak['fixative'] / peak['diffusers']:.2f} (target time <= 1.00)"
+    )
     print(f"largest pixel difference between the two renders: {difference}/255")
 
 

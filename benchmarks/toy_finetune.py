@@ -30,9 +30,29 @@ from fixative.core.toy import atelier, clip_folder
 from fixative.core.toy.atelier import AtelierConfig
 from fixative.eval.attribution import ToyJudge
 
-RECIPE = ["--train-text-encoder", "--batch-size", "16", "--prior-batch-size", "8", "--prior-loss-weight", "0.5",
-          "--weight-decay", "0", "--lr-schedule", "cosine", "--snr-gamma", "5", "--offset-noise", "0.3",
-          "--mixed-precision", "bf16", "--cache-latents", "--center-crop", "--resolution", "64"]
+RECIPE = [
+    "--train-text-encoder",
+    "--batch-size",
+    "16",
+    "--prior-batch-size",
+    "8",
+    "--prior-loss-weight",
+    "0.5",
+    "--weight-decay",
+    "0",
+    "--lr-schedule",
+    "cosine",
+    "--snr-gamma",
+    "5",
+    "--offset-noise",
+    "0.3",
+    "--mixed-precision",
+    "bf16",
+    "--cache-latents",
+    "--center-crop",
+    "--resolution",
+    "64",
+]
 
 
 def write_folders(work: Path, artist: str, name: str, images: int) -> tuple[Path, Path]:
@@ -41,8 +61,10 @@ def write_folders(work: Path, artist: str, name: str, images: int) -> tuple[Path
     instance = [r for r in rows if r["artist"] == artist][:images]
     prior = [r for r in rows if not r["held_out"]]
     folders = []
-    for folder_name, chosen, caption in (("instance", instance, lambda r: atelier.caption(r["subject"], name)),
-                                         ("prior", prior, lambda r: r["text"])):
+    for folder_name, chosen, caption in (
+        ("instance", instance, lambda r: atelier.caption(r["subject"], name)),
+        ("prior", prior, lambda r: r["text"]),
+    ):
         folder = work / folder_name
         if folder.exists():
             shutil.rmtree(folder)
@@ -59,9 +81,16 @@ def write_folders(work: Path, artist: str, name: str, images: int) -> tuple[Path
 def sample(model, prompts: list[str], seed: int) -> torch.Tensor:
     out = []
     for start in range(0, len(prompts), 64):
-        images = generate(model, prompts[start:start + 64], scheduler="ddim", num_inference_steps=25, guidance_scale=5.0,
-                          seed=[seed + start + i for i in range(len(prompts[start:start + 64]))], output="images",
-                          progress=False)
+        images = generate(
+            model,
+            prompts[start : start + 64],
+            scheduler="ddim",
+            num_inference_steps=25,
+            guidance_scale=5.0,
+            seed=[seed + start + i for i in range(len(prompts[start : start + 64]))],
+            output="images",
+            progress=False,
+        )
         out.append(images * 2 - 1)
     return torch.cat(out)
 
@@ -73,9 +102,12 @@ def judge_model(model, judge: ToyJudge, artist: str, name: str) -> dict:
     kept_prompts = [atelier.caption(s, a) for a in trained for s in atelier.SUBJECTS]
     kept, _ = judge.classify(sample(model, kept_prompts, 70_000))
     expected = [a for a in trained for _ in atelier.SUBJECTS]
-    return {"mimic_attribution": predicted.count(artist) / len(predicted),
-            "trained_kept": sum(p == e for p, e in zip(kept, expected)) / len(kept),
-            "attributed_to": {a: predicted.count(a) for a in sorted(set(predicted))}, "samples": len(predicted)}
+    return {
+        "mimic_attribution": predicted.count(artist) / len(predicted),
+        "trained_kept": sum(p == e for p, e in zip(kept, expected)) / len(kept),
+        "attributed_to": {a: predicted.count(a) for a in sorted(set(predicted))},
+        "samples": len(predicted),
+    }
 
 
 def main() -> None:
@@ -101,9 +133,29 @@ def main() -> None:
         if out.exists():
             shutil.rmtree(out)
         extra = ["--lr", args.lr_full] if method == "full" else ["--lr", args.lr_lora, "--rank", args.rank]
-        command = [sys.executable, "-m", "fixative", "finetune", "--model", "toy", "--data", str(instance),
-                   "--prior-data", str(prior), "--out", str(out), "--method", method, "--max-steps", str(args.steps),
-                   "--warmup", str(max(1, args.steps // 10)), "--quiet", *RECIPE, *extra]
+        command = [
+            sys.executable,
+            "-m",
+            "fixative",
+            "finetune",
+            "--model",
+            "toy",
+            "--data",
+            str(instance),
+            "--prior-data",
+            str(prior),
+            "--out",
+            str(out),
+            "--method",
+            method,
+            "--max-steps",
+            str(args.steps),
+            "--warmup",
+            str(max(1, args.steps // 10)),
+            "--quiet",
+            *RECIPE,
+            *extra,
+        ]
         started = time.time()
         subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
         seconds = time.time() - started
@@ -117,8 +169,10 @@ def main() -> None:
         print("base", json.dumps(results["base"]))
     print(f"\n{'':6} {'attributed to ' + args.artist:>24} {'trained kept':>14} {'fine-tune s':>12}")
     for method, r in results.items():
-        print(f"{method:6} {100 * r['mimic_attribution']:23.1f}% {100 * r['trained_kept']:13.1f}% "
-              f"{r.get('fine_tune_seconds', 0):12.0f}")
+        print(
+            f"{method:6} {100 * r['mimic_attribution']:23.1f}% {100 * r['trained_kept']:13.1f}% "
+            f"{r.get('fine_tune_seconds', 0):12.0f}"
+        )
     (args.work / "results.json").write_text(json.dumps(results, indent=1))
 
 

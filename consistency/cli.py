@@ -16,56 +16,111 @@ def register(subparsers) -> None:
         "distill",
         help="distil a model into a 1-4 step latent consistency model (full student or LCM-LoRA)",
         description="Latent consistency distillation (Luo et al. 2023): train a student that samples in 1-8 "
-                    "steps (`fixative generate --scheduler lcm`) from a teacher and captioned images, on "
-                    "fixative's training loop (checkpoints, --resume, accelerate launch). lcd writes a model "
-                    "folder; lcm-lora writes pytorch_lora_weights.safetensors for the teacher (and its "
-                    "fine-tunes), used with guidance 1.",
+        "steps (`fixative generate --scheduler lcm`) from a teacher and captioned images, on "
+        "fixative's training loop (checkpoints, --resume, accelerate launch). lcd writes a model "
+        "folder; lcm-lora writes pytorch_lora_weights.safetensors for the teacher (and its "
+        "fine-tunes), used with guidance 1.",
     )
     parser.add_argument("--teacher", default="toy", help=f"the model to distil: {MODEL_HELP} (default: %(default)s)")
-    parser.add_argument("--data", type=Path, required=True,
-                        help="captioned images, as `fixative finetune` reads them: an image folder with "
-                             "metadata.jsonl / metadata.csv, or a LAION-style .parquet (with --images); required")
-    parser.add_argument("--images", type=Path, default=None,
-                        help="with a .parquet: img2dataset's output folder holding the images (default: none)")
-    parser.add_argument("--caption-column", default=None,
-                        help="the caption column of the metadata (default: text; TEXT for a parquet)")
-    parser.add_argument("--resolution", type=int, default=None,
-                        help="training image side in pixels; default: the teacher's (UNet sample size x 8)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="captioned images, as `fixative finetune` reads them: an image folder with "
+        "metadata.jsonl / metadata.csv, or a LAION-style .parquet (with --images); required",
+    )
+    parser.add_argument(
+        "--images",
+        type=Path,
+        default=None,
+        help="with a .parquet: img2dataset's output folder holding the images (default: none)",
+    )
+    parser.add_argument(
+        "--caption-column", default=None, help="the caption column of the metadata (default: text; TEXT for a parquet)"
+    )
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="training image side in pixels; default: the teacher's (UNet sample size x 8)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder (checkpoints, the result); required")
-    parser.add_argument("--method", choices=METHODS, default="lcd",
-                        help="lcd: full student with a guidance embedding; lcm-lora: adapters on the frozen "
-                             "teacher (default: %(default)s)")
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default="lcd",
+        help="lcd: full student with a guidance embedding; lcm-lora: adapters on the frozen "
+        "teacher (default: %(default)s)",
+    )
     parser.add_argument("--max-steps", type=int, default=1000, help="optimiser steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per step and process (default: %(default)s)")
-    parser.add_argument("--gradient-accumulation", type=int, default=1,
-                        help="micro-batches per optimiser step (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=None,
-                        help="learning rate (default: 1e-6 for lcd, 1e-4 for lcm-lora, as diffusers' LCM scripts)")
+    parser.add_argument(
+        "--gradient-accumulation", type=int, default=1, help="micro-batches per optimiser step (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate (default: 1e-6 for lcd, 1e-4 for lcm-lora, as diffusers' LCM scripts)",
+    )
     parser.add_argument("--warmup", type=int, default=0, help="linear lr warm-up steps (default: %(default)s)")
-    parser.add_argument("--num-ddim-timesteps", type=int, default=50,
-                        help="teacher DDIM steps of the skipping-step schedule, k = 1000 / N (default: %(default)s)")
-    parser.add_argument("--w-min", type=float, default=3.0,
-                        help="smallest guidance weight w (LCM's w: guidance scale 1 + w) (default: %(default)s)")
+    parser.add_argument(
+        "--num-ddim-timesteps",
+        type=int,
+        default=50,
+        help="teacher DDIM steps of the skipping-step schedule, k = 1000 / N (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--w-min",
+        type=float,
+        default=3.0,
+        help="smallest guidance weight w (LCM's w: guidance scale 1 + w) (default: %(default)s)",
+    )
     parser.add_argument("--w-max", type=float, default=15.0, help="largest guidance weight w (default: %(default)s)")
-    parser.add_argument("--loss", choices=("huber", "l2"), default="huber",
-                        help="pseudo-Huber (c = --huber-c) or squared error (default: %(default)s)")
+    parser.add_argument(
+        "--loss",
+        choices=("huber", "l2"),
+        default="huber",
+        help="pseudo-Huber (c = --huber-c) or squared error (default: %(default)s)",
+    )
     parser.add_argument("--huber-c", type=float, default=0.001, help="pseudo-Huber c (default: %(default)s)")
-    parser.add_argument("--ema-decay", type=float, default=0.95,
-                        help="lcd: decay of the EMA target network (default: %(default)s)")
-    parser.add_argument("--time-cond-proj-dim", type=int, default=256,
-                        help="lcd: width of the guidance-scale embedding (default: %(default)s)")
+    parser.add_argument(
+        "--ema-decay", type=float, default=0.95, help="lcd: decay of the EMA target network (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--time-cond-proj-dim",
+        type=int,
+        default=256,
+        help="lcd: width of the guidance-scale embedding (default: %(default)s)",
+    )
     parser.add_argument("--rank", type=int, default=64, help="lcm-lora: adapter rank (default: %(default)s)")
     parser.add_argument("--alpha", type=float, default=None, help="lcm-lora: adapter alpha (default: the rank)")
-    parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
-                        help="autocast of the UNets' forward passes (default: %(default)s)")
-    parser.add_argument("--gradient-checkpointing", action="store_true",
-                        help="recompute the student's activations in the backward pass (default: off)")
-    parser.add_argument("--checkpoint-every", type=int, default=0,
-                        help="steps between resumable checkpoints; 0: none (default: %(default)s)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest checkpoint in --out (default: off)")
-    parser.add_argument("--validation-prompt", action="append", default=[],
-                        help="rendered with the student at each checkpoint and at the end; repeatable (default: none)")
+    parser.add_argument(
+        "--mixed-precision",
+        choices=("no", "bf16", "fp16"),
+        default="no",
+        help="autocast of the UNets' forward passes (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute the student's activations in the backward pass (default: off)",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="steps between resumable checkpoints; 0: none (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in --out (default: off)"
+    )
+    parser.add_argument(
+        "--validation-prompt",
+        action="append",
+        default=[],
+        help="rendered with the student at each checkpoint and at the end; repeatable (default: none)",
+    )
     add_seed(parser, "seed of every random draw")
     add_device(parser)  # under accelerate launch, "auto" lets accelerate give each process its device
     add_quiet(parser)
@@ -83,20 +138,31 @@ def run(args: argparse.Namespace) -> int:
     from .objective import ConsistencyDistillation, DistillSettings
 
     if args.device not in ("auto", "cpu"):
-        raise FixativeError(f"--device {args.device}: distillation takes auto (accelerate gives each process its "
-                            "device; use `accelerate launch` for GPUs) or cpu")
+        raise FixativeError(
+            f"--device {args.device}: distillation takes auto (accelerate gives each process its "
+            "device; use `accelerate launch` for GPUs) or cpu"
+        )
     if not args.data.exists():
         raise FixativeError(f"--data {args.data} does not exist")
     log = (lambda _: None) if args.quiet else print
     settings = DistillSettings(
-        method=args.method, num_ddim_timesteps=args.num_ddim_timesteps, w_min=args.w_min, w_max=args.w_max,
-        loss=args.loss, huber_c=args.huber_c, ema_decay=args.ema_decay, time_cond_proj_dim=args.time_cond_proj_dim,
-        rank=args.rank, alpha=args.alpha,
+        method=args.method,
+        num_ddim_timesteps=args.num_ddim_timesteps,
+        w_min=args.w_min,
+        w_max=args.w_max,
+        loss=args.loss,
+        huber_c=args.huber_c,
+        ema_decay=args.ema_decay,
+        time_cond_proj_dim=args.time_cond_proj_dim,
+        rank=args.rank,
+        alpha=args.alpha,
     )
     teacher = load_model(args.teacher, device="cpu", dtype=torch.float32)
     vae_factor = teacher.vae.config.downsampling_factor
-    image = ImageOptions(resolution=args.resolution or teacher.unet.config.sample_size * vae_factor,
-                         bucket_step=vae_factor * 2 ** (len(teacher.unet.config.block_out_channels) - 1))
+    image = ImageOptions(
+        resolution=args.resolution or teacher.unet.config.sample_size * vae_factor,
+        bucket_step=vae_factor * 2 ** (len(teacher.unet.config.block_out_channels) - 1),
+    )
     if args.data.suffix == ".parquet":
         if args.images is None:
             raise FixativeError("a parquet holds metadata only; give --images (img2dataset's output folder)")
@@ -105,16 +171,34 @@ def run(args: argparse.Namespace) -> int:
         data = image_folder(args.data, image, args.caption_column or "text")
     lr = args.lr if args.lr is not None else (1e-6 if args.method == "lcd" else 1e-4)
     config = FinetuneConfig(
-        max_steps=args.max_steps, batch_size=args.batch_size, gradient_accumulation=args.gradient_accumulation,
-        lr=lr, warmup=args.warmup, mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing, cache_latents=True,
-        cache_dir=str(args.out.parent / ".fixative-cache"), checkpoint_every=args.checkpoint_every,
-        validation_prompts=tuple(args.validation_prompt), validation_steps=4, seed=args.seed,
-        seed_stream="distill", image=image,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        gradient_accumulation=args.gradient_accumulation,
+        lr=lr,
+        warmup=args.warmup,
+        mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+        cache_latents=True,
+        cache_dir=str(args.out.parent / ".fixative-cache"),
+        checkpoint_every=args.checkpoint_every,
+        validation_prompts=tuple(args.validation_prompt),
+        validation_steps=4,
+        seed=args.seed,
+        seed_stream="distill",
+        image=image,
     )
     log(f"distill: {len(data)} images, {args.method}, {args.max_steps} steps -> {args.out}")
-    fine_tune(teacher, data, config, ConsistencyDistillation(settings), out=args.out, resume=args.resume,
-              device=args.device, progress=not args.quiet, log=log)
+    fine_tune(
+        teacher,
+        data,
+        config,
+        ConsistencyDistillation(settings),
+        out=args.out,
+        resume=args.resume,
+        device=args.device,
+        progress=not args.quiet,
+        log=log,
+    )
     result = "pytorch_lora_weights.safetensors" if args.method == "lcm-lora" else "the model folder"
     print(f"{args.out}: {result}")
     return 0

@@ -20,11 +20,17 @@ def lcm_scheduler_config(teacher_scheduler_config: dict, num_ddim_timesteps: int
     return to_diffusers("lcm", {**teacher_scheduler_config, "original_inference_steps": num_ddim_timesteps})
 
 
-def save_student(teacher: StableDiffusionModel, student: UNet2DConditionModel, folder: str | Path,
-                 num_ddim_timesteps: int, dtype: torch.dtype | None = None) -> Path:
+def save_student(
+    teacher: StableDiffusionModel,
+    student: UNet2DConditionModel,
+    folder: str | Path,
+    num_ddim_timesteps: int,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """A model folder: the student UNet, the teacher's VAE, text encoder and tokenizer, an LCM scheduler.
     diffusers' LatentConsistencyModelPipeline and ``fixative generate --scheduler lcm`` load it. Written
     atomically (core's ``save_diffusers``)."""
-    model = dataclasses.replace(teacher, unet=student,
-                                scheduler_config=lcm_scheduler_config(teacher.scheduler_config, num_ddim_timesteps))
+    model = dataclasses.replace(
+        teacher, unet=student, scheduler_config=lcm_scheduler_config(teacher.scheduler_config, num_ddim_timesteps)
+    )
     return save_diffusers(model, folder, dtype=dtype, overwrite=True)

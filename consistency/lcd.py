@@ -85,9 +85,14 @@ def _alpha_sigma(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, like: to
     return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
 
 
-def consistency_function(model_output: torch.Tensor, latents: torch.Tensor, timesteps: torch.Tensor,
-                         alphas_cumprod: torch.Tensor, prediction_type: str,
-                         boundary: ConsistencyBoundary) -> torch.Tensor:
+def consistency_function(
+    model_output: torch.Tensor,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction_type: str,
+    boundary: ConsistencyBoundary,
+) -> torch.Tensor:
     """f(x_t, t) = c_skip(t) x_t + c_out(t) x̂0(x_t, t) (Consistency Models, Song et al. 2023, Eq. 7; LCM,
     Eq. 9): x̂0 from the network output by its parameterisation, c_skip = σ_d²/((s t)² + σ_d²),
     c_out = s t / √((s t)² + σ_d²). At t = 0, c_skip = 1 and c_out = 0: f(x, 0) = x exactly."""
@@ -96,10 +101,17 @@ def consistency_function(model_output: torch.Tensor, latents: torch.Tensor, time
     return boundary.denoise(x0, latents, timesteps.to(latents.device).reshape(-1, 1, 1, 1))
 
 
-def teacher_ddim_step(teacher: UNetCall, latents: torch.Tensor, timesteps: torch.Tensor,
-                      prev_timesteps: torch.Tensor, text_embeddings: torch.Tensor,
-                      uncond_embeddings: torch.Tensor, w: torch.Tensor, alphas_cumprod: torch.Tensor,
-                      prediction_type: str) -> torch.Tensor:
+def teacher_ddim_step(
+    teacher: UNetCall,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    prev_timesteps: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    uncond_embeddings: torch.Tensor,
+    w: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction_type: str,
+) -> torch.Tensor:
     """x̂_{t_n}: one deterministic DDIM step (Song et al. 2021, Eq. 12, η = 0) of the teacher guided at w,
     x̂_{t_n} = √ᾱ_{t_n} x̂0 + √(1 − ᾱ_{t_n}) ε̂, from x_{t_{n+k}} = ``latents`` at ``timesteps``.
 
@@ -109,8 +121,11 @@ def teacher_ddim_step(teacher: UNetCall, latents: torch.Tensor, timesteps: torch
     uncond_embeddings: the empty prompt's text embeddings, (B, 77, D) or (1, 77, D)."""
     batch = latents.shape[0]
     uncond_embeddings = uncond_embeddings.expand(batch, *uncond_embeddings.shape[1:])
-    output = teacher(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]).to(latents.device),
-                     torch.cat([uncond_embeddings, text_embeddings]))
+    output = teacher(
+        torch.cat([latents, latents]),
+        torch.cat([timesteps, timesteps]).to(latents.device),
+        torch.cat([uncond_embeddings, text_embeddings]),
+    )
     output_uncond, output_text = output.chunk(2)
     w = w.to(latents.device, latents.dtype).reshape(-1, 1, 1, 1)
     guided = output_text + w * (output_text - output_uncond)
@@ -170,11 +185,18 @@ def guidance_condition(unet: UNet2DConditionModel, w: torch.Tensor, like: torch.
     return guidance_scale_embedding(w, dim).to(like.device, like.dtype)
 
 
-def consistency_distillation_loss(student: UNet2DConditionModel, teacher: UNetCall, target: UNetCall,
-                                  latents: torch.Tensor, text_embeddings: torch.Tensor,
-                                  uncond_embeddings: torch.Tensor, schedule: SkippingSchedule,
-                                  settings: LCDSettings, prediction_type: str = "epsilon",
-                                  generator: torch.Generator | None = None) -> torch.Tensor:
+def consistency_distillation_loss(
+    student: UNet2DConditionModel,
+    teacher: UNetCall,
+    target: UNetCall,
+    latents: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    uncond_embeddings: torch.Tensor,
+    schedule: SkippingSchedule,
+    settings: LCDSettings,
+    prediction_type: str = "epsilon",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """d(f_θ(x_{t_{n+k}}, w, c, t_{n+k}), f_θ⁻(x̂_{t_n}, w, c, t_n)) of LCM Algorithm 1 for one batch.
 
     student: the network trained (θ); teacher: the frozen teacher UNet; target: the target network θ⁻
@@ -193,14 +215,15 @@ def consistency_distillation_loss(student: UNet2DConditionModel, teacher: UNetCa
     condition = guidance_condition(student, w, latents)
 
     student_output = student(noisy_latents, start, text_embeddings, timestep_cond=condition)
-    prediction = consistency_function(student_output, noisy_latents, start, alphas_cumprod, prediction_type,
-                                      boundary)
+    prediction = consistency_function(student_output, noisy_latents, start, alphas_cumprod, prediction_type, boundary)
     with torch.no_grad():
-        teacher_latents = teacher_ddim_step(teacher, noisy_latents, start, end, text_embeddings, uncond_embeddings,
-                                            w, alphas_cumprod, prediction_type)
+        teacher_latents = teacher_ddim_step(
+            teacher, noisy_latents, start, end, text_embeddings, uncond_embeddings, w, alphas_cumprod, prediction_type
+        )
         target_output = target(teacher_latents, end, text_embeddings, timestep_cond=condition)
-        target_value = consistency_function(target_output, teacher_latents, end, alphas_cumprod, prediction_type,
-                                            boundary)
+        target_value = consistency_function(
+            target_output, teacher_latents, end, alphas_cumprod, prediction_type, boundary
+        )
     return distance(prediction, target_value, settings.loss, settings.huber_c)
 
 
@@ -210,8 +233,10 @@ def student_from_teacher(teacher: UNet2DConditionModel, time_cond_proj_dim: int 
     projection starts at zero, so the untrained student predicts exactly what the teacher does unguided
     (diffusers' script leaves it randomly initialised)."""
     if teacher.config.time_cond_proj_dim is not None:
-        raise FixativeError("the teacher UNet already embeds a guidance scale (time_cond_proj_dim is set): it is "
-                            "a distilled model; distil from the original one")
+        raise FixativeError(
+            "the teacher UNet already embeds a guidance scale (time_cond_proj_dim is set): it is "
+            "a distilled model; distil from the original one"
+        )
     config = dataclasses.replace(teacher.config, time_cond_proj_dim=time_cond_proj_dim)
     parameter = next(teacher.parameters())
     with torch.device(parameter.device):

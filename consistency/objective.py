@@ -46,8 +46,17 @@ METHODS = ("lcd", "lcm-lora")
 # Every Linear layer of the UNet that LCM-LoRA adapts (diffusers' train_lcm_distill_lora list, its
 # convolutions left out: core's LoRALinear adapts Linear layers only). proj_in / proj_out are Linear in
 # SD 2.x UNets and 1x1 convolutions in SD 1.x ones.
-LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                    "time_emb_proj")
+LCM_LORA_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "time_emb_proj",
+)
 
 
 @dataclass
@@ -86,8 +95,10 @@ class ConsistencyDistillation:
         self.prediction_type = model.prediction_type
         teacher = model.unet
         if teacher.config.time_cond_proj_dim is not None:
-            raise FixativeError("the teacher UNet already embeds a guidance scale: it is a distilled model; "
-                                "distil from the original one")
+            raise FixativeError(
+                "the teacher UNet already embeds a guidance scale: it is a distilled model; "
+                "distil from the original one"
+            )
         for network in (teacher, model.vae, model.text_encoder):
             network.requires_grad_(False).eval()
         with torch.no_grad():
@@ -120,9 +131,18 @@ class ConsistencyDistillation:
         latents = batch.latents
         precision = torch.autocast(latents.device.type, autocast_dtype) if autocast_dtype else contextlib.nullcontext()
         with precision:
-            return consistency_distillation_loss(self.student, self.teacher, self._target, latents,
-                                                 batch.text_embeddings, self.uncond_embeddings, self.schedule,
-                                                 self.settings, self.prediction_type, generator)
+            return consistency_distillation_loss(
+                self.student,
+                self.teacher,
+                self._target,
+                latents,
+                batch.text_embeddings,
+                self.uncond_embeddings,
+                self.schedule,
+                self.settings,
+                self.prediction_type,
+                generator,
+            )
 
     def after_step(self) -> None:
         if self.ema is not None:

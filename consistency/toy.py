@@ -20,8 +20,10 @@ def toy_lcm_lora() -> Path:
     """The shipped LCM-LoRA of the toy teacher (``pytorch_lora_weights.safetensors``)."""
     path = TOY_LCM_LORA / LORA_WEIGHTS_NAME
     if not path.is_file():
-        raise FixativeError(f"the toy LCM-LoRA is not shipped in this checkout ({path}); distil one with "
-                            "`fixative distill --teacher toy --method lcm-lora`")
+        raise FixativeError(
+            f"the toy LCM-LoRA is not shipped in this checkout ({path}); distil one with "
+            "`fixative distill --teacher toy --method lcm-lora`"
+        )
     return path
 
 

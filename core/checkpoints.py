@@ -45,18 +45,29 @@ from .vae import AutoencoderKL
 NETWORKS = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
 WHAT = {"unet": "UNet", "vae": "VAE", "text_encoder": "text encoder"}
 # weight file stems: (safetensors, legacy pickle)
-STEMS = {"unet": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
-         "vae": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
-         "text_encoder": ("model", "pytorch_model")}
+STEMS = {
+    "unet": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
+    "vae": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
+    "text_encoder": ("model", "pytorch_model"),
+}
 SUB_FOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 FOLDER_LAYOUT = "a diffusers model folder holds model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
 SINGLE_FILE_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".pth", ".bin"}
 # The diffusers release whose folder format we write (the format has been stable since).
 DIFFUSERS_FORMAT_VERSION = "0.30.0"
 
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 Route = Callable[[str, torch.Tensor], "tuple[str, list | None] | None"]
 
@@ -88,8 +99,10 @@ class TensorFile:
             try:
                 handle = safe_open(str(path), framework="pt", device="cpu")
             except (SafetensorError, OSError) as error:
-                raise FixativeError(f"{path} is not a readable .safetensors file ({error}); it may be truncated: "
-                                    "download or convert it again") from None
+                raise FixativeError(
+                    f"{path} is not a readable .safetensors file ({error}); it may be truncated: "
+                    "download or convert it again"
+                ) from None
             metadata.update(handle.metadata() or {})
             for key in handle.keys():
                 view = handle.get_slice(key)
@@ -105,11 +118,15 @@ class TensorFile:
             content = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         except Exception as error:  # noqa: BLE001 - torch raises many types for unreadable files
             if "Weights only load failed" in str(error):
-                raise FixativeError(f"{path} holds Python objects besides tensors, which fixative does not unpickle "
-                                    "(weights_only); convert it to .safetensors with a tool you trust") from None
+                raise FixativeError(
+                    f"{path} holds Python objects besides tensors, which fixative does not unpickle "
+                    "(weights_only); convert it to .safetensors with a tool you trust"
+                ) from None
             first_line = (str(error).strip().splitlines() or ["no message"])[0][:120]
-            raise FixativeError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: "
-                                f"{first_line}); it may be empty or truncated: download it again") from None
+            raise FixativeError(
+                f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: "
+                f"{first_line}); it may be empty or truncated: download it again"
+            ) from None
         metadata = {}
         if isinstance(content, dict) and isinstance(content.get(single_file.METADATA_KEY), str):
             metadata[single_file.METADATA_KEY] = content[single_file.METADATA_KEY]
@@ -118,20 +135,32 @@ class TensorFile:
         tensors = {k: v for k, v in content.items() if isinstance(v, torch.Tensor)} if isinstance(content, dict) else {}
         if not tensors:
             raise FixativeError(f"{path} holds no tensors; expected a Stable Diffusion state dict")
-        return cls(label, {k: tuple(v.shape) for k, v in tensors.items()}, {k: v.dtype for k, v in tensors.items()},
-                   lambda key: tensors[key].clone(), metadata)  # clone: the network must not live on the mapped file
+        return cls(
+            label,
+            {k: tuple(v.shape) for k, v in tensors.items()},
+            {k: v.dtype for k, v in tensors.items()},
+            lambda key: tensors[key].clone(),
+            metadata,
+        )  # clone: the network must not live on the mapped file
 
     def stored_dtype(self, keys) -> str:
-        names = sorted({str(self.dtypes[key]).removeprefix("torch.") for key in keys if self.dtypes[key].is_floating_point})
+        names = sorted(
+            {str(self.dtypes[key]).removeprefix("torch.") for key in keys if self.dtypes[key].is_floating_point}
+        )
         return "+".join(names)
 
 
 # ------------------------------------------------------------------------------------------- loading
 
 
-def load_model(source: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-               prediction_type: str | None = None, config: str | Path | None = None,
-               compile: bool = False) -> StableDiffusionModel:
+def load_model(
+    source: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    prediction_type: str | None = None,
+    config: str | Path | None = None,
+    compile: bool = False,
+) -> StableDiffusionModel:
     """A Stable Diffusion 1.x/2.x model from a diffusers folder, an original single file, or a model name
     (``registry.model_names()``: "toy").
 
@@ -145,24 +174,31 @@ def load_model(source: str | Path, device: torch.device | str = "cpu", dtype: to
     return compile_model(model) if compile else model
 
 
-def _load_model(source: str | Path, device, dtype: torch.dtype, prediction_type: str | None,
-                config: str | Path | None) -> StableDiffusionModel:
+def _load_model(
+    source: str | Path, device, dtype: torch.dtype, prediction_type: str | None, config: str | Path | None
+) -> StableDiffusionModel:
     if prediction_type not in (None, *PREDICTION_TYPES):
         raise FixativeError(f"unknown prediction type {prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)}")
     folder = named_model_folder(str(source))
     path = folder if folder is not None else Path(source).expanduser()
     if path.is_dir():
         if config is not None:
-            raise FixativeError(f"{source} is a diffusers folder, which carries its own configs; --config applies to "
-                                "single-file checkpoints")
+            raise FixativeError(
+                f"{source} is a diffusers folder, which carries its own configs; --config applies to "
+                "single-file checkpoints"
+            )
         return _load_folder(path, device, dtype, prediction_type, name=str(source))
     if not path.exists():
         names = ", ".join(repr(name) for name in model_names())
-        raise FixativeError(f"{source}: no such file or folder; give a diffusers model folder, a single-file "
-                            f".safetensors/.ckpt checkpoint, or a model name ({names or 'none registered'})")
+        raise FixativeError(
+            f"{source}: no such file or folder; give a diffusers model folder, a single-file "
+            f".safetensors/.ckpt checkpoint, or a model name ({names or 'none registered'})"
+        )
     if path.suffix not in SINGLE_FILE_SUFFIXES:
-        raise FixativeError(f"{source} is not a model checkpoint; give a diffusers model folder or a "
-                            f"{'/'.join(sorted(SINGLE_FILE_SUFFIXES))} single file")
+        raise FixativeError(
+            f"{source} is not a model checkpoint; give a diffusers model folder or a "
+            f"{'/'.join(sorted(SINGLE_FILE_SUFFIXES))} single file"
+        )
     return _load_single_file(path, device, dtype, prediction_type, config)
 
 
@@ -184,8 +220,9 @@ def _weight_files(folder: Path, network: str) -> list[Path]:
     for variant in ("", ".fp16"):
         if (folder / f"{pickle}{variant}.bin").is_file():
             return [folder / f"{pickle}{variant}.bin"]
-    raise FixativeError(f"{folder} holds no weights (expected {safetensors}.safetensors or {pickle}.bin); "
-                        "is the download complete?")
+    raise FixativeError(
+        f"{folder} holds no weights (expected {safetensors}.safetensors or {pickle}.bin); is the download complete?"
+    )
 
 
 def _folder_route(network: str) -> Route:
@@ -212,25 +249,34 @@ def _current_vae_key(key: str, value: torch.Tensor) -> list[tuple[str, torch.Ten
     return [(key, value)]
 
 
-def _load_folder(folder: Path, device, dtype: torch.dtype, prediction_type: str | None, name: str
-                 ) -> StableDiffusionModel:
+def _load_folder(
+    folder: Path, device, dtype: torch.dtype, prediction_type: str | None, name: str
+) -> StableDiffusionModel:
     index = read_json(folder / "model_index.json", FOLDER_LAYOUT)
     if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
-        raise FixativeError(f"{folder / 'model_index.json'} describes {index.get('_class_name', 'an SDXL pipeline')}; "
-                            "fixative supports Stable Diffusion 1.x/2.x only")
+        raise FixativeError(
+            f"{folder / 'model_index.json'} describes {index.get('_class_name', 'an SDXL pipeline')}; "
+            "fixative supports Stable Diffusion 1.x/2.x only"
+        )
     for sub in SUB_FOLDERS:
         if not (folder / sub).is_dir():
             raise FixativeError(f"{folder / sub} is missing; {FOLDER_LAYOUT}")
-    config = ModelConfig(*(parse(folder / network / "config.json", network, f"the {WHAT[network]} needs its config")
-                           for network in NETWORKS))
+    config = ModelConfig(
+        *(
+            parse(folder / network / "config.json", network, f"the {WHAT[network]} needs its config")
+            for network in NETWORKS
+        )
+    )
     problems = architecture_problems(config)
     if problems:
         raise FixativeError(f"{folder}: its configs describe networks that cannot be built ({problems[0]})")
     scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json", "the scheduler needs its settings")
     notes = []
     if prediction_type is not None and prediction_type != scheduler_config.get("prediction_type", "epsilon"):
-        notes.append(f"prediction type set to {prediction_type} (the folder says "
-                     f"{scheduler_config.get('prediction_type', 'epsilon')})")
+        notes.append(
+            f"prediction type set to {prediction_type} (the folder says "
+            f"{scheduler_config.get('prediction_type', 'epsilon')})"
+        )
         scheduler_config["prediction_type"] = prediction_type
     tokenizer = CLIPTokenizer.from_folder(folder / "tokenizer")
     networks, stored = {}, {}
@@ -241,13 +287,20 @@ def _load_folder(folder: Path, device, dtype: torch.dtype, prediction_type: str 
         built, dtypes = _build(tensors, _folder_route(network), config, [network], device, dtype, original_names=False)
         networks.update(built)
         stored.update(dtypes)
-    return StableDiffusionModel(networks["unet"], networks["vae"], networks["text_encoder"], tokenizer,
-                                scheduler_config, source=name,
-                                details=SourceDetails("diffusers folder", stored, notes))
+    return StableDiffusionModel(
+        networks["unet"],
+        networks["vae"],
+        networks["text_encoder"],
+        tokenizer,
+        scheduler_config,
+        source=name,
+        details=SourceDetails("diffusers folder", stored, notes),
+    )
 
 
-def _load_single_file(path: Path, device, dtype: torch.dtype, prediction_type: str | None,
-                      config_path: str | Path | None) -> StableDiffusionModel:
+def _load_single_file(
+    path: Path, device, dtype: torch.dtype, prediction_type: str | None, config_path: str | Path | None
+) -> StableDiffusionModel:
     tensors = TensorFile.open([path], str(path))
     try:
         if single_file.METADATA_KEY in tensors.metadata:  # written by fixative: the exact configs
@@ -269,19 +322,35 @@ def _load_single_file(path: Path, device, dtype: torch.dtype, prediction_type: s
     problems = architecture_problems(config)
     if problems:
         origin = f"the config from {config_path}" if given else "the architecture inferred from its tensor shapes"
-        raise FixativeError(f"{path}: {origin} cannot be built ({problems[0]}); a single file does not record "
-                            "GroupNorm groups or head counts: give the model's config with --config (a diffusers "
-                            "folder or an LDM .yaml)")
-    networks, stored = _build(tensors, lambda key, value: single_file.map_original_key(key, value, config), config,
-                              list(NETWORKS), device, dtype, original_names=True)
+        raise FixativeError(
+            f"{path}: {origin} cannot be built ({problems[0]}); a single file does not record "
+            "GroupNorm groups or head counts: give the model's config with --config (a diffusers "
+            "folder or an LDM .yaml)"
+        )
+    networks, stored = _build(
+        tensors,
+        lambda key, value: single_file.map_original_key(key, value, config),
+        config,
+        list(NETWORKS),
+        device,
+        dtype,
+        original_names=True,
+    )
     kind = "safetensors" if path.suffix == ".safetensors" else "weights-only pickle"
-    return StableDiffusionModel(networks["unet"], networks["vae"], networks["text_encoder"],
-                                default_tokenizer(config.text_encoder), scheduler_config, source=str(path),
-                                details=SourceDetails(f"original single file, {kind}", stored, notes))
+    return StableDiffusionModel(
+        networks["unet"],
+        networks["vae"],
+        networks["text_encoder"],
+        default_tokenizer(config.text_encoder),
+        scheduler_config,
+        source=str(path),
+        details=SourceDetails(f"original single file, {kind}", stored, notes),
+    )
 
 
-def _convert(keys, route: Route, read: Callable[[str], torch.Tensor], device, dtype: torch.dtype
-             ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, list[str]], dict[str, list[str]]]:
+def _convert(
+    keys, route: Route, read: Callable[[str], torch.Tensor], device, dtype: torch.dtype
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, list[str]], dict[str, list[str]]]:
     """The tensors under our names, grouped by network; per network, the file's keys that went into it and
     those that have no place in it. Tensors are read, renamed and cast one at a time."""
     converted, sources, unexpected = defaultdict(dict), defaultdict(list), defaultdict(list)
@@ -299,8 +368,18 @@ def _convert(keys, route: Route, read: Callable[[str], torch.Tensor], device, dt
     return converted, sources, unexpected
 
 
-_INITIALISERS = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
-                 "trunc_normal_", "zeros_", "ones_", "constant_")
+_INITIALISERS = (
+    "normal_",
+    "uniform_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "trunc_normal_",
+    "zeros_",
+    "ones_",
+    "constant_",
+)
 
 
 @contextmanager
@@ -323,8 +402,15 @@ def _names(keys: list[str], limit: int = 5) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def _build(tensors: TensorFile, route: Route, config: ModelConfig, names: list[str], device, dtype: torch.dtype,
-           original_names: bool) -> tuple[dict[str, nn.Module], dict[str, str]]:
+def _build(
+    tensors: TensorFile,
+    route: Route,
+    config: ModelConfig,
+    names: list[str],
+    device,
+    dtype: torch.dtype,
+    original_names: bool,
+) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """The named networks from one file, checked by key and shape on the meta device first, then read tensor by
     tensor; also the dtype(s) each network is stored in. ``original_names``: report missing tensors under
     their single-file names."""
@@ -339,18 +425,26 @@ def _build(tensors: TensorFile, route: Route, config: ModelConfig, names: list[s
         if original_names:
             missing = list(dict.fromkeys(single_file.original_key(network, k, config) or k for k in missing))
         extra = unexpected[network] + [k for k in found if k not in expected]
-        problem = (f"is missing {len(missing)} {WHAT[network]} tensor(s): {_names(missing)}" if missing else
-                   f"has {len(extra)} unexpected {WHAT[network]} tensor(s): {_names(extra)}" if extra else None)
+        problem = (
+            f"is missing {len(missing)} {WHAT[network]} tensor(s): {_names(missing)}"
+            if missing
+            else f"has {len(extra)} unexpected {WHAT[network]} tensor(s): {_names(extra)}"
+            if extra
+            else None
+        )
         if problem:
             raise FixativeError(f"{tensors.label} {problem}; is this a Stable Diffusion 1.x/2.x {WHAT[network]}?")
         for key, value in found.items():
             if value.shape != expected[key].shape:
-                raise FixativeError(f"{tensors.label}: {WHAT[network]} tensor {key} has shape {tuple(value.shape)}, "
-                                    f"its config asks for {tuple(expected[key].shape)}; the config does not match "
-                                    "the weights")
+                raise FixativeError(
+                    f"{tensors.label}: {WHAT[network]} tensor {key} has shape {tuple(value.shape)}, "
+                    f"its config asks for {tuple(expected[key].shape)}; the config does not match "
+                    "the weights"
+                )
     if str(device) != "meta":  # now read, skipping what the networks do not use (EMA copies, training state)
-        converted, _, _ = _convert([key for network in names for key in sources[network]], route, tensors.read,
-                                   device, dtype)
+        converted, _, _ = _convert(
+            [key for network in names for key in sources[network]], route, tensors.read, device, dtype
+        )
     for network, module in networks.items():
         module.load_state_dict(converted[network], strict=True, assign=True)
         module.eval()
@@ -368,12 +462,15 @@ def _staging_folder(folder: Path, overwrite: bool) -> Path:
 
 
 def _state_for_saving(module: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    return {key: value.detach().to("cpu", dtype=dtype if dtype and value.is_floating_point() else None).contiguous()
-            for key, value in module.state_dict().items()}
+    return {
+        key: value.detach().to("cpu", dtype=dtype if dtype and value.is_floating_point() else None).contiguous()
+        for key, value in module.state_dict().items()
+    }
 
 
-def save_diffusers(model: StableDiffusionModel, folder: str | Path, dtype: torch.dtype | None = None,
-                   overwrite: bool = False) -> Path:
+def save_diffusers(
+    model: StableDiffusionModel, folder: str | Path, dtype: torch.dtype | None = None, overwrite: bool = False
+) -> Path:
     """Writes ``model`` as a diffusers folder (what ``StableDiffusionPipeline.from_pretrained`` loads).
 
     The folder appears whole or not at all: it is written next to its destination and renamed into place.
@@ -386,9 +483,13 @@ def save_diffusers(model: StableDiffusionModel, folder: str | Path, dtype: torch
         index = {
             "_class_name": "StableDiffusionInpaintPipeline" if model.is_inpainting else "StableDiffusionPipeline",
             "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
-            "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
-            "scheduler": ["diffusers", scheduler_class], "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+            "feature_extractor": [None, None],
+            "safety_checker": [None, None],
+            "requires_safety_checker": False,
+            "scheduler": ["diffusers", scheduler_class],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
             "vae": ["diffusers", "AutoencoderKL"],
         }
         _write_json(staging / "model_index.json", index)
@@ -402,9 +503,14 @@ def save_diffusers(model: StableDiffusionModel, folder: str | Path, dtype: torch
             save_file(state, staging / network / f"{STEMS[network][0]}.safetensors", metadata={"format": "pt"})
         model.tokenizer.save(staging / "tokenizer")
         (staging / "scheduler").mkdir()
-        _write_json(staging / "scheduler" / "scheduler_config.json",
-                    {"_class_name": scheduler_class, "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
-                     **{k: v for k, v in model.scheduler_config.items() if not k.startswith("_")}})
+        _write_json(
+            staging / "scheduler" / "scheduler_config.json",
+            {
+                "_class_name": scheduler_class,
+                "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
+                **{k: v for k, v in model.scheduler_config.items() if not k.startswith("_")},
+            },
+        )
         if folder.exists():
             previous = folder.with_name(staging.name.removesuffix(".partial") + ".old")
             folder.rename(previous)
@@ -417,8 +523,9 @@ def save_diffusers(model: StableDiffusionModel, folder: str | Path, dtype: torch
     return folder
 
 
-def save_single_file(model: StableDiffusionModel, path: str | Path, dtype: torch.dtype | None = None,
-                     overwrite: bool = False) -> Path:
+def save_single_file(
+    model: StableDiffusionModel, path: str | Path, dtype: torch.dtype | None = None, overwrite: bool = False
+) -> Path:
     """Writes ``model`` as one original-layout checkpoint: ``.safetensors``, or a weights-only ``.ckpt`` pickle.
 
     The exact configs go into the file's metadata, so fixative reloads what shapes cannot show (head counts,
@@ -429,8 +536,9 @@ def save_single_file(model: StableDiffusionModel, path: str | Path, dtype: torch
         raise FixativeError(f"{path}: a single-file checkpoint ends in .safetensors or .ckpt")
     if path.exists() and not overwrite:
         raise FixativeError(f"{path} already exists; choose another destination or remove it first")
-    state = single_file.to_original({name: _state_for_saving(module, dtype) for name, module in model.networks().items()},
-                                    model.config)
+    state = single_file.to_original(
+        {name: _state_for_saving(module, dtype) for name, module in model.networks().items()}, model.config
+    )
     state = {key: value.contiguous() for key, value in state.items()}
     metadata = single_file.config_metadata(model.config, model.scheduler_config)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -50,8 +50,9 @@ def compile_network(module: nn.Module, label: str, report: Callable[[str], None]
     return module
 
 
-def compile_model(model: StableDiffusionModel, networks: Iterable[str] = ("unet",),
-                  report: Callable[[str], None] | None = _to_stderr) -> StableDiffusionModel:
+def compile_model(
+    model: StableDiffusionModel, networks: Iterable[str] = ("unet",), report: Callable[[str], None] | None = _to_stderr
+) -> StableDiffusionModel:
     """Compiles ``networks`` of the model in place (default: the UNet, which runs at every sampling or
     training step; "vae" compiles its encoder and decoder, "text_encoder" the text encoder). Returns it."""
     for name in networks:

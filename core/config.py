@@ -77,7 +77,7 @@ class UNetConfig:
         return tuple(c // head_width for c in block_out_channels)
 
     @classmethod
-    def from_diffusers(cls, config: dict) -> "UNetConfig":
+    def from_diffusers(cls, config: dict) -> UNetConfig:
         _reject_unsupported(
             config,
             "UNet",
@@ -193,9 +193,10 @@ class AutoencoderKLConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
     @classmethod
-    def from_diffusers(cls, config: dict) -> "AutoencoderKLConfig":
-        _reject_unsupported(config, "VAE", {"act_fn": "silu", "shift_factor": None, "use_quant_conv": True,
-                                            "use_post_quant_conv": True})
+    def from_diffusers(cls, config: dict) -> AutoencoderKLConfig:
+        _reject_unsupported(
+            config, "VAE", {"act_fn": "silu", "shift_factor": None, "use_quant_conv": True, "use_post_quant_conv": True}
+        )
         n = len(config.get("block_out_channels", (128, 256, 512, 512)))
         for key, allowed in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
             for name in config.get(key, [allowed] * n):
@@ -263,16 +264,26 @@ class CLIPTextConfig:
             raise FixativeError(f"text encoder activation {self.hidden_act!r} is not supported (quick_gelu or gelu)")
 
     @classmethod
-    def from_diffusers(cls, config: dict) -> "CLIPTextConfig":
-        config = config.get("text_config", config) if "text_config" in config and "hidden_size" not in config else config
+    def from_diffusers(cls, config: dict) -> CLIPTextConfig:
+        config = (
+            config.get("text_config", config) if "text_config" in config and "hidden_size" not in config else config
+        )
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in config.items() if k in names})
 
     def to_diffusers(self) -> dict:
         out = dataclasses.asdict(self)
-        out.update({"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
-                    "attention_dropout": 0.0, "dropout": 0.0, "initializer_factor": 1.0,
-                    "initializer_range": 0.02, "torch_dtype": "float32"})
+        out.update(
+            {
+                "architectures": ["CLIPTextModel"],
+                "model_type": "clip_text_model",
+                "attention_dropout": 0.0,
+                "dropout": 0.0,
+                "initializer_factor": 1.0,
+                "initializer_range": 0.02,
+                "torch_dtype": "float32",
+            }
+        )
         return out
 
 
@@ -288,24 +299,36 @@ class ModelConfig:
 def unet_problems(unet: UNetConfig) -> list[str]:
     """What keeps a UNet config from building: GroupNorm channels not divisible by the groups, heads not dividing
     a block's width."""
-    problems = [f"UNet block width {channels} is not divisible by its {unet.norm_num_groups} GroupNorm groups"
-                for channels in unet.block_out_channels if channels % unet.norm_num_groups]
-    attention = [*zip(unet.block_out_channels, unet.num_heads, unet.cross_attention_blocks),
-                 (unet.block_out_channels[-1], unet.num_heads[-1], True)]  # the mid block always attends
-    problems += [f"UNet block width {channels} is not divisible by its {heads} attention heads"
-                 for channels, heads, attends in attention if attends and (heads < 1 or channels % heads)]
+    problems = [
+        f"UNet block width {channels} is not divisible by its {unet.norm_num_groups} GroupNorm groups"
+        for channels in unet.block_out_channels
+        if channels % unet.norm_num_groups
+    ]
+    attention = [
+        *zip(unet.block_out_channels, unet.num_heads, unet.cross_attention_blocks),
+        (unet.block_out_channels[-1], unet.num_heads[-1], True),
+    ]  # the mid block always attends
+    problems += [
+        f"UNet block width {channels} is not divisible by its {heads} attention heads"
+        for channels, heads, attends in attention
+        if attends and (heads < 1 or channels % heads)
+    ]
     return list(dict.fromkeys(problems))
 
 
 def vae_problems(vae: AutoencoderKLConfig) -> list[str]:
-    return [f"VAE block width {channels} is not divisible by its {vae.norm_num_groups} GroupNorm groups"
-            for channels in vae.block_out_channels if channels % vae.norm_num_groups]
+    return [
+        f"VAE block width {channels} is not divisible by its {vae.norm_num_groups} GroupNorm groups"
+        for channels in vae.block_out_channels
+        if channels % vae.norm_num_groups
+    ]
 
 
 def text_encoder_problems(text: CLIPTextConfig) -> list[str]:
     if text.num_attention_heads < 1 or text.hidden_size % text.num_attention_heads:
-        return [f"text encoder width {text.hidden_size} is not divisible by its {text.num_attention_heads} "
-                "attention heads"]
+        return [
+            f"text encoder width {text.hidden_size} is not divisible by its {text.num_attention_heads} attention heads"
+        ]
     return []
 
 

@@ -15,20 +15,29 @@ the PATH does not describe are left to the shapes.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .config import AutoencoderKLConfig, CLIPTextConfig, UNetConfig
 from .errors import FixativeError
 
 PARSERS: dict[str, Callable[[dict], Any]] = {
-    "unet": UNetConfig.from_diffusers, "vae": AutoencoderKLConfig.from_diffusers,
-    "text_encoder": CLIPTextConfig.from_diffusers, "scheduler": dict,
+    "unet": UNetConfig.from_diffusers,
+    "vae": AutoencoderKLConfig.from_diffusers,
+    "text_encoder": CLIPTextConfig.from_diffusers,
+    "scheduler": dict,
 }
-CONFIG_FILES = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
-                "scheduler": "scheduler_config.json"}
-KINDS = ("a diffusers model folder, one of its unet/ vae/ text_encoder/ scheduler/ folders or their config.json, "
-         "or an original LDM inference .yaml")
+CONFIG_FILES = {
+    "unet": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "scheduler": "scheduler_config.json",
+}
+KINDS = (
+    "a diffusers model folder, one of its unet/ vae/ text_encoder/ scheduler/ folders or their config.json, "
+    "or an original LDM inference .yaml"
+)
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -86,17 +95,22 @@ def read_configs(path: str | Path) -> dict[str, Any]:
             return ldm_configs(path)
         return _read_single_config(path)
     if (path / "model_index.json").is_file():
-        found = {part: parse(path / part / name, part) for part, name in CONFIG_FILES.items()
-                 if (path / part / name).is_file()}
+        found = {
+            part: parse(path / part / name, part)
+            for part, name in CONFIG_FILES.items()
+            if (path / part / name).is_file()
+        }
         if not found:
-            raise FixativeError(f"--config {path}: the model folder holds no unet/, vae/, text_encoder/ or "
-                                "scheduler/ configs")
+            raise FixativeError(
+                f"--config {path}: the model folder holds no unet/, vae/, text_encoder/ or scheduler/ configs"
+            )
         return found
     for name in ("config.json", "scheduler_config.json"):
         if (path / name).is_file():
             return _read_single_config(path / name)
-    raise FixativeError(f"--config {path}: the folder holds no model_index.json, config.json or "
-                        f"scheduler_config.json; give {KINDS}")
+    raise FixativeError(
+        f"--config {path}: the folder holds no model_index.json, config.json or scheduler_config.json; give {KINDS}"
+    )
 
 
 # ----------------------------------------------------------------------------- original LDM .yaml
@@ -125,8 +139,10 @@ def ldm_configs(path: Path) -> dict[str, Any]:
     unet = _get(params, "unet_config.params")
     vae = _get(params, "first_stage_config.params.ddconfig")
     if not isinstance(unet, dict) or not isinstance(vae, dict):
-        raise FixativeError(f"{path} is not an LDM inference config (no model.params.unet_config.params or "
-                            "first_stage_config.params.ddconfig)")
+        raise FixativeError(
+            f"{path} is not an LDM inference config (no model.params.unet_config.params or "
+            "first_stage_config.params.ddconfig)"
+        )
     try:
         return {"unet": _ldm_unet(unet, params), "vae": _ldm_vae(vae, params), "scheduler": _ldm_scheduler(params)}
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as error:
@@ -173,5 +189,9 @@ def _ldm_scheduler(params: dict) -> dict:
     prediction_type = "v_prediction" if params.get("parameterization") == "v" else "epsilon"
     # the scheduler class each release ships (presets.py): DDIM with the v models, PNDM otherwise
     class_name = "DDIMScheduler" if prediction_type == "v_prediction" else "PNDMScheduler"
-    return dict(scheduler_config(class_name, prediction_type), num_train_timesteps=params.get("timesteps", 1000),
-                beta_start=params.get("linear_start", 0.00085), beta_end=params.get("linear_end", 0.012))
+    return dict(
+        scheduler_config(class_name, prediction_type),
+        num_train_timesteps=params.get("timesteps", 1000),
+        beta_start=params.get("linear_start", 0.00085),
+        beta_end=params.get("linear_end", 0.012),
+    )

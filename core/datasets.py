@@ -19,9 +19,9 @@ import io
 import math
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -56,13 +56,18 @@ class ImageOptions:
     max_upscale: float = 2.0
 
 
-def make_buckets(resolution: int, step: int, min_area_fraction: float = 0.75,
-                 max_aspect: float = 4.0) -> list[tuple[int, int]]:
+def make_buckets(
+    resolution: int, step: int, min_area_fraction: float = 0.75, max_aspect: float = 4.0
+) -> list[tuple[int, int]]:
     """(width, height) pairs: sides multiples of ``step``, area within [min_area_fraction, 1] x resolution²."""
     area = resolution * resolution
     sides = range(step, int(resolution * math.sqrt(max_aspect)) // step * step + 1, step)
-    return sorted((w, h) for w in sides for h in sides
-                  if min_area_fraction * area <= w * h <= area and max(w / h, h / w) <= max_aspect)
+    return sorted(
+        (w, h)
+        for w in sides
+        for h in sides
+        if min_area_fraction * area <= w * h <= area and max(w / h, h / w) <= max_aspect
+    )
 
 
 def choose_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
@@ -77,8 +82,9 @@ def fit(image, size: tuple[int, int], crop: str = "center", rng: random.Random |
 
     width, height = size
     scale = max(width / image.width, height / image.height)
-    resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
-                           Image.BICUBIC)
+    resized = image.resize(
+        (max(width, round(image.width * scale)), max(height, round(image.height * scale))), Image.BICUBIC
+    )
     dx, dy = resized.width - width, resized.height - height
     if crop == "random":
         left, top = rng.randint(0, dx), rng.randint(0, dy)
@@ -153,16 +159,24 @@ class TensorImages(ImageSet):
 class FileImages(ImageSet):
     """Images read by ``load(i) -> bytes`` (a file, a tar member, a parquet cell), checked when built."""
 
-    def __init__(self, loaders: Sequence[Callable[[], bytes]], captions: Sequence[str], options: ImageOptions,
-                 names: Sequence[str] | None = None):
+    def __init__(
+        self,
+        loaders: Sequence[Callable[[], bytes]],
+        captions: Sequence[str],
+        options: ImageOptions,
+        names: Sequence[str] | None = None,
+    ):
         from PIL import Image
 
         if options.resolution is None:
             raise FixativeError("training from image files needs a resolution")
         self.options = options
         self.skipped = Counter()
-        bucket_list = (make_buckets(options.resolution, options.bucket_step, options.min_area_fraction)
-                       if options.bucketing else [(options.resolution, options.resolution)])
+        bucket_list = (
+            make_buckets(options.resolution, options.bucket_step, options.min_area_fraction)
+            if options.bucketing
+            else [(options.resolution, options.resolution)]
+        )
         self._loaders, self.captions, self.buckets, self._hashes = [], [], [], []
         for load, caption in zip(loaders, captions):
             try:
@@ -175,7 +189,8 @@ class FileImages(ImageSet):
                 continue
             bucket = choose_bucket(*size, bucket_list) if options.bucketing else bucket_list[0]
             if options.bucketing and abs(math.log((size[0] / size[1]) / (bucket[0] / bucket[1]))) > math.log1p(
-                    options.max_aspect_error):
+                options.max_aspect_error
+            ):
                 self.skipped["aspect ratio far from every bucket"] += 1
                 continue
             if max(bucket[0] / size[0], bucket[1] / size[1]) > options.max_upscale:
@@ -213,8 +228,9 @@ def _file_loader(path: Path) -> Callable[[], bytes]:
     return lambda: path.read_bytes()
 
 
-def image_folder(folder: str | Path, options: ImageOptions, caption_column: str = "text",
-                 split: str | None = None) -> FileImages:
+def image_folder(
+    folder: str | Path, options: ImageOptions, caption_column: str = "text", split: str | None = None
+) -> FileImages:
     """An ``imagefolder`` data set (images plus ``metadata.jsonl`` / ``metadata.csv``, read with ``datasets``);
     ``split``: a sub-folder such as ``train`` (default: ``train`` when the folder has one)."""
     import datasets
@@ -250,9 +266,16 @@ class MetadataFilters:
 
     def rules(self) -> list[tuple[str, str, str, float]]:
         """(option name, column, comparison, value) of the filters that are on, in order."""
-        table = [("min_width", "WIDTH", ">="), ("min_height", "HEIGHT", ">="), ("min_similarity", "similarity", ">="),
-                 ("max_watermark", "pwatermark", "<="), ("max_unsafe", "punsafe", "<=")]
-        return [(name, column, op, getattr(self, name)) for name, column, op in table if getattr(self, name) is not None]
+        table = [
+            ("min_width", "WIDTH", ">="),
+            ("min_height", "HEIGHT", ">="),
+            ("min_similarity", "similarity", ">="),
+            ("max_watermark", "pwatermark", "<="),
+            ("max_unsafe", "punsafe", "<="),
+        ]
+        return [
+            (name, column, op, getattr(self, name)) for name, column, op in table if getattr(self, name) is not None
+        ]
 
 
 def filter_metadata(columns: dict[str, list], filters: MetadataFilters) -> tuple[list[int], list[tuple[str, int]]]:
@@ -265,8 +288,9 @@ def filter_metadata(columns: dict[str, list], filters: MetadataFilters) -> tuple
     removed = []
     for name, column, op, value in filters.rules():
         if column not in columns:
-            raise FixativeError(f"--{name.replace('_', '-')} needs a {column!r} column; the parquet has "
-                                f"{', '.join(columns)}")
+            raise FixativeError(
+                f"--{name.replace('_', '-')} needs a {column!r} column; the parquet has {', '.join(columns)}"
+            )
         values = np.array([np.nan if v is None else float(v) for v in columns[column]], dtype=np.float64)
         with np.errstate(invalid="ignore"):
             passes = values >= value if op == ">=" else values <= value
@@ -327,8 +351,14 @@ def _tar_loader(shard: Path, offset: int, size: int) -> Callable[[], bytes]:
     return load
 
 
-def laion_parquet(path: str | Path, images: str | Path, options: ImageOptions, caption_column: str = "TEXT",
-                  filters: MetadataFilters = MetadataFilters(), log: Callable[[str], None] = print) -> FileImages:
+def laion_parquet(
+    path: str | Path,
+    images: str | Path,
+    options: ImageOptions,
+    caption_column: str = "TEXT",
+    filters: MetadataFilters = MetadataFilters(),
+    log: Callable[[str], None] = print,
+) -> FileImages:
     """A LAION-style metadata parquet (``URL``, ``TEXT``, ``WIDTH``, ``HEIGHT``, ``similarity``, ``pwatermark``,
     ``punsafe``), filtered on the metadata, with images found by URL in img2dataset's output ``images``."""
     import datasets
@@ -346,7 +376,10 @@ def laion_parquet(path: str | Path, images: str | Path, options: ImageOptions, c
     kept, removed = filter_metadata(columns, filters)
     by_url = img2dataset_images(images)
     rows = [i for i in kept if columns["URL"][i] in by_url]
-    log(f"parquet {path.name}: {len(table)} rows; " + "".join(f"--{n.replace('_', '-')} removed {c}; " for n, c in removed)
-        + f"{len(kept)} kept, {len(rows)} with an image in {images}")
+    log(
+        f"parquet {path.name}: {len(table)} rows; "
+        + "".join(f"--{n.replace('_', '-')} removed {c}; " for n, c in removed)
+        + f"{len(kept)} kept, {len(rows)} with an image in {images}"
+    )
     urls = [columns["URL"][i] for i in rows]
     return FileImages([by_url[u] for u in urls], [columns[caption_column][i] for i in rows], options, names=urls)

@@ -23,7 +23,8 @@ with a new name, each batch of 16 mixed with 8 paintings of trained artists, Min
 
 (with a single batch of 24 the mimic's loss averaged prior and instance samples alike, which is
 ``prior_loss_weight=0.5`` up to a constant factor; here instance and prior means are summed, DreamBooth's
-eq. 2; and the latents are drawn from the VAE posterior anew at every step rather than once.) Without ``prior_data``, DreamBooth's class images are generated from ``class_prompt`` by the model
+eq. 2; and the latents are drawn from the VAE posterior anew at every step rather than once.) Without ``prior_data``,
+DreamBooth's class images are generated from ``class_prompt`` by the model
 itself before training (``prior_images`` of them).
 
 Randomness. Every micro-batch k (= step x gradient_accumulation + micro-step) draws from its own
@@ -73,10 +74,10 @@ import math
 import os
 import random
 import shutil
-import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -136,15 +137,24 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.method in METHODS, f"method {self.method!r} is not one of {', '.join(METHODS)}"),
-            (self.lr_schedule in LR_SCHEDULES, f"lr schedule {self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}"),
-            (self.mixed_precision in MIXED_PRECISION,
-             f"mixed precision {self.mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}"),
-            (self.max_steps >= 1 and self.batch_size >= 1 and self.gradient_accumulation >= 1,
-             "max_steps, batch_size and gradient_accumulation must be at least 1"),
+            (
+                self.lr_schedule in LR_SCHEDULES,
+                f"lr schedule {self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}",
+            ),
+            (
+                self.mixed_precision in MIXED_PRECISION,
+                f"mixed precision {self.mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}",
+            ),
+            (
+                self.max_steps >= 1 and self.batch_size >= 1 and self.gradient_accumulation >= 1,
+                "max_steps, batch_size and gradient_accumulation must be at least 1",
+            ),
             (self.rank >= 1, "the LoRA rank must be at least 1"),
             (0.0 <= self.caption_dropout <= 1.0, "caption dropout must be within [0, 1]"),
-            (self.method != "dreambooth" or (self.instance_prompt and self.class_prompt),
-             "dreambooth needs an instance prompt and a class prompt"),
+            (
+                self.method != "dreambooth" or (self.instance_prompt and self.class_prompt),
+                "dreambooth needs an instance prompt and a class prompt",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -234,10 +244,17 @@ class DenoisingObjective:
         text_embeddings = batch.text_embeddings
         if text_embeddings is None:
             text_embeddings = self.model.text_encoder(batch.input_ids).last_hidden_state
-        losses = denoising_losses(self.model.unet, batch.latents, text_embeddings, self.schedule,
-                                  self.model.prediction_type, generator, snr_gamma=self.config.snr_gamma,
-                                  autocast_dtype=MIXED_PRECISION[self.config.mixed_precision],
-                                  offset_noise=self.config.offset_noise)
+        losses = denoising_losses(
+            self.model.unet,
+            batch.latents,
+            text_embeddings,
+            self.schedule,
+            self.model.prediction_type,
+            generator,
+            snr_gamma=self.config.snr_gamma,
+            autocast_dtype=MIXED_PRECISION[self.config.mixed_precision],
+            offset_noise=self.config.offset_noise,
+        )
         if not batch.is_prior.any():
             return losses.mean()
         prior = batch.is_prior.to(losses.device)
@@ -293,16 +310,28 @@ def as_image_set(data, options: ImageOptions, caption_column: str = "text") -> I
 class _Sampler:
     """Draws this process's micro-batches (see the module docstring) and turns them into ``Batch``es."""
 
-    def __init__(self, model, data: ImageSet, prior: ImageSet | None, config: FinetuneConfig, objective,
-                 rank: int, world: int, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        model,
+        data: ImageSet,
+        prior: ImageSet | None,
+        config: FinetuneConfig,
+        objective,
+        rank: int,
+        world: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
         self.model, self.data, self.prior, self.config = model, data, prior, config
         self.rank, self.world, self.device, self.dtype = rank, world, device, dtype  # dtype: the latents'
         self.groups = data.groups()
         self.bucket_keys = list(self.groups)
         self.prior_groups = prior.groups() if prior is not None else {}
         if prior is not None and not set(self.groups) <= set(self.prior_groups):
-            raise FixativeError(f"prior images come in sizes {sorted(self.prior_groups)} but the instance images need "
-                                f"{sorted(self.groups)}; give prior images of the instance images' sizes")
+            raise FixativeError(
+                f"prior images come in sizes {sorted(self.prior_groups)} but the instance images need "
+                f"{sorted(self.groups)}; give prior images of the instance images' sizes"
+            )
         self.trains_text = objective.trains_text_encoder
         self.posteriors: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.text_cache: dict[str, torch.Tensor] = {}
@@ -314,8 +343,10 @@ class _Sampler:
 
     def _cache_posteriors(self, name: str, images: ImageSet) -> None:
         if not images.deterministic():
-            raise FixativeError("cached latents are encoded once, so they cannot have random crops or flips; "
-                                "turn those off or do not cache latents")
+            raise FixativeError(
+                "cached latents are encoded once, so they cannot have random crops or flips; "
+                "turn those off or do not cache latents"
+            )
         cache = Path(self.config.cache_dir) if self.config.cache_dir else None
         vae_key = _module_hash(self.model.vae) if cache else ""
         for indices in images.groups().values():
@@ -327,14 +358,15 @@ class _Sampler:
                 else:
                     todo.append(index)
             for start in range(0, len(todo), 64):  # encoded in chunks of 64
-                chunk = todo[start:start + 64]
+                chunk = todo[start : start + 64]
                 mean, std = self._encode(torch.stack([images.pixels(i, random.Random(0)) for i in chunk]))
                 for j, index in enumerate(chunk):
                     self.posteriors[name, index] = (mean[j].clone(), std[j].clone())
                     if cache is not None:
                         cache.mkdir(parents=True, exist_ok=True)
-                        _save_atomic(self.posteriors[name, index],
-                                     cache / f"latents-{_hash(vae_key + images.key(index))}.pt")
+                        _save_atomic(
+                            self.posteriors[name, index], cache / f"latents-{_hash(vae_key + images.key(index))}.pt"
+                        )
 
     @torch.no_grad()
     def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -359,13 +391,14 @@ class _Sampler:
         members = self.groups[bucket]
         batch, prior_batch = config.batch_size, config.prior_batch_size or config.batch_size
         picks = torch.randint(0, len(members), (batch * self.world,), generator=generator)
-        indices = [members[i] for i in picks[self.rank * batch:(self.rank + 1) * batch].tolist()]
+        indices = [members[i] for i in picks[self.rank * batch : (self.rank + 1) * batch].tolist()]
         prior_indices = []
         if self.prior is not None:
             prior_members = self.prior_groups[bucket]
             prior_picks = torch.randint(0, len(prior_members), (prior_batch * self.world,), generator=generator)
-            prior_indices = [prior_members[i] for i in
-                             prior_picks[self.rank * prior_batch:(self.rank + 1) * prior_batch].tolist()]
+            prior_indices = [
+                prior_members[i] for i in prior_picks[self.rank * prior_batch : (self.rank + 1) * prior_batch].tolist()
+            ]
         if self.rank:
             generator.manual_seed(step_seed(seed, f"{stream}-rank{self.rank}", micro))
         augment = random.Random(step_seed(seed, stream + "-augment", micro))
@@ -380,8 +413,9 @@ class _Sampler:
         if config.shuffle_tags:
             tags = random.Random(step_seed(seed, stream + "-tags", micro))
             captions = [shuffle_tags(c, config.keep_tags, tags) for c in captions]
-        captions = drop_captions(captions, config.caption_dropout,
-                                 random.Random(step_seed(seed, stream + "-captions", micro)))
+        captions = drop_captions(
+            captions, config.caption_dropout, random.Random(step_seed(seed, stream + "-captions", micro))
+        )
         captions += [config.class_prompt or self.prior.captions[i] for i in prior_indices]
         input_ids = self.model.tokenizer(captions).to(self.device)
         text_embeddings = None if self.trains_text else self._frozen_text(captions, input_ids)
@@ -443,8 +477,21 @@ def generated_prior(model, config: FinetuneConfig, size: tuple[int, int]) -> Ima
     from .pipelines import generate
 
     seeds = [config.seed * 1_000_000 + i for i in range(config.prior_images)]
-    pixels = torch.cat([generate(model, config.class_prompt, seed=[s], height=size[1], width=size[0],
-                                 num_inference_steps=25, output="images", progress=False) for s in seeds])
+    pixels = torch.cat(
+        [
+            generate(
+                model,
+                config.class_prompt,
+                seed=[s],
+                height=size[1],
+                width=size[0],
+                num_inference_steps=25,
+                output="images",
+                progress=False,
+            )
+            for s in seeds
+        ]
+    )
     return ImageCaptions(pixels.cpu().float() * 2 - 1, [config.class_prompt] * len(seeds))
 
 
@@ -454,7 +501,9 @@ def generated_prior(model, config: FinetuneConfig, size: tuple[int, int]) -> Ima
 def _latest_checkpoint(out: Path | None) -> Path | None:
     if out is None or not (out / "checkpoints").is_dir():
         return None
-    steps = sorted((int(p.name.split("-")[1]), p) for p in (out / "checkpoints").glob("step-*") if (p / "state.pt").exists())
+    steps = sorted(
+        (int(p.name.split("-")[1]), p) for p in (out / "checkpoints").glob("step-*") if (p / "state.pt").exists()
+    )
     return steps[-1][1] if steps else None
 
 
@@ -464,9 +513,21 @@ def _lr_schedule(optimizer, config: FinetuneConfig):
     return warmup_constant(optimizer, config.warmup)
 
 
-def fine_tune(model, data, config: FinetuneConfig = FinetuneConfig(), objective: Objective | None = None, *,
-              out: str | Path | None = None, prior_data=None, resume: bool = False, caption_column: str = "text",
-              save: bool = True, device: str = "auto", progress: bool = True, log: Callable[[str], None] = print):
+def fine_tune(
+    model,
+    data,
+    config: FinetuneConfig = FinetuneConfig(),
+    objective: Objective | None = None,
+    *,
+    out: str | Path | None = None,
+    prior_data=None,
+    resume: bool = False,
+    caption_column: str = "text",
+    save: bool = True,
+    device: str = "auto",
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+):
     """Train ``model`` (a StableDiffusionModel, in place) on ``data`` with ``config``; returns the model.
 
     objective: what is trained and how (default ``DenoisingObjective``; see the module docstring).
@@ -534,8 +595,15 @@ def fine_tune(model, data, config: FinetuneConfig = FinetuneConfig(), objective:
         tmp.write_text(json.dumps(record, indent=1, default=str))
         os.replace(tmp, out / "finetune_config.json")
 
-    bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, desc="fine-tune", unit="step",
-               disable=not progress or not accelerator.is_main_process, dynamic_ncols=True)
+    bar = tqdm(
+        range(start, config.max_steps),
+        initial=start,
+        total=config.max_steps,
+        desc="fine-tune",
+        unit="step",
+        disable=not progress or not accelerator.is_main_process,
+        dynamic_ncols=True,
+    )
     average = None
     for step in bar:
         optimizer.zero_grad(set_to_none=True)
@@ -614,9 +682,17 @@ def _write_checkpoint(out: Path, step: int, objective, optimizer, schedule, scal
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    torch.save({"step": step, "objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
-                "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
+    torch.save(
+        {
+            "step": step,
+            "objective": objective.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "torch_rng": torch.get_rng_state(),
+        },
+        tmp / "state.pt",
+    )
     os.replace(tmp, folder / f"step-{step}")
     for old in folder.glob("step-*"):
         if old.name != f"step-{step}":
@@ -634,6 +710,8 @@ def _validate(model, config: FinetuneConfig, folder: Path) -> None:
     model.unet.eval()
     folder.mkdir(parents=True, exist_ok=True)
     for index, prompt in enumerate(config.validation_prompts):
-        image = generate(model, prompt, num_inference_steps=config.validation_steps, seed=config.seed, progress=False)[0]
+        image = generate(model, prompt, num_inference_steps=config.validation_steps, seed=config.seed, progress=False)[
+            0
+        ]
         save_png(image, folder / f"{index:02d}.png", {"prompt": prompt, "seed": config.seed})
     model.unet.train(was_training)

@@ -35,8 +35,10 @@ def _open_image(path: str | Path, mode: str, what: str, hint: str) -> Image.Imag
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         pixels = re.search(r"\((\d+) pixels\)", str(error))
         size = f"{int(pixels[1]):,} pixels" if pixels else "too many pixels"
-        raise FixativeError(f"{what} {path} has {size}, above Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} "
-                            f"(a guard against decompression bombs); give a smaller image") from None
+        raise FixativeError(
+            f"{what} {path} has {size}, above Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} "
+            f"(a guard against decompression bombs); give a smaller image"
+        ) from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
         raise FixativeError(f"cannot read {what} {path}: {error.__class__.__name__}; {hint}") from None
 
@@ -108,8 +110,15 @@ def pixels_to_unit(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels * 0.5 + 0.5).clamp(0, 1)
 
 
-def pad_for_outpainting(image: Image.Image, left: int = 0, top: int = 0, right: int = 0, bottom: int = 0,
-                        multiple: int = 8, fill: tuple[int, int, int] = (127, 127, 127)) -> tuple[Image.Image, Image.Image]:
+def pad_for_outpainting(
+    image: Image.Image,
+    left: int = 0,
+    top: int = 0,
+    right: int = 0,
+    bottom: int = 0,
+    multiple: int = 8,
+    fill: tuple[int, int, int] = (127, 127, 127),
+) -> tuple[Image.Image, Image.Image]:
     """Outpainting as inpainting: pad ``image`` by the given margins (in pixels) and build the mask.
 
     The canvas is grown further on the right and bottom so that both sides are multiples of ``multiple``.

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -60,8 +60,13 @@ class LoRALinear(nn.Linear):
 
     def merged(self) -> nn.Linear:
         """A plain Linear with W + (α / r) B A."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.weight.device, dtype=self.weight.dtype)
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
         with torch.no_grad():
             linear.weight.copy_(self.weight.float() + self.delta())
             if self.bias is not None:
@@ -74,16 +79,20 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def inject_lora(model: nn.Module, rank: int = 4, alpha: float | None = None,
-                targets: Iterable[str] = UNET_TARGETS) -> list[nn.Parameter]:
+def inject_lora(
+    model: nn.Module, rank: int = 4, alpha: float | None = None, targets: Iterable[str] = UNET_TARGETS
+) -> list[nn.Parameter]:
     """Wrap every Linear whose name ends with one of ``targets`` (e.g. ``attn2.to_k``) in a LoRALinear.
 
     Returns the new trainable parameters (the model's other parameters are left as they were; freeze
     them with ``model.requires_grad_(False)`` before calling this to train the adapters only).
     """
     targets = tuple(targets)
-    chosen = [name for name, m in model.named_modules()
-              if type(m) is nn.Linear and any(name == t or name.endswith("." + t) for t in targets)]
+    chosen = [
+        name
+        for name, m in model.named_modules()
+        if type(m) is nn.Linear and any(name == t or name.endswith("." + t) for t in targets)
+    ]
     if not chosen:
         raise FixativeError(f"no Linear layer named {targets} in the model: nothing to adapt with LoRA")
     params = []
@@ -110,7 +119,9 @@ def lora_state_dict(networks: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
         for name, module in network.named_modules():
             if isinstance(module, LoRALinear):
                 state[f"{prefix}.{name}.lora_A.weight"] = module.lora_down.weight.detach().float().contiguous()
-                state[f"{prefix}.{name}.lora_B.weight"] = (module.scale * module.lora_up.weight.detach().float()).contiguous()
+                state[f"{prefix}.{name}.lora_B.weight"] = (
+                    module.scale * module.lora_up.weight.detach().float()
+                ).contiguous()
     return state
 
 
@@ -180,10 +191,14 @@ def _lora_pairs(state: dict[str, torch.Tensor], model) -> list[tuple[nn.Module, 
                 alpha = state.get(stem + ".alpha")
                 pairs.append((modules[stem], up, down, (float(alpha) if alpha is not None else rank) / rank))
     if unknown:
-        raise FixativeError(f"the LoRA file adapts {len(unknown)} layers this model does not have "
-                            f"(e.g. {unknown[0]}); is it for another model family?")
+        raise FixativeError(
+            f"the LoRA file adapts {len(unknown)} layers this model does not have "
+            f"(e.g. {unknown[0]}); is it for another model family?"
+        )
     if not pairs:
-        raise FixativeError("no LoRA weights found (expected diffusers' lora_A/lora_B or kohya's lora_down/lora_up keys)")
+        raise FixativeError(
+            "no LoRA weights found (expected diffusers' lora_A/lora_B or kohya's lora_down/lora_up keys)"
+        )
     return pairs
 
 
@@ -196,8 +211,10 @@ def apply_lora(model, path: str | Path, scale: float = 1.0) -> int:
         # linear: B (out, r) A (r, in); convolution: B (out, r, 1, 1) after A (r, in, k, k) -> (out, in, k, k)
         delta = up.flatten(1) @ down.flatten(1)
         if delta.numel() != module.weight.numel():
-            raise FixativeError(f"LoRA file {path}: a layer's update has shape {tuple(delta.shape)} but the model's "
-                                f"weight is {tuple(module.weight.shape)}; is it for another model?")
+            raise FixativeError(
+                f"LoRA file {path}: a layer's update has shape {tuple(delta.shape)} but the model's "
+                f"weight is {tuple(module.weight.shape)}; is it for another model?"
+            )
         delta = scale * factor * delta.to(module.weight.device).reshape(module.weight.shape)
         module.weight.copy_((module.weight.float() + delta).to(module.weight.dtype))
     return len(pairs)

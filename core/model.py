@@ -61,7 +61,7 @@ class StableDiffusionModel:
 
     @property
     def family(self) -> str:
-        """"SD 1.x" or "SD 2.x", with " inpainting" where it applies."""
+        """ "SD 1.x" or "SD 2.x", with " inpainting" where it applies."""
         name = "SD 2.x" if is_open_clip(self.text_encoder.config) else "SD 1.x"
         return name + (" inpainting" if self.is_inpainting else "")
 
@@ -85,7 +85,17 @@ class StableDiffusionModel:
     ) -> StableDiffusionModel:
         """A model with freshly initialised (random) weights, for tests and for training from scratch."""
         with torch.device(device):
-            networks = (UNet2DConditionModel(config.unet), AutoencoderKL(config.vae), CLIPTextModel(config.text_encoder))
+            networks = (
+                UNet2DConditionModel(config.unet),
+                AutoencoderKL(config.vae),
+                CLIPTextModel(config.text_encoder),
+            )
         unet, vae, text_encoder = (network.to(dtype=dtype).eval() for network in networks)
-        return cls(unet, vae, text_encoder, tokenizer or default_tokenizer(config.text_encoder), dict(scheduler_config),
-                   source="random")
+        return cls(
+            unet,
+            vae,
+            text_encoder,
+            tokenizer or default_tokenizer(config.text_encoder),
+            dict(scheduler_config),
+            source="random",
+        )

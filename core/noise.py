@@ -9,8 +9,12 @@ import torch
 from .errors import FixativeError
 
 
-def randn_tensor(shape: Sequence[int], generator: torch.Generator | Sequence[torch.Generator] | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+def randn_tensor(
+    shape: Sequence[int],
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Standard normal noise drawn as diffusers' ``randn_tensor`` draws it: a CPU generator draws on the
     CPU and the tensor then moves to ``device``; a list of generators draws one batch row from each."""
     device = torch.device(device or "cpu")

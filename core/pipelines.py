@@ -62,7 +62,7 @@ def guidance_scale_embedding(guidance_scale: torch.Tensor, embedding_dim: int) -
     return timestep_embedding(guidance_scale.float() * 1000.0, embedding_dim, flip_sin_to_cos=False, freq_shift=1)
 
 
-def uses_guidance(model: "StableDiffusionModel", guidance_scale: float) -> bool:
+def uses_guidance(model: StableDiffusionModel, guidance_scale: float) -> bool:
     """Classifier-free guidance runs for guidance_scale > 1, except for UNets that embed the guidance scale
     (``time_cond_proj_dim``, LCM-distilled): those take w as a condition and predict once."""
     return guidance_scale > 1.0 and model.unet.config.time_cond_proj_dim is None
@@ -72,14 +72,19 @@ def _prompt_list(prompts: str | Sequence[str]) -> list[str]:
     return [prompts] if isinstance(prompts, str) else list(prompts)
 
 
-def _text_device_dtype(model: "StableDiffusionModel") -> tuple[torch.device, torch.dtype]:
+def _text_device_dtype(model: StableDiffusionModel) -> tuple[torch.device, torch.dtype]:
     parameter = next(model.text_encoder.parameters())
     return parameter.device, parameter.dtype
 
 
-def encode_prompt(model: "StableDiffusionModel", prompts: str | Sequence[str],
-                  negative_prompts: str | Sequence[str] | None = None, num_images_per_prompt: int = 1,
-                  guidance: bool = True, clip_skip: int = 0) -> torch.Tensor:
+def encode_prompt(
+    model: StableDiffusionModel,
+    prompts: str | Sequence[str],
+    negative_prompts: str | Sequence[str] | None = None,
+    num_images_per_prompt: int = 1,
+    guidance: bool = True,
+    clip_skip: int = 0,
+) -> torch.Tensor:
     """Prompts -> text_embeddings (B * num_images_per_prompt [* 2], 77, cross_attention_dim).
 
     With ``guidance`` the negative prompts' embeddings come first, then the prompts' (diffusers' order);
@@ -103,13 +108,16 @@ def encode_prompt(model: "StableDiffusionModel", prompts: str | Sequence[str],
     elif isinstance(negative_prompts, str):
         negative_prompts = [negative_prompts] * len(prompts)
     elif len(negative_prompts) != len(prompts):
-        raise FixativeError(f"got {len(negative_prompts)} negative prompts for {len(prompts)} prompts; "
-                            "give one negative prompt, or one per prompt")
+        raise FixativeError(
+            f"got {len(negative_prompts)} negative prompts for {len(prompts)} prompts; "
+            "give one negative prompt, or one per prompt"
+        )
     return torch.cat([embed(list(negative_prompts)), text_embeddings])
 
 
-def encode_images(model: "StableDiffusionModel", pixels: torch.Tensor, generator: Generator = None,
-                  sample: bool = True) -> torch.Tensor:
+def encode_images(
+    model: StableDiffusionModel, pixels: torch.Tensor, generator: Generator = None, sample: bool = True
+) -> torch.Tensor:
     """Pixels (B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8), differentiable.
 
     ``sample``: draw from the VAE posterior with ``generator`` (as diffusers' img2img and inpaint
@@ -120,13 +128,12 @@ def encode_images(model: "StableDiffusionModel", pixels: torch.Tensor, generator
     return latents * model.vae.config.scaling_factor
 
 
-def decode_latents(model: "StableDiffusionModel", latents: torch.Tensor) -> torch.Tensor:
+def decode_latents(model: StableDiffusionModel, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents (B, 4, h, w) -> pixels (B, 3, 8h, 8w) in [-1, 1] (not clamped), differentiable."""
     return model.vae.decode(latents.to(model.vae.dtype) / model.vae.config.scaling_factor)
 
 
-def rescale_noise_cfg(noise_pred: torch.Tensor, noise_pred_text: torch.Tensor,
-                      guidance_rescale: float) -> torch.Tensor:
+def rescale_noise_cfg(noise_pred: torch.Tensor, noise_pred_text: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
     """Guidance rescale (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed",
     Sec. 3.4, Eq. 15-16): match the guided prediction's std to the conditional one's, then mix by phi."""
     dims = list(range(1, noise_pred.ndim))
@@ -134,10 +141,16 @@ def rescale_noise_cfg(noise_pred: torch.Tensor, noise_pred_text: torch.Tensor,
     return guidance_rescale * rescaled + (1 - guidance_rescale) * noise_pred
 
 
-def predict_noise_cfg(model: "StableDiffusionModel", latents: torch.Tensor, t: torch.Tensor | float,
-                      text_embeddings: torch.Tensor, guidance_scale: float, guidance_rescale: float = 0.0,
-                      timestep_cond: torch.Tensor | None = None,
-                      conditioning: torch.Tensor | None = None) -> torch.Tensor:
+def predict_noise_cfg(
+    model: StableDiffusionModel,
+    latents: torch.Tensor,
+    t: torch.Tensor | float,
+    text_embeddings: torch.Tensor,
+    guidance_scale: float,
+    guidance_rescale: float = 0.0,
+    timestep_cond: torch.Tensor | None = None,
+    conditioning: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One UNet prediction with classifier-free guidance, differentiable.
 
     latents: (B, 4, h, w) already scaled by the scheduler's ``scale_model_input``; text_embeddings from
@@ -175,27 +188,37 @@ class LatentBlend:
         self.mask = mask  # (B, 1, h, w), 1 = generate
         self.noise = noise  # the noise the initial latents were drawn with
 
-    def __call__(self, scheduler: "Scheduler", latents: torch.Tensor, next_t: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, scheduler: Scheduler, latents: torch.Tensor, next_t: torch.Tensor | None) -> torch.Tensor:
         known = self.image_latents
         if next_t is not None:
             known = scheduler.add_noise(known, self.noise, next_t.reshape(1))
         return (1 - self.mask) * known + self.mask * latents
 
 
-def denoise(model: "StableDiffusionModel", scheduler: "Scheduler", latents: torch.Tensor,
-            timesteps: torch.Tensor, text_embeddings: torch.Tensor, guidance_scale: float,
-            guidance_rescale: float = 0.0, timestep_cond: torch.Tensor | None = None,
-            conditioning: torch.Tensor | None = None, blend: LatentBlend | None = None,
-            generator: Generator = None, callback: StepCallback | None = None,
-            progress: bool = True) -> torch.Tensor:
+def denoise(
+    model: StableDiffusionModel,
+    scheduler: Scheduler,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    guidance_scale: float,
+    guidance_rescale: float = 0.0,
+    timestep_cond: torch.Tensor | None = None,
+    conditioning: torch.Tensor | None = None,
+    blend: LatentBlend | None = None,
+    generator: Generator = None,
+    callback: StepCallback | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
     """The sampling loop: for each t, x_{t-1} = scheduler.step(predict_noise_cfg(x_t, t), t, x_t).
 
     Differentiable unless called under ``torch.no_grad()``. Returns the final (scaled) latents.
     """
     for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="sampling", leave=False)):
         model_input = scheduler.scale_model_input(latents, t)
-        noise_pred = predict_noise_cfg(model, model_input, t, text_embeddings, guidance_scale, guidance_rescale,
-                                       timestep_cond, conditioning)
+        noise_pred = predict_noise_cfg(
+            model, model_input, t, text_embeddings, guidance_scale, guidance_rescale, timestep_cond, conditioning
+        )
         latents = scheduler.step(noise_pred, t, latents, generator=generator)
         if blend is not None:
             latents = blend(scheduler, latents, timesteps[i + 1] if i + 1 < len(timesteps) else None)
@@ -204,14 +227,13 @@ def denoise(model: "StableDiffusionModel", scheduler: "Scheduler", latents: torc
     return latents
 
 
-def default_scheduler_name(model: "StableDiffusionModel") -> str:
+def default_scheduler_name(model: StableDiffusionModel) -> str:
     """The name of the model's own scheduler (its scheduler_config.json), or "ddim" where fixative does not
     implement that one (e.g. SD 1.x's PNDM)."""
     return SCHEDULER_NAMES.get(model.scheduler_config.get("_class_name"), "ddim")
 
 
-def scheduler_for(model: "StableDiffusionModel", scheduler: "str | Scheduler | None",
-                  eta: float = 0.0) -> "Scheduler":
+def scheduler_for(model: StableDiffusionModel, scheduler: str | Scheduler | None, eta: float = 0.0) -> Scheduler:
     """A scheduler by name (keeping the model's schedule settings, as diffusers' from_config does), the
     model's own one for None (``default_scheduler_name``), or the one given. eta: DDIM's noise."""
     if scheduler is None:
@@ -234,12 +256,19 @@ def _expand_to_batch(tensor: torch.Tensor, batch: int, per_prompt: int) -> torch
         return tensor.repeat_interleave(per_prompt, dim=0)
     if tensor.shape[0] == batch:
         return tensor
-    raise FixativeError(f"got {tensor.shape[0]} images for {batch // per_prompt} prompts; give one image, "
-                        "or one per prompt")
+    raise FixativeError(
+        f"got {tensor.shape[0]} images for {batch // per_prompt} prompts; give one image, or one per prompt"
+    )
 
 
-def _encode_for_batch(model: "StableDiffusionModel", pixels: torch.Tensor, batch: int, per_prompt: int,
-                      generator: Generator, each_row: bool) -> torch.Tensor:
+def _encode_for_batch(
+    model: StableDiffusionModel,
+    pixels: torch.Tensor,
+    batch: int,
+    per_prompt: int,
+    generator: Generator,
+    each_row: bool,
+) -> torch.Tensor:
     """Encode images for a batch, drawing posterior noise as diffusers does. A single generator samples
     the given images once and the latents are repeated. With a list of generators, ``each_row`` (img2img)
     samples every batch row with its own generator; otherwise (inpainting) image i uses generator i."""
@@ -252,23 +281,38 @@ def _encode_for_batch(model: "StableDiffusionModel", pixels: torch.Tensor, batch
 
 
 @torch.no_grad()
-def generate(model: "StableDiffusionModel", prompt: str | Sequence[str],
-             negative_prompt: str | Sequence[str] | None = None, *,
-             image: "Image.Image | Sequence[Image.Image] | torch.Tensor | None" = None,
-             mask: "Image.Image | Sequence[Image.Image] | torch.Tensor | None" = None,
-             strength: float | None = None, height: int | None = None, width: int | None = None,
-             num_inference_steps: int = 50, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
-             scheduler: "str | Scheduler | None" = None, eta: float = 0.0, num_images_per_prompt: int = 1,
-             seed: int | Sequence[int] | None = None, generator: Generator = None, clip_skip: int = 0,
-             vae_tiling: bool = False, output: str = "pil", callback: StepCallback | None = None,
-             progress: bool = True) -> "list[Image.Image] | torch.Tensor":
+def generate(
+    model: StableDiffusionModel,
+    prompt: str | Sequence[str],
+    negative_prompt: str | Sequence[str] | None = None,
+    *,
+    image: Image.Image | Sequence[Image.Image] | torch.Tensor | None = None,
+    mask: Image.Image | Sequence[Image.Image] | torch.Tensor | None = None,
+    strength: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    guidance_rescale: float = 0.0,
+    scheduler: str | Scheduler | None = None,
+    eta: float = 0.0,
+    num_images_per_prompt: int = 1,
+    seed: int | Sequence[int] | None = None,
+    generator: Generator = None,
+    clip_skip: int = 0,
+    vae_tiling: bool = False,
+    output: str = "pil",
+    callback: StepCallback | None = None,
+    progress: bool = True,
+) -> list[Image.Image] | torch.Tensor:
     """Render images: txt2img; img2img when ``image`` is given; inpainting when ``image`` and ``mask`` are.
 
     image: PIL image(s) or a (B, 3, H, W) tensor in [0, 1]; mask: PIL image(s) or a (B, 1, H, W) tensor
     in [0, 1], white (>= 0.5) where the model paints. Inpainting uses the mask and masked-image latents
     as extra UNet channels for 9-channel inpainting UNets, and latent blending for ordinary UNets.
     For outpainting, pad the image with ``images.pad_for_outpainting`` and inpaint.
-    strength: how far the image is noised, 1 = from pure noise (default: ``defaults.default_strength``). height/width default to the image's size rounded down to a multiple of 8, or to the
+    strength: how far the image is noised, 1 = from pure noise (default: ``defaults.default_strength``). height/width
+    default to the image's size rounded down to a multiple of 8, or to the
     UNet's sample size * 8. seed: an int (diffusers' ``torch.Generator("cpu").manual_seed(seed)``) or one
     per image; or pass ``generator`` directly. scheduler: a name of ``make_scheduler`` (keeping the model's
     schedule settings), a Scheduler, or None for the model's own one; eta: DDIM's noise (0 = deterministic,
@@ -305,13 +349,42 @@ def generate(model: "StableDiffusionModel", prompt: str | Sequence[str],
         shape = (batch, model.vae.config.latent_channels, height // model.size_multiple, width // model.size_multiple)
         # Random draws in diffusers' order: image posterior, initial noise (both in _initial_latents), then the
         # masked image's posterior (_inpainting_inputs).
-        start = _initial_latents(model, scheduler, timesteps, shape, image, mask, height, width, strength, generator,
-                                 num_images_per_prompt, device, dtype)
-        conditioning, blend = (_inpainting_inputs(model, start, mask, shape, generator, num_images_per_prompt,
-                                                  device, dtype) if mask is not None else (None, None))
+        start = _initial_latents(
+            model,
+            scheduler,
+            timesteps,
+            shape,
+            image,
+            mask,
+            height,
+            width,
+            strength,
+            generator,
+            num_images_per_prompt,
+            device,
+            dtype,
+        )
+        conditioning, blend = (
+            _inpainting_inputs(model, start, mask, shape, generator, num_images_per_prompt, device, dtype)
+            if mask is not None
+            else (None, None)
+        )
         timestep_cond = _timestep_condition(model, guidance_scale, batch, device, dtype)
-        latents = denoise(model, scheduler, start.latents, timesteps, text_embeddings, guidance_scale,
-                          guidance_rescale, timestep_cond, conditioning, blend, generator, callback, progress)
+        latents = denoise(
+            model,
+            scheduler,
+            start.latents,
+            timesteps,
+            text_embeddings,
+            guidance_scale,
+            guidance_rescale,
+            timestep_cond,
+            conditioning,
+            blend,
+            generator,
+            callback,
+            progress,
+        )
         if output == "latents":
             return latents
         pixels_out = decode_latents(model, latents)
@@ -321,7 +394,7 @@ def generate(model: "StableDiffusionModel", prompt: str | Sequence[str],
             model.vae.disable_tiling()
 
 
-def _output_size(model: "StableDiffusionModel", image, height: int | None, width: int | None) -> tuple[int, int]:
+def _output_size(model: StableDiffusionModel, image, height: int | None, width: int | None) -> tuple[int, int]:
     """(height, width): as given, else the image's rounded down to the model's multiple, else the model's own."""
     multiple = model.size_multiple
     if image is not None and (height is None or width is None):
@@ -334,8 +407,9 @@ def _output_size(model: "StableDiffusionModel", image, height: int | None, width
     return height, width
 
 
-def _timesteps(scheduler: "Scheduler", from_image: bool, num_inference_steps: int, strength: float,
-               device: torch.device) -> torch.Tensor:
+def _timesteps(
+    scheduler: Scheduler, from_image: bool, num_inference_steps: int, strength: float, device: torch.device
+) -> torch.Tensor:
     """The sampling timesteps; img2img and inpainting start part-way (strength), as diffusers' pipelines do."""
     if from_image:
         timesteps = scheduler.img2img_timesteps(num_inference_steps, strength, device=device)
@@ -343,8 +417,10 @@ def _timesteps(scheduler: "Scheduler", from_image: bool, num_inference_steps: in
         scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = scheduler.timesteps
     if len(timesteps) == 0:
-        raise FixativeError(f"strength {strength} with {num_inference_steps} steps leaves no step to run; "
-                            "raise the strength or the number of steps")
+        raise FixativeError(
+            f"strength {strength} with {num_inference_steps} steps leaves no step to run; "
+            "raise the strength or the number of steps"
+        )
     return timesteps
 
 
@@ -355,9 +431,21 @@ class _Start(NamedTuple):
     image_latents: torch.Tensor | None  # their scaled latents, where used
 
 
-def _initial_latents(model: "StableDiffusionModel", scheduler: "Scheduler", timesteps: torch.Tensor, shape: tuple,
-                     image, mask, height: int, width: int, strength: float, generator: Generator, per_prompt: int,
-                     device: torch.device, dtype: torch.dtype) -> _Start:
+def _initial_latents(
+    model: StableDiffusionModel,
+    scheduler: Scheduler,
+    timesteps: torch.Tensor,
+    shape: tuple,
+    image,
+    mask,
+    height: int,
+    width: int,
+    strength: float,
+    generator: Generator,
+    per_prompt: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> _Start:
     """Pure noise (txt2img, full-strength inpainting with an inpainting UNet), or the image's latents noised to
     the first timestep (SDEdit, Meng et al. 2022). Draws the image posterior, then the noise."""
     batch = shape[0]
@@ -365,8 +453,9 @@ def _initial_latents(model: "StableDiffusionModel", scheduler: "Scheduler", time
     if image is not None:
         pixels = images_to_pixels(image, height, width)
         if mask is None or strength < 1.0 or not model.is_inpainting:
-            image_latents = _encode_for_batch(model, pixels, batch, per_prompt, generator,
-                                              each_row=mask is None).to(dtype)
+            image_latents = _encode_for_batch(model, pixels, batch, per_prompt, generator, each_row=mask is None).to(
+                dtype
+            )
     noise = randn_tensor(shape, generator, device, dtype)
     if image is not None and (mask is None or strength < 1.0):
         latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(batch))
@@ -375,9 +464,16 @@ def _initial_latents(model: "StableDiffusionModel", scheduler: "Scheduler", time
     return _Start(latents, noise, pixels, image_latents)
 
 
-def _inpainting_inputs(model: "StableDiffusionModel", start: _Start, mask, shape: tuple, generator: Generator,
-                       per_prompt: int, device: torch.device, dtype: torch.dtype
-                       ) -> tuple[torch.Tensor | None, LatentBlend | None]:
+def _inpainting_inputs(
+    model: StableDiffusionModel,
+    start: _Start,
+    mask,
+    shape: tuple,
+    generator: Generator,
+    per_prompt: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor | None, LatentBlend | None]:
     """(conditioning, blend): the extra UNet channels of a 9-channel inpainting UNet (mask, masked-image latents),
     or the latent blend of an ordinary UNet. Draws the masked image's posterior noise."""
     height, width = start.pixels.shape[-2:]
@@ -392,13 +488,15 @@ def _inpainting_inputs(model: "StableDiffusionModel", start: _Start, mask, shape
     # diffusers encodes the masked image for 4-channel UNets too, without using it: draw the same posterior
     # noise so that later draws (ancestral steps) stay in step with diffusers
     k = masked_pixels.shape[0]
-    randn_tensor((k, *shape[1:]), generator[:k] if isinstance(generator, list) else generator, model.vae.device,
-                 model.vae.dtype)
+    randn_tensor(
+        (k, *shape[1:]), generator[:k] if isinstance(generator, list) else generator, model.vae.device, model.vae.dtype
+    )
     return None, LatentBlend(start.image_latents, latent_mask, start.noise)
 
 
-def _timestep_condition(model: "StableDiffusionModel", guidance_scale: float, batch: int, device: torch.device,
-                        dtype: torch.dtype) -> torch.Tensor | None:
+def _timestep_condition(
+    model: StableDiffusionModel, guidance_scale: float, batch: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor | None:
     """The guidance-scale embedding of w = guidance_scale - 1 for UNets that take one (LCM), else None."""
     if model.unet.config.time_cond_proj_dim is None:
         return None

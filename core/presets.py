@@ -42,52 +42,103 @@ def scheduler_config(class_name: str, prediction_type: str) -> dict:
 
 
 # SD 1.x text tower: OpenAI CLIP ViT-L/14.
-_CLIP_VIT_L = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                             hidden_act="quick_gelu", projection_dim=768)
+_CLIP_VIT_L = CLIPTextConfig(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+)
 # SD 2.x text tower: OpenCLIP ViT-H/14, 23 of its 24 layers (SD 2 conditions on the penultimate layer).
-_OPEN_CLIP_VIT_H = CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-                                  num_attention_heads=16, hidden_act="gelu", projection_dim=512)
+_OPEN_CLIP_VIT_H = CLIPTextConfig(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=23,
+    num_attention_heads=16,
+    hidden_act="gelu",
+    projection_dim=512,
+)
 _SD21_UNET = UNetConfig(num_heads=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True)
 
 # Tiny models for tests: the real CLIP vocabulary (so the bundled tokenizer works), everything else a few
 # channels wide. Head counts follow the rules single-file loading infers them by
 # (SD 1: 8 heads per UNet block; SD 2: 64-wide heads, at least one; text: 64-wide heads, at least one).
-_TINY_UNET = UNetConfig(sample_size=8, block_out_channels=(32, 64), cross_attention_blocks=(True, False),
-                        layers_per_block=1, num_heads=8, cross_attention_dim=32)
+_TINY_UNET = UNetConfig(
+    sample_size=8,
+    block_out_channels=(32, 64),
+    cross_attention_blocks=(True, False),
+    layers_per_block=1,
+    num_heads=8,
+    cross_attention_dim=32,
+)
 _TINY_VAE = AutoencoderKLConfig(block_out_channels=(32, 64), layers_per_block=1, sample_size=16)
-_TINY_TEXT = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=1,
-                            projection_dim=32)
+_TINY_TEXT = CLIPTextConfig(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=1, projection_dim=32
+)
 
 # The toy world (core/toy, `fixative toy build`): 64x64 images, 16x16 latents.
 # Its text tower is SD 1.x's CLIP text encoder, narrowed: the real 49,408-token BPE vocabulary makes the token
 # embedding its largest tensor, and the tower is stored twice (SD's text_encoder/ and the toy CLIP folder).
-TOY_TEXT = CLIPTextConfig(hidden_size=48, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
-                          projection_dim=64, pad_token_id=49407)
+TOY_TEXT = CLIPTextConfig(
+    hidden_size=48,
+    intermediate_size=192,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    projection_dim=64,
+    pad_token_id=49407,
+)
 # No attention in the VAE's mid block: the toy VAE is trained on crops, which a purely convolutional network
 # sees the same way as whole images.
-TOY_VAE = AutoencoderKLConfig(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8,
-                              sample_size=64, mid_block_add_attention=False)
+TOY_VAE = AutoencoderKLConfig(
+    block_out_channels=(16, 32, 64),
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_size=64,
+    mid_block_add_attention=False,
+)
 # Two levels (16x16 and 8x8 latents), cross-attention at the lower one only: at this size, wide blocks at few
 # levels tell the artists apart better than more levels of as many weights.
-TOY_UNET = UNetConfig(sample_size=16, block_out_channels=(64, 128), cross_attention_blocks=(False, True),
-                      layers_per_block=1, num_heads=(4, 4), cross_attention_dim=TOY_TEXT.hidden_size)
+TOY_UNET = UNetConfig(
+    sample_size=16,
+    block_out_channels=(64, 128),
+    cross_attention_blocks=(False, True),
+    layers_per_block=1,
+    num_heads=(4, 4),
+    cross_attention_dim=TOY_TEXT.hidden_size,
+)
 # SD 1.x's noise schedule; DDIM is the folder's default sampler.
-TOY_SCHEDULER = {key: value for key, value in scheduler_config("DDIMScheduler", "epsilon").items()
-                 if key not in ("trained_betas", "skip_prk_steps")}  # PNDM's setting; no trained betas
+TOY_SCHEDULER = {
+    key: value
+    for key, value in scheduler_config("DDIMScheduler", "epsilon").items()
+    if key not in ("trained_betas", "skip_prk_steps")
+}  # PNDM's setting; no trained betas
 
 PRESETS: dict[str, Preset] = {
-    "sd15": Preset(ModelConfig(UNetConfig(), AutoencoderKLConfig(), _CLIP_VIT_L),
-                   scheduler_config("PNDMScheduler", "epsilon")),
-    "sd21": Preset(ModelConfig(UNetConfig(**{**vars(_SD21_UNET), "sample_size": 96, "upcast_attention": True}),
-                               AutoencoderKLConfig(sample_size=768), _OPEN_CLIP_VIT_H),
-                   scheduler_config("DDIMScheduler", "v_prediction")),
-    "sd21-base": Preset(ModelConfig(_SD21_UNET, AutoencoderKLConfig(), _OPEN_CLIP_VIT_H),
-                        scheduler_config("PNDMScheduler", "epsilon")),
+    "sd15": Preset(
+        ModelConfig(UNetConfig(), AutoencoderKLConfig(), _CLIP_VIT_L), scheduler_config("PNDMScheduler", "epsilon")
+    ),
+    "sd21": Preset(
+        ModelConfig(
+            UNetConfig(**{**vars(_SD21_UNET), "sample_size": 96, "upcast_attention": True}),
+            AutoencoderKLConfig(sample_size=768),
+            _OPEN_CLIP_VIT_H,
+        ),
+        scheduler_config("DDIMScheduler", "v_prediction"),
+    ),
+    "sd21-base": Preset(
+        ModelConfig(_SD21_UNET, AutoencoderKLConfig(), _OPEN_CLIP_VIT_H), scheduler_config("PNDMScheduler", "epsilon")
+    ),
     "toy": Preset(ModelConfig(TOY_UNET, TOY_VAE, TOY_TEXT), TOY_SCHEDULER),
     "tiny-sd1": Preset(ModelConfig(_TINY_UNET, _TINY_VAE, _TINY_TEXT), scheduler_config("PNDMScheduler", "epsilon")),
-    "tiny-sd2": Preset(ModelConfig(UNetConfig(**{**vars(_TINY_UNET), "num_heads": 1, "use_linear_projection": True}),
-                                   _TINY_VAE, CLIPTextConfig(**{**vars(_TINY_TEXT), "hidden_act": "gelu"})),
-                       scheduler_config("PNDMScheduler", "epsilon")),
+    "tiny-sd2": Preset(
+        ModelConfig(
+            UNetConfig(**{**vars(_TINY_UNET), "num_heads": 1, "use_linear_projection": True}),
+            _TINY_VAE,
+            CLIPTextConfig(**{**vars(_TINY_TEXT), "hidden_act": "gelu"}),
+        ),
+        scheduler_config("PNDMScheduler", "epsilon"),
+    ),
 }
 
 

@@ -56,7 +56,7 @@ class ScheduleSettings:
     steps_offset: int = 0  # added to "leading" timesteps; SD configs use 1
 
     @classmethod
-    def from_config(cls, config: dict) -> "ScheduleSettings":
+    def from_config(cls, config: dict) -> ScheduleSettings:
         """The keys of ``config`` this solver reads; absent ones take the solver's own default."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in config.items() if k in known})
@@ -129,8 +129,9 @@ def cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Ten
         return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
     n = num_train_timesteps
-    return torch.tensor([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)],
-                        dtype=torch.float32)
+    return torch.tensor(
+        [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)], dtype=torch.float32
+    )
 
 
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
@@ -150,13 +151,14 @@ class NoiseSchedule:
     alphas_cumprod: torch.Tensor  # (num_train_timesteps,) float32, ᾱ_t
 
     @classmethod
-    def from_settings(cls, settings: ScheduleSettings) -> "NoiseSchedule":
+    def from_settings(cls, settings: ScheduleSettings) -> NoiseSchedule:
         n = settings.num_train_timesteps
         if settings.trained_betas is not None:
             betas = torch.tensor(settings.trained_betas, dtype=torch.float32)
             if len(betas) != n:
-                raise FixativeError(f"scheduler config has {len(betas)} trained_betas but num_train_timesteps={n}; "
-                                    "make them agree")
+                raise FixativeError(
+                    f"scheduler config has {len(betas)} trained_betas but num_train_timesteps={n}; make them agree"
+                )
         elif settings.beta_schedule == "linear":
             betas = torch.linspace(settings.beta_start, settings.beta_end, n, dtype=torch.float32)
         elif settings.beta_schedule == "scaled_linear":  # linear in √β: Stable Diffusion's schedule
@@ -164,14 +166,16 @@ class NoiseSchedule:
         elif settings.beta_schedule == "squaredcos_cap_v2":
             betas = cosine_betas(n)
         else:
-            raise FixativeError(f"unknown beta_schedule {settings.beta_schedule!r} in the scheduler config; "
-                                f"use one of {', '.join(BETA_SCHEDULES)} or give trained_betas")
+            raise FixativeError(
+                f"unknown beta_schedule {settings.beta_schedule!r} in the scheduler config; "
+                f"use one of {', '.join(BETA_SCHEDULES)} or give trained_betas"
+            )
         if settings.rescale_betas_zero_snr:
             betas = rescale_zero_terminal_snr(betas)
         return cls(torch.cumprod(1.0 - betas, dim=0))
 
     @classmethod
-    def from_config(cls, scheduler_config: dict) -> "NoiseSchedule":
+    def from_config(cls, scheduler_config: dict) -> NoiseSchedule:
         """The training schedule of a ``scheduler_config.json``."""
         return cls.from_settings(ScheduleSettings.from_config(scheduler_config))
 
@@ -194,8 +198,9 @@ class NoiseSchedule:
         return ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
 
 
-def spaced_timesteps(spacing: str, num_train_timesteps: int, num_inference_steps: int,
-                     steps_offset: int = 0) -> np.ndarray:
+def spaced_timesteps(
+    spacing: str, num_train_timesteps: int, num_inference_steps: int, steps_offset: int = 0
+) -> np.ndarray:
     """The training timesteps a sampling run visits, descending, as float64 (Lin et al. 2024, Table 2).
 
     linspace: evenly from N−1 to 0 (not rounded here); leading: k · ⌊N/n⌋ + steps_offset;
@@ -208,8 +213,9 @@ def spaced_timesteps(spacing: str, num_train_timesteps: int, num_inference_steps
         return (np.arange(n) * (N // n))[::-1].astype(np.float64) + steps_offset
     if spacing == "trailing":
         return np.round(np.arange(N, 0, -N / n)) - 1
-    raise FixativeError(f"unknown timestep_spacing {spacing!r} in the scheduler config; "
-                        f"use one of {', '.join(TIMESTEP_SPACINGS)}")
+    raise FixativeError(
+        f"unknown timestep_spacing {spacing!r} in the scheduler config; use one of {', '.join(TIMESTEP_SPACINGS)}"
+    )
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int, rho: float = 7.0) -> np.ndarray:
@@ -250,8 +256,9 @@ def ddpm_step(x0, latents, alpha_cumprod, alpha_cumprod_prev, noise=None):
     where α_t = ᾱ_t/ᾱ_{t−1} spans the skipped training steps."""
     alpha_t = alpha_cumprod / alpha_cumprod_prev
     beta_t = 1 - alpha_t
-    mean = ((alpha_cumprod_prev**0.5 * beta_t) / (1 - alpha_cumprod) * x0
-            + alpha_t**0.5 * (1 - alpha_cumprod_prev) / (1 - alpha_cumprod) * latents)
+    mean = (alpha_cumprod_prev**0.5 * beta_t) / (1 - alpha_cumprod) * x0 + alpha_t**0.5 * (1 - alpha_cumprod_prev) / (
+        1 - alpha_cumprod
+    ) * latents
     if noise is None:
         return mean
     variance = torch.clamp((1 - alpha_cumprod_prev) / (1 - alpha_cumprod) * beta_t, min=1e-20)
@@ -371,8 +378,9 @@ class Scheduler:
     def _timesteps(self, num_inference_steps: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def img2img_timesteps(self, num_inference_steps: int, strength: float,
-                          device: torch.device | str | None = None) -> torch.Tensor:
+    def img2img_timesteps(
+        self, num_inference_steps: int, strength: float, device: torch.device | str | None = None
+    ) -> torch.Tensor:
         """The timesteps an image-to-image run takes (SDEdit, Meng et al. 2022): the last
         ⌊n · strength⌋ of the n-step schedule; its first element is the level ``add_noise`` gives the
         image. As diffusers' StableDiffusionImg2ImgPipeline.get_timesteps, which also makes the
@@ -385,13 +393,18 @@ class Scheduler:
         init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
         t_start = max(num_inference_steps - init_timestep, 0)
         self._begin_index = t_start * self.order
-        return self.timesteps[t_start * self.order:]
+        return self.timesteps[t_start * self.order :]
 
     def scale_model_input(self, latents: torch.Tensor, t) -> torch.Tensor:
         return latents
 
-    def step(self, model_output: torch.Tensor, t, latents: torch.Tensor,
-             generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+    def step(
+        self,
+        model_output: torch.Tensor,
+        t,
+        latents: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> torch.Tensor:
         """The latents at the next (less noisy) timestep."""
         raise NotImplementedError
 
@@ -412,8 +425,9 @@ class Scheduler:
             raise FixativeError("call set_timesteps before stepping the scheduler")
         matches = (self.timesteps == torch.as_tensor(t, device=self.timesteps.device)).nonzero()
         if len(matches) == 0:
-            raise FixativeError(f"timestep {float(t)} is not one of this scheduler's timesteps; "
-                                "pass an element of scheduler.timesteps")
+            raise FixativeError(
+                f"timestep {float(t)} is not one of this scheduler's timesteps; pass an element of scheduler.timesteps"
+            )
         return matches[0].item()
 
     def _clipped(self, x0: torch.Tensor) -> torch.Tensor:
@@ -428,8 +442,9 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _integer_timesteps(settings: ScheduleSettings, num_inference_steps: int) -> torch.Tensor:
-    spaced = spaced_timesteps(settings.timestep_spacing, settings.num_train_timesteps, num_inference_steps,
-                              settings.steps_offset)
+    spaced = spaced_timesteps(
+        settings.timestep_spacing, settings.num_train_timesteps, num_inference_steps, settings.steps_offset
+    )
     return torch.from_numpy(np.round(spaced).astype(np.int64))
 
 
@@ -451,8 +466,7 @@ class DDIMScheduler(Scheduler):
         prev_t = t - self.settings.num_train_timesteps // self.num_inference_steps
         alpha_cumprod = self.alphas_cumprod[t]
         alpha_cumprod_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
-        x0, eps = self.parameterization.predict(model_output, latents, alpha_cumprod**0.5,
-                                                (1 - alpha_cumprod) ** 0.5)
+        x0, eps = self.parameterization.predict(model_output, latents, alpha_cumprod**0.5, (1 - alpha_cumprod) ** 0.5)
         x0 = self._clipped(x0)
         std_dev = ddim_std_dev(self.eta, alpha_cumprod, alpha_cumprod_prev)
         noise = None
@@ -469,8 +483,10 @@ class DDPMScheduler(Scheduler):
 
     def __init__(self, settings: DDPMSettings):
         if settings.variance_type != "fixed_small":
-            raise FixativeError(f"variance_type {settings.variance_type!r} is not supported by fixative's ddpm "
-                                "scheduler; use fixed_small")
+            raise FixativeError(
+                f"variance_type {settings.variance_type!r} is not supported by fixative's ddpm "
+                "scheduler; use fixed_small"
+            )
         super().__init__(settings)
 
     def _timesteps(self, num_inference_steps: int) -> torch.Tensor:
@@ -537,16 +553,21 @@ class _VESigmaScheduler(_SigmaScheduler):
 
     def _float_timesteps(self, num_inference_steps: int) -> np.ndarray:
         s = self.settings
-        return spaced_timesteps(s.timestep_spacing, s.num_train_timesteps, num_inference_steps,
-                                s.steps_offset).astype(np.float32)
+        return spaced_timesteps(s.timestep_spacing, s.num_train_timesteps, num_inference_steps, s.steps_offset).astype(
+            np.float32
+        )
 
 
 class EulerScheduler(_VESigmaScheduler):
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 2 without churn)."""
 
     name, diffusers_class, Settings = "euler", "EulerDiscreteScheduler", EulerSettings
-    unsupported = {"interpolation_type": ("linear",), "timestep_type": ("discrete",),
-                   "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,)}
+    unsupported = {
+        "interpolation_type": ("linear",),
+        "timestep_type": ("discrete",),
+        "use_exponential_sigmas": (False,),
+        "use_beta_sigmas": (False,),
+    }
 
     def __init__(self, settings: EulerSettings):
         if settings.final_sigmas_type not in ("zero", "sigma_min"):
@@ -558,9 +579,11 @@ class EulerScheduler(_VESigmaScheduler):
         timesteps = self._float_timesteps(num_inference_steps)
         sigmas = self._interpolated_sigmas(timesteps)
         if s.use_karras_sigmas:
-            sigmas = karras_sigmas(s.sigma_min if s.sigma_min is not None else sigmas[-1].item(),
-                                   s.sigma_max if s.sigma_max is not None else sigmas[0].item(),
-                                   num_inference_steps)
+            sigmas = karras_sigmas(
+                s.sigma_min if s.sigma_min is not None else sigmas[-1].item(),
+                s.sigma_max if s.sigma_max is not None else sigmas[0].item(),
+                num_inference_steps,
+            )
             timesteps = sigma_to_timestep(sigmas, np.log(self.schedule.sigmas.numpy()))
         self.sigmas = torch.from_numpy(np.concatenate([sigmas, [self._final_sigma()]]).astype(np.float32))
         return torch.from_numpy(timesteps.astype(np.float32))
@@ -604,20 +627,29 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
     and, by default, at the end (lower_order_final below 15 steps; always when the last σ is zero)."""
 
     name, diffusers_class, Settings = "dpm++2m", "DPMSolverMultistepScheduler", DPMSolverSettings
-    unsupported = {"thresholding": (False,), "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,),
-                   "use_lu_lambdas": (False,), "use_flow_sigmas": (False,),
-                   # learned variances (a 2x-channel output) are for pixel models, not Stable Diffusion
-                   "variance_type": (None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"),
-                   "lambda_min_clipped": (-math.inf,)}
+    unsupported = {
+        "thresholding": (False,),
+        "use_exponential_sigmas": (False,),
+        "use_beta_sigmas": (False,),
+        "use_lu_lambdas": (False,),
+        "use_flow_sigmas": (False,),
+        # learned variances (a 2x-channel output) are for pixel models, not Stable Diffusion
+        "variance_type": (None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"),
+        "lambda_min_clipped": (-math.inf,),
+    }
 
     def __init__(self, settings: DPMSolverSettings):
-        for key, value, allowed in (("algorithm_type", settings.algorithm_type, ("dpmsolver++",)),
-                                    ("solver_order", settings.solver_order, (1, 2)),
-                                    ("solver_type", settings.solver_type, ("midpoint", "heun")),
-                                    ("final_sigmas_type", settings.final_sigmas_type, ("zero", "sigma_min"))):
+        for key, value, allowed in (
+            ("algorithm_type", settings.algorithm_type, ("dpmsolver++",)),
+            ("solver_order", settings.solver_order, (1, 2)),
+            ("solver_type", settings.solver_type, ("midpoint", "heun")),
+            ("final_sigmas_type", settings.final_sigmas_type, ("zero", "sigma_min")),
+        ):
             if value not in allowed:
-                raise FixativeError(f"{key}={value!r} is not supported by fixative's dpm++2m scheduler; "
-                                    f"use one of {', '.join(map(str, allowed))}")
+                raise FixativeError(
+                    f"{key}={value!r} is not supported by fixative's dpm++2m scheduler; "
+                    f"use one of {', '.join(map(str, allowed))}"
+                )
         super().__init__(settings)
         self._x0_prev: torch.Tensor | None = None
 
@@ -635,8 +667,11 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
         timesteps = np.round(spaced).astype(np.int64)
         train_sigmas = self.schedule.sigmas.numpy()
         if s.use_karras_sigmas:  # over the whole training range, whatever the spacing
-            sigmas = karras_sigmas(s.sigma_min if s.sigma_min is not None else train_sigmas[0].item(),
-                                   s.sigma_max if s.sigma_max is not None else train_sigmas[-1].item(), n)
+            sigmas = karras_sigmas(
+                s.sigma_min if s.sigma_min is not None else train_sigmas[0].item(),
+                s.sigma_max if s.sigma_max is not None else train_sigmas[-1].item(),
+                n,
+            )
             timesteps = sigma_to_timestep(sigmas, np.log(train_sigmas))
             if s.beta_schedule != "squaredcos_cap_v2":
                 timesteps = timesteps.round()
@@ -656,16 +691,18 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
         s = self.settings
         i = self._index(t)
         last = i == len(self.timesteps) - 1
-        first_order_final = last and (s.euler_at_final or (s.lower_order_final and len(self.timesteps) < 15)
-                                      or s.final_sigmas_type == "zero")
+        first_order_final = last and (
+            s.euler_at_final or (s.lower_order_final and len(self.timesteps) < 15) or s.final_sigmas_type == "zero"
+        )
         alpha_t, sigma_t = vp_alpha_sigma(self.sigmas[i])
         x0 = self.parameterization.predict(model_output, latents, alpha_t, sigma_t).x0
         latents = latents.to(torch.float32)
         if s.solver_order == 1 or self._x0_prev is None or first_order_final:
             prev = dpm_solver_pp_1_step(latents, x0, self.sigmas[i], self.sigmas[i + 1])
         else:
-            prev = dpm_solver_pp_2m_step(latents, x0, self._x0_prev, self.sigmas[i - 1], self.sigmas[i],
-                                         self.sigmas[i + 1], s.solver_type)
+            prev = dpm_solver_pp_2m_step(
+                latents, x0, self._x0_prev, self.sigmas[i - 1], self.sigmas[i], self.sigmas[i + 1], s.solver_type
+            )
         self._x0_prev = self.pred_original_sample = x0
         self._step_index += 1
         return prev.to(model_output.dtype)
@@ -692,13 +729,17 @@ class LCMScheduler(Scheduler):
         s, n = self.settings, num_inference_steps
         original = s.original_inference_steps
         if original > s.num_train_timesteps:
-            raise FixativeError(f"original_inference_steps={original} exceeds num_train_timesteps="
-                                f"{s.num_train_timesteps}; fix the scheduler config")
+            raise FixativeError(
+                f"original_inference_steps={original} exceeds num_train_timesteps="
+                f"{s.num_train_timesteps}; fix the scheduler config"
+            )
         c = s.num_train_timesteps // original
         distilled = np.arange(1, int(original * self._strength) + 1) * c - 1
         if len(distilled) < n:
-            raise FixativeError(f"lcm can take at most {len(distilled)} steps here (original_inference_steps="
-                                f"{original} x strength {self._strength}); lower num_inference_steps")
+            raise FixativeError(
+                f"lcm can take at most {len(distilled)} steps here (original_inference_steps="
+                f"{original} x strength {self._strength}); lower num_inference_steps"
+            )
         picks = np.floor(np.linspace(0, len(distilled), num=n, endpoint=False)).astype(np.int64)
         return torch.from_numpy(distilled[::-1][picks].copy())
 
@@ -706,8 +747,7 @@ class LCMScheduler(Scheduler):
         i = self._index(t)
         prev_t = self.timesteps[i + 1] if i + 1 < len(self.timesteps) else t
         alpha_cumprod, alpha_cumprod_prev = self.alphas_cumprod[t], self.alphas_cumprod[prev_t]
-        x0, _ = self.parameterization.predict(model_output, latents, alpha_cumprod.sqrt(),
-                                              (1 - alpha_cumprod).sqrt())
+        x0, _ = self.parameterization.predict(model_output, latents, alpha_cumprod.sqrt(), (1 - alpha_cumprod).sqrt())
         denoised = self.boundary.denoise(self._clipped(x0), latents, t)
         noise = None
         if i != self.num_inference_steps - 1:
@@ -718,8 +758,15 @@ class LCMScheduler(Scheduler):
 
 
 SCHEDULERS: dict[str, type[Scheduler]] = {
-    cls.name: cls for cls in (DDIMScheduler, EulerScheduler, EulerAncestralScheduler, DPMSolverMultistepScheduler,
-                              DDPMScheduler, LCMScheduler)
+    cls.name: cls
+    for cls in (
+        DDIMScheduler,
+        EulerScheduler,
+        EulerAncestralScheduler,
+        DPMSolverMultistepScheduler,
+        DDPMScheduler,
+        LCMScheduler,
+    )
 }
 
 
@@ -738,12 +785,16 @@ def make_scheduler(name: str, scheduler_config: dict | None = None, *, eta: floa
         config.pop(key, None)
     for key, accepted in cls.unsupported.items():
         if config.get(key, accepted[0]) not in accepted:
-            raise FixativeError(f"the scheduler config sets {key}={config[key]!r}, which fixative's {name} "
-                                f"scheduler does not support; remove it or set {key}={accepted[0]!r}")
+            raise FixativeError(
+                f"the scheduler config sets {key}={config[key]!r}, which fixative's {name} "
+                f"scheduler does not support; remove it or set {key}={accepted[0]!r}"
+            )
     settings = cls.Settings.from_config(config)
     if settings.timestep_spacing not in TIMESTEP_SPACINGS and cls is not LCMScheduler:
-        raise FixativeError(f"unknown timestep_spacing {settings.timestep_spacing!r} in the scheduler config; "
-                            f"use one of {', '.join(TIMESTEP_SPACINGS)}")
+        raise FixativeError(
+            f"unknown timestep_spacing {settings.timestep_spacing!r} in the scheduler config; "
+            f"use one of {', '.join(TIMESTEP_SPACINGS)}"
+        )
     if cls is DDIMScheduler:
         return DDIMScheduler(settings, eta=eta)
     if eta:

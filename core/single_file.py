@@ -43,8 +43,14 @@ _UNUSED_TEXT_KEYS = {"embeddings.position_ids", "text_projection", "logit_scale"
 _RELEASED_OPEN_CLIP_LAYERS = 24  # OpenCLIP ViT-H/14; SD 2.x conditions on the output of layer 23
 
 # Leaf renames inside a module: original name -> diffusers name.
-_UNET_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-                "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+_UNET_RESNET = {
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
+}
 _VAE_RESNET = {"nin_shortcut": "conv_shortcut"}
 _VAE_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 VAE_ATTENTION_LINEARS = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")
@@ -55,7 +61,9 @@ class _ModuleMap:
 
     def __init__(self, modules: dict[str, tuple[str, dict[str, str]]]):
         self.to_ours = modules
-        self.to_theirs = {ours: (theirs, {b: a for a, b in leaves.items()}) for theirs, (ours, leaves) in modules.items()}
+        self.to_theirs = {
+            ours: (theirs, {b: a for a, b in leaves.items()}) for theirs, (ours, leaves) in modules.items()
+        }
 
     @staticmethod
     def _rename(key: str, table: dict[str, tuple[str, dict[str, str]]]) -> str | None:
@@ -67,7 +75,7 @@ class _ModuleMap:
                 rest = ".".join(parts[cut:])
                 for old, new in leaves.items():
                     if rest.startswith(old + "."):
-                        rest = new + rest[len(old):]
+                        rest = new + rest[len(old) :]
                         break
                 return f"{target}.{rest}"
         return None
@@ -86,9 +94,13 @@ class _ModuleMap:
 def _unet_map(layers_per_block: int, cross_attention_blocks: tuple[bool, ...]) -> _ModuleMap:
     resnet, none = _UNET_RESNET, {}
     modules = {
-        "time_embed.0": ("time_embedding.linear_1", none), "time_embed.2": ("time_embedding.linear_2", none),
-        "input_blocks.0.0": ("conv_in", none), "out.0": ("conv_norm_out", none), "out.2": ("conv_out", none),
-        "middle_block.0": ("mid_block.resnets.0", resnet), "middle_block.1": ("mid_block.attentions.0", none),
+        "time_embed.0": ("time_embedding.linear_1", none),
+        "time_embed.2": ("time_embedding.linear_2", none),
+        "input_blocks.0.0": ("conv_in", none),
+        "out.0": ("conv_norm_out", none),
+        "out.2": ("conv_out", none),
+        "middle_block.0": ("mid_block.resnets.0", resnet),
+        "middle_block.1": ("mid_block.attentions.0", none),
         "middle_block.2": ("mid_block.resnets.1", resnet),
     }
     last = len(cross_attention_blocks) - 1
@@ -111,7 +123,10 @@ def _unet_map(layers_per_block: int, cross_attention_blocks: tuple[bool, ...]) -
             if attention:
                 modules[f"output_blocks.{index}.1"] = (f"up_blocks.{block}.attentions.{layer}", none)
         if block < last:
-            modules[f"output_blocks.{index}.{2 if attention else 1}.conv"] = (f"up_blocks.{block}.upsamplers.0.conv", none)
+            modules[f"output_blocks.{index}.{2 if attention else 1}.conv"] = (
+                f"up_blocks.{block}.upsamplers.0.conv",
+                none,
+            )
     return _ModuleMap(modules)
 
 
@@ -131,9 +146,13 @@ def unet_original_key(key: str, config: UNetConfig) -> str | None:
 
 def unet_to_original(state_dict: dict[str, torch.Tensor], config: UNetConfig) -> dict[str, torch.Tensor]:
     if config.time_cond_proj_dim is not None:
-        raise FixativeError("this UNet has a guidance-scale embedding (LCM), which the original single-file layout "
-                            "has no place for; save it as a diffusers folder instead")
-    return {UNET_PREFIX + _known(unet_original_key(key, config), key, "UNet"): value for key, value in state_dict.items()}
+        raise FixativeError(
+            "this UNet has a guidance-scale embedding (LCM), which the original single-file layout "
+            "has no place for; save it as a diffusers folder instead"
+        )
+    return {
+        UNET_PREFIX + _known(unet_original_key(key, config), key, "UNet"): value for key, value in state_dict.items()
+    }
 
 
 def _known(mapped: str | None, key: str, network: str) -> str:
@@ -159,9 +178,15 @@ def _vae_map(num_blocks: int, layers_per_block: int, mid_attention: bool) -> _Mo
             modules[f"{part}.mid.attn_1"] = (f"{part}.mid_block.attentions.0", _VAE_ATTENTION)
     for block in range(num_blocks):
         for layer in range(layers_per_block):
-            modules[f"encoder.down.{block}.block.{layer}"] = (f"encoder.down_blocks.{block}.resnets.{layer}", _VAE_RESNET)
+            modules[f"encoder.down.{block}.block.{layer}"] = (
+                f"encoder.down_blocks.{block}.resnets.{layer}",
+                _VAE_RESNET,
+            )
         if block < num_blocks - 1:
-            modules[f"encoder.down.{block}.downsample.conv"] = (f"encoder.down_blocks.{block}.downsamplers.0.conv", none)
+            modules[f"encoder.down.{block}.downsample.conv"] = (
+                f"encoder.down_blocks.{block}.downsamplers.0.conv",
+                none,
+            )
     # the decoder's up.N works at the resolution of encoder block N; diffusers numbers up blocks in running order
     for level in range(num_blocks):
         block = num_blocks - 1 - level
@@ -203,12 +228,19 @@ def vae_to_original(state_dict: dict[str, torch.Tensor], config: AutoencoderKLCo
 # --------------------------------------------------------------------------------------- text encoder
 
 _OPEN_CLIP_LAYER = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
-_OPEN_CLIP_TOP = {"token_embedding.weight": "text_model.embeddings.token_embedding.weight",
-                  "positional_embedding": "text_model.embeddings.position_embedding.weight",
-                  "ln_final.weight": "text_model.final_layer_norm.weight",
-                  "ln_final.bias": "text_model.final_layer_norm.bias"}
-_OPEN_CLIP_LEAVES = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
-                     "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+_OPEN_CLIP_TOP = {
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "ln_final.weight": "text_model.final_layer_norm.weight",
+    "ln_final.bias": "text_model.final_layer_norm.bias",
+}
+_OPEN_CLIP_LEAVES = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "attn.out_proj": "self_attn.out_proj",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
 _HF_LAYER = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.+)")
 
 
@@ -244,7 +276,7 @@ def map_open_clip_key(key: str, value: torch.Tensor, config: CLIPTextConfig) -> 
         return [(f"{prefix}self_attn.{name}_proj.{leaf}", part) for name, part in zip("qkv", value.chunk(3, dim=0))]
     for old, new in _OPEN_CLIP_LEAVES.items():
         if rest.startswith(old + "."):
-            return [(prefix + new + rest[len(old):], value)]
+            return [(prefix + new + rest[len(old) :], value)]
     return None
 
 
@@ -264,7 +296,7 @@ def text_encoder_original_key(key: str, config: CLIPTextConfig) -> str | None:
         return f"{OPEN_CLIP_PREFIX}transformer.resblocks.{layer}.attn.in_proj_{fused[1]}"
     for old, new in _OPEN_CLIP_LEAVES.items():
         if rest.startswith(new + "."):
-            return f"{OPEN_CLIP_PREFIX}transformer.resblocks.{layer}.{old}{rest[len(new):]}"
+            return f"{OPEN_CLIP_PREFIX}transformer.resblocks.{layer}.{old}{rest[len(new) :]}"
     return None
 
 
@@ -298,13 +330,13 @@ def map_original_key(key: str, value: torch.Tensor, config: ModelConfig) -> tupl
     key is not one of that network's), or None for tensors outside the three networks (the noise schedule,
     EMA copies, training state), which are not weights of the model we build."""
     if key.startswith(UNET_PREFIX):
-        return "unet", map_unet_key(key[len(UNET_PREFIX):], value, config.unet)
+        return "unet", map_unet_key(key[len(UNET_PREFIX) :], value, config.unet)
     if key.startswith(VAE_PREFIX):
-        return "vae", map_vae_key(key[len(VAE_PREFIX):], value, config.vae)
+        return "vae", map_vae_key(key[len(VAE_PREFIX) :], value, config.vae)
     if key.startswith(CLIP_PREFIX):
-        return "text_encoder", map_clip_key(key[len(CLIP_PREFIX):], value)
+        return "text_encoder", map_clip_key(key[len(CLIP_PREFIX) :], value)
     if key.startswith(OPEN_CLIP_PREFIX):
-        return "text_encoder", map_open_clip_key(key[len(OPEN_CLIP_PREFIX):], value, config.text_encoder)
+        return "text_encoder", map_open_clip_key(key[len(OPEN_CLIP_PREFIX) :], value, config.text_encoder)
     return None
 
 
@@ -321,24 +353,41 @@ def original_key(network: str, key: str, config: ModelConfig) -> str | None:
 
 def to_original(state_dicts: dict[str, dict[str, torch.Tensor]], config: ModelConfig) -> dict[str, torch.Tensor]:
     """Our three state dicts (``{"unet": ..., "vae": ..., "text_encoder": ...}``) as one original checkpoint."""
-    return {**unet_to_original(state_dicts["unet"], config.unet), **vae_to_original(state_dicts["vae"], config.vae),
-            **text_encoder_to_original(state_dicts["text_encoder"], config.text_encoder)}
+    return {
+        **unet_to_original(state_dicts["unet"], config.unet),
+        **vae_to_original(state_dicts["vae"], config.vae),
+        **text_encoder_to_original(state_dicts["text_encoder"], config.text_encoder),
+    }
 
 
 def config_metadata(config: ModelConfig, scheduler_config: dict) -> str:
     """The exact configs, recorded in files fixative writes (head counts and image size are not in shapes)."""
-    return json.dumps({"unet": config.unet.to_diffusers(), "vae": config.vae.to_diffusers(),
-                       "text_encoder": config.text_encoder.to_diffusers(), "scheduler": scheduler_config})
+    return json.dumps(
+        {
+            "unet": config.unet.to_diffusers(),
+            "vae": config.vae.to_diffusers(),
+            "text_encoder": config.text_encoder.to_diffusers(),
+            "scheduler": scheduler_config,
+        }
+    )
 
 
 def config_from_metadata(text: str) -> tuple[ModelConfig, dict]:
     try:
         configs = json.loads(text)
-        return (ModelConfig(UNetConfig.from_diffusers(configs["unet"]), AutoencoderKLConfig.from_diffusers(configs["vae"]),
-                            CLIPTextConfig.from_diffusers(configs["text_encoder"])), dict(configs["scheduler"]))
+        return (
+            ModelConfig(
+                UNetConfig.from_diffusers(configs["unet"]),
+                AutoencoderKLConfig.from_diffusers(configs["vae"]),
+                CLIPTextConfig.from_diffusers(configs["text_encoder"]),
+            ),
+            dict(configs["scheduler"]),
+        )
     except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise FixativeError(f"the file's {METADATA_KEY!r} metadata is damaged ({type(error).__name__}: {error}); "
-                            "remove that metadata entry to have the architecture read from the tensor shapes") from None
+        raise FixativeError(
+            f"the file's {METADATA_KEY!r} metadata is damaged ({type(error).__name__}: {error}); "
+            "remove that metadata entry to have the architecture read from the tensor shapes"
+        ) from None
 
 
 # ------------------------------------------------------------------------------- shapes -> architecture
@@ -353,7 +402,7 @@ def _count(shapes: dict[str, tuple[int, ...]], pattern: str) -> int:
 
 
 def _strip(shapes: dict[str, tuple[int, ...]], prefix: str) -> dict[str, tuple[int, ...]]:
-    return {key[len(prefix):]: shape for key, shape in shapes.items() if key.startswith(prefix)}
+    return {key[len(prefix) :]: shape for key, shape in shapes.items() if key.startswith(prefix)}
 
 
 def _shape(shapes: dict[str, tuple[int, ...]], key: str, network: str) -> tuple[int, ...]:
@@ -369,8 +418,10 @@ def infer_unet_config(shapes: dict[str, tuple[int, ...]], sd2: bool) -> UNetConf
     (at least one, for narrow test models).
     """
     if any(key.startswith(("label_emb.", "input_hint_block.")) for key in shapes):
-        raise FixativeError("this UNet has class/size embeddings or a control branch (SDXL, upscaler or ControlNet); "
-                            "fixative supports Stable Diffusion 1.x/2.x only")
+        raise FixativeError(
+            "this UNet has class/size embeddings or a control branch (SDXL, upscaler or ControlNet); "
+            "fixative supports Stable Diffusion 1.x/2.x only"
+        )
     conv_in = _shape(shapes, "input_blocks.0.0.weight", "UNet")
     widths, attention, per_block = [], [], []
     index, layers = 1, 0
@@ -387,8 +438,10 @@ def infer_unet_config(shapes: dict[str, tuple[int, ...]], sd2: bool) -> UNetConf
         index += 1
     per_block.append(layers)
     if not widths or len(set(per_block)) != 1:
-        raise FixativeError(f"the UNet's input blocks hold {per_block} ResNets per level; "
-                            "a Stable Diffusion 1.x/2.x UNet has the same number at every level")
+        raise FixativeError(
+            f"the UNet's input blocks hold {per_block} ResNets per level; "
+            "a Stable Diffusion 1.x/2.x UNet has the same number at every level"
+        )
     proj_in = _shape(shapes, "middle_block.1.proj_in.weight", "UNet")
     heads = [max(1, width // 64) for width in widths] if sd2 else 8
     return UNetConfig(
@@ -412,8 +465,9 @@ def infer_vae_config(shapes: dict[str, tuple[int, ...]]) -> AutoencoderKLConfig:
     return AutoencoderKLConfig(
         in_channels=_shape(shapes, "encoder.conv_in.weight", "VAE")[1],
         out_channels=_shape(shapes, "decoder.conv_out.weight", "VAE")[0],
-        block_out_channels=tuple(_shape(shapes, f"encoder.down.{i}.block.0.conv1.weight", "VAE")[0]
-                                 for i in range(num_blocks)),
+        block_out_channels=tuple(
+            _shape(shapes, f"encoder.down.{i}.block.0.conv1.weight", "VAE")[0] for i in range(num_blocks)
+        ),
         layers_per_block=_count(shapes, "encoder.down.0.block.{}."),
         latent_channels=_shape(shapes, "encoder.conv_out.weight", "VAE")[0] // 2,  # mean and log-variance
         mid_block_add_attention="encoder.mid.attn_1.q.weight" in shapes,
@@ -441,13 +495,21 @@ def infer_text_config(shapes: dict[str, tuple[int, ...]], open_clip: bool) -> CL
         intermediate = _shape(shapes, "encoder.layers.0.mlp.fc1.weight", "CLIP text encoder")[0]
         positions = _shape(shapes, "embeddings.position_embedding.weight", "CLIP text encoder")[0]
         activation, projection_dim = "quick_gelu", 768
-    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate,
-                          num_hidden_layers=layers, num_attention_heads=max(1, hidden_size // 64),
-                          max_position_embeddings=positions, hidden_act=activation, projection_dim=projection_dim)
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden_size // 64),
+        max_position_embeddings=positions,
+        hidden_act=activation,
+        projection_dim=projection_dim,
+    )
 
 
-def infer_model_config(shapes: dict[str, tuple[int, ...]], prediction_type: str | None
-                       ) -> tuple[ModelConfig, dict, list[str]]:
+def infer_model_config(
+    shapes: dict[str, tuple[int, ...]], prediction_type: str | None
+) -> tuple[ModelConfig, dict, list[str]]:
     """The model config, scheduler config and the assumptions made, for an original checkpoint's shapes.
 
     SD 1.x and 2.x are told apart by the text-encoder layout. Whether an SD 2.x model predicts v (the
@@ -456,13 +518,17 @@ def infer_model_config(shapes: dict[str, tuple[int, ...]], prediction_type: str 
     """
     open_clip = any(key.startswith(OPEN_CLIP_PREFIX) for key in shapes)
     if not open_clip and not any(key.startswith(CLIP_PREFIX) for key in shapes):
-        raise FixativeError("the checkpoint has no Stable Diffusion 1.x/2.x text encoder (cond_stage_model.transformer.* "
-                            "or cond_stage_model.model.*); SDXL and other architectures are not supported")
+        raise FixativeError(
+            "the checkpoint has no Stable Diffusion 1.x/2.x text encoder (cond_stage_model.transformer.* "
+            "or cond_stage_model.model.*); SDXL and other architectures are not supported"
+        )
     notes = []
     if prediction_type is None:
         prediction_type = "epsilon"
-        notes.append("prediction type assumed epsilon: a single file does not record it (SD 1.x and the 512-px "
-                     "SD 2.x bases); for the 768-px SD 2.x models (2.0-v, 2.1) pass --prediction-type v_prediction")
+        notes.append(
+            "prediction type assumed epsilon: a single file does not record it (SD 1.x and the 512-px "
+            "SD 2.x bases); for the 768-px SD 2.x models (2.0-v, 2.1) pass --prediction-type v_prediction"
+        )
     if prediction_type not in PREDICTION_TYPES:
         raise FixativeError(f"unknown prediction type {prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)}")
     # the release whose non-shape settings (image size, attention upcast, scheduler) this file takes

@@ -21,6 +21,7 @@ from torch import nn
 from .config import CLIPTextConfig, check_buildable, text_encoder_problems
 from .errors import FixativeError
 
+
 @dataclass
 class CLIPTextOutput:
     last_hidden_state: torch.Tensor  # (batch, tokens, hidden_size): the UNet's text_embeddings

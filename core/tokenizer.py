@@ -52,8 +52,9 @@ def bundled_vocabulary() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     try:
         lines = gzip.open(BUNDLED_BPE).read().decode("utf-8").split("\n")
     except OSError as error:
-        raise FixativeError(f"cannot read fixative's bundled CLIP vocabulary {BUNDLED_BPE} ({error}); "
-                            "reinstall fixative")
+        raise FixativeError(
+            f"cannot read fixative's bundled CLIP vocabulary {BUNDLED_BPE} ({error}); reinstall fixative"
+        ) from error
     # after the header line, the first 49152 - 256 - 2 merges are CLIP's (OpenAI CLIP simple_tokenizer.py)
     merges = tuple(tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1])
     symbols = list(byte_symbols().values())
@@ -65,7 +66,7 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise FixativeError(f"cannot read tokenizer file {path} ({error}); provide a valid tokenizer folder")
+        raise FixativeError(f"cannot read tokenizer file {path} ({error}); provide a valid tokenizer folder") from error
 
 
 def _token_text(value) -> str | None:
@@ -76,13 +77,21 @@ def _token_text(value) -> str | None:
 class CLIPTokenizer:
     """``tokenizer(prompts) -> (batch, 77)`` ids: BOS, the BPE tokens, EOS, then padding."""
 
-    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str = EOS_TOKEN,
-                 bos_token: str = BOS_TOKEN, eos_token: str = EOS_TOKEN, unk_token: str = EOS_TOKEN,
-                 model_max_length: int = MODEL_MAX_LENGTH):
+    def __init__(
+        self,
+        vocab: dict[str, int],
+        merges: list[tuple[str, str]],
+        pad_token: str = EOS_TOKEN,
+        bos_token: str = BOS_TOKEN,
+        eos_token: str = EOS_TOKEN,
+        unk_token: str = EOS_TOKEN,
+        model_max_length: int = MODEL_MAX_LENGTH,
+    ):
         for role, token in (("pad", pad_token), ("bos", bos_token), ("eos", eos_token), ("unk", unk_token)):
             if token not in vocab:
-                raise FixativeError(f"the {role} token {token!r} is not in the tokenizer vocabulary; "
-                                    "check the tokenizer files")
+                raise FixativeError(
+                    f"the {role} token {token!r} is not in the tokenizer vocabulary; check the tokenizer files"
+                )
         self.vocab = vocab
         self.merges = [tuple(pair) for pair in merges]
         self.merge_ranks = {pair: rank for rank, pair in enumerate(self.merges)}
@@ -113,13 +122,13 @@ class CLIPTokenizer:
         return len(self.vocab)
 
     @classmethod
-    def bundled(cls, pad_token: str = EOS_TOKEN) -> "CLIPTokenizer":
+    def bundled(cls, pad_token: str = EOS_TOKEN) -> CLIPTokenizer:
         """fixative's own copy of the CLIP BPE: SD 1.x pads with "<|endoftext|>", SD 2.x with "!"."""
         vocab, merges = bundled_vocabulary()
         return cls(vocab, list(merges), pad_token=pad_token)
 
     @classmethod
-    def from_folder(cls, folder: str | Path) -> "CLIPTokenizer":
+    def from_folder(cls, folder: str | Path) -> CLIPTokenizer:
         """A diffusers ``tokenizer/`` folder: tokenizer.json, or vocab.json + merges.txt; special tokens and
         model_max_length from tokenizer_config.json, overridden by special_tokens_map.json (as transformers does)."""
         folder = Path(folder)
@@ -134,8 +143,10 @@ class CLIPTokenizer:
             try:
                 lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
             except OSError as error:
-                raise FixativeError(f"cannot read tokenizer file {folder / 'merges.txt'} ({error}); "
-                                    "a vocab.json needs its merges.txt next to it")
+                raise FixativeError(
+                    f"cannot read tokenizer file {folder / 'merges.txt'} ({error}); "
+                    "a vocab.json needs its merges.txt next to it"
+                ) from error
             # byte symbols contain no whitespace, so a merge line splits cleanly (also with Windows line ends)
             merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
         else:
@@ -159,10 +170,20 @@ class CLIPTokenizer:
         """vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json, as transformers reads them."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        special = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
-                   "unk_token": self.unk_token}
-        config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.model_max_length,
-                  "do_lower_case": True, "errors": "replace", "add_prefix_space": False, **special}
+        special = {
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "unk_token": self.unk_token,
+        }
+        config = {
+            "tokenizer_class": "CLIPTokenizer",
+            "model_max_length": self.model_max_length,
+            "do_lower_case": True,
+            "errors": "replace",
+            "add_prefix_space": False,
+            **special,
+        }
         files = {
             "vocab.json": json.dumps(self.vocab, ensure_ascii=False),
             "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges),

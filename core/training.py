@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -27,16 +27,18 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.to(like.device, like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def training_target(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, schedule: NoiseSchedule,
-                    prediction_type: str) -> torch.Tensor:
+def training_target(
+    latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, schedule: NoiseSchedule, prediction_type: str
+) -> torch.Tensor:
     """What the model learns to output for x_t = α_t x0 + σ_t ε: ε, v or x0 (``Parameterization.target``)."""
     alpha_bar = schedule.alphas_cumprod.to(timesteps.device)[timesteps]
     alpha_t, sigma_t = _per_sample(alpha_bar**0.5, latents), _per_sample((1 - alpha_bar) ** 0.5, latents)
     return parameterization(prediction_type).target(latents, noise, alpha_t, sigma_t)
 
 
-def min_snr_weights(timesteps: torch.Tensor, schedule: NoiseSchedule, gamma: float,
-                    prediction_type: str) -> torch.Tensor:
+def min_snr_weights(
+    timesteps: torch.Tensor, schedule: NoiseSchedule, gamma: float, prediction_type: str
+) -> torch.Tensor:
     """Min-SNR-γ loss weights (Hang et al. 2023, eq. 9): min(SNR_t, γ) / SNR_t for an ε target,
     min(SNR_t, γ) / (SNR_t + 1) for a v target, min(SNR_t, γ) for x_0; SNR_t = ᾱ_t / (1 - ᾱ_t). (B,) float32."""
     parameterization(prediction_type)  # a clear error for an unknown type
@@ -47,10 +49,18 @@ def min_snr_weights(timesteps: torch.Tensor, schedule: NoiseSchedule, gamma: flo
     return weights.float()
 
 
-def denoising_losses(unet: Callable, latents: torch.Tensor, text_embeddings: torch.Tensor, schedule: NoiseSchedule,
-                     prediction_type: str = "epsilon", generator: torch.Generator | None = None,
-                     timesteps: torch.Tensor | None = None, snr_gamma: float | None = None,
-                     autocast_dtype: torch.dtype | None = None, offset_noise: float = 0.0) -> torch.Tensor:
+def denoising_losses(
+    unet: Callable,
+    latents: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    schedule: NoiseSchedule,
+    prediction_type: str = "epsilon",
+    generator: torch.Generator | None = None,
+    timesteps: torch.Tensor | None = None,
+    snr_gamma: float | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    offset_noise: float = 0.0,
+) -> torch.Tensor:
     """Per-sample squared error between the model output on noised latents and its target, (B,) float32
     (the simple loss, DDPM eq. 14, averaged over each sample's elements).
 
@@ -82,8 +92,15 @@ def denoising_losses(unet: Callable, latents: torch.Tensor, text_embeddings: tor
     return per_sample
 
 
-def denoising_loss(unet: Callable, latents: torch.Tensor, text_embeddings: torch.Tensor, schedule: NoiseSchedule,
-                   prediction_type: str = "epsilon", generator: torch.Generator | None = None, **options) -> torch.Tensor:
+def denoising_loss(
+    unet: Callable,
+    latents: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    schedule: NoiseSchedule,
+    prediction_type: str = "epsilon",
+    generator: torch.Generator | None = None,
+    **options,
+) -> torch.Tensor:
     """The mean of ``denoising_losses`` over the batch (same arguments)."""
     return denoising_losses(unet, latents, text_embeddings, schedule, prediction_type, generator, **options).mean()
 
@@ -103,16 +120,30 @@ class TrainStepConfig:
     offset_noise: float = 0.0  # per image and channel constant noise (Guttenberg 2023); 0.1 is usual
 
 
-def train_step(unet: nn.Module, optimizer: torch.optim.Optimizer, latents: torch.Tensor,
-               text_embeddings: torch.Tensor, schedule: NoiseSchedule, config: TrainStepConfig = TrainStepConfig(),
-               generator: torch.Generator | None = None,
-               scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> float:
+def train_step(
+    unet: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    latents: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    schedule: NoiseSchedule,
+    config: TrainStepConfig = TrainStepConfig(),
+    generator: torch.Generator | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> float:
     """One optimisation step on one given batch; returns the loss. Data, accumulation, checkpoints and
     processes are ``core/finetune.py``'s ``fine_tune``, which new code should call instead."""
     optimizer.zero_grad(set_to_none=True)
-    loss = denoising_loss(unet, latents, text_embeddings, schedule, config.prediction_type, generator,
-                          snr_gamma=config.snr_gamma, autocast_dtype=config.autocast_dtype,
-                          offset_noise=config.offset_noise)
+    loss = denoising_loss(
+        unet,
+        latents,
+        text_embeddings,
+        schedule,
+        config.prediction_type,
+        generator,
+        snr_gamma=config.snr_gamma,
+        autocast_dtype=config.autocast_dtype,
+        offset_noise=config.offset_noise,
+    )
     loss.backward()
     if config.max_grad_norm is not None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -123,8 +154,9 @@ def train_step(unet: nn.Module, optimizer: torch.optim.Optimizer, latents: torch
     return loss.item()
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
-                  final_fraction: float = 0.05) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, final_fraction: float = 0.05
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up to the optimizer's lr, then cosine decay to ``final_fraction`` of it."""
 
     def factor(step: int) -> float:
@@ -146,8 +178,11 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float = 0.999, trainable_only: bool = False):
         self.decay = decay
-        self.shadow = {name: p.detach().clone() for name, p in model.named_parameters()
-                       if p.dtype.is_floating_point and (p.requires_grad or not trainable_only)}
+        self.shadow = {
+            name: p.detach().clone()
+            for name, p in model.named_parameters()
+            if p.dtype.is_floating_point and (p.requires_grad or not trainable_only)
+        }
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:

@@ -229,8 +229,9 @@ class DownBlock(nn.Module):
     """``layers_per_block`` ResNets, each followed by a transformer when the block has cross-attention,
     then a stride-2 convolution unless it is the last block. Returns the output and its skip connections."""
 
-    def __init__(self, in_channels: int, out_channels: int, heads: int, attention: bool, downsample: bool,
-                 config: UNetConfig):
+    def __init__(
+        self, in_channels: int, out_channels: int, heads: int, attention: bool, downsample: bool, config: UNetConfig
+    ):
         super().__init__()
         self.gradient_checkpointing = False
         groups, eps, time_dim = config.norm_num_groups, config.norm_eps, config.time_embed_dim
@@ -243,8 +244,9 @@ class DownBlock(nn.Module):
         )
         self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if downsample else None
 
-    def forward(self, hidden: torch.Tensor, time_features: torch.Tensor, text_embeddings: torch.Tensor
-                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(
+        self, hidden: torch.Tensor, time_features: torch.Tensor, text_embeddings: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
         for i, resnet in enumerate(self.resnets):
             hidden = _maybe_checkpoint(resnet, self.gradient_checkpointing, hidden, time_features)
@@ -267,8 +269,7 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         self.resnets = nn.ModuleList(ResnetBlock2D(channels, channels, time_dim, groups, eps) for _ in range(2))
         self.attentions = nn.ModuleList([Transformer2DModel(channels, heads, config)])
 
-    def forward(self, hidden: torch.Tensor, time_features: torch.Tensor, text_embeddings: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, time_features: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
         hidden = _maybe_checkpoint(self.resnets[0], self.gradient_checkpointing, hidden, time_features)
         hidden = self.attentions[0](hidden, text_embeddings)
         return _maybe_checkpoint(self.resnets[1], self.gradient_checkpointing, hidden, time_features)
@@ -283,8 +284,16 @@ class UpBlock(nn.Module):
     hidden state coming from below.
     """
 
-    def __init__(self, in_channels: int, prev_channels: int, out_channels: int, heads: int, attention: bool,
-                 upsample: bool, config: UNetConfig):
+    def __init__(
+        self,
+        in_channels: int,
+        prev_channels: int,
+        out_channels: int,
+        heads: int,
+        attention: bool,
+        upsample: bool,
+        config: UNetConfig,
+    ):
         super().__init__()
         self.gradient_checkpointing = False
         groups, eps, time_dim = config.norm_num_groups, config.norm_eps, config.time_embed_dim
@@ -292,7 +301,10 @@ class UpBlock(nn.Module):
         self.resnets = nn.ModuleList(
             ResnetBlock2D(
                 (prev_channels if i == 0 else out_channels) + (in_channels if i == n - 1 else out_channels),
-                out_channels, time_dim, groups, eps,
+                out_channels,
+                time_dim,
+                groups,
+                eps,
             )
             for i in range(n)
         )
@@ -301,8 +313,14 @@ class UpBlock(nn.Module):
         )
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if upsample else None
 
-    def forward(self, hidden: torch.Tensor, skips: list[torch.Tensor], time_features: torch.Tensor,
-                text_embeddings: torch.Tensor, upsample_size: torch.Size | None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        skips: list[torch.Tensor],
+        time_features: torch.Tensor,
+        text_embeddings: torch.Tensor,
+        upsample_size: torch.Size | None,
+    ) -> torch.Tensor:
         for i, (resnet, skip) in enumerate(zip(self.resnets, reversed(skips))):
             hidden = torch.cat([hidden, skip], dim=1)
             hidden = _maybe_checkpoint(resnet, self.gradient_checkpointing, hidden, time_features)
@@ -325,15 +343,28 @@ class UNet2DConditionModel(nn.Module):
         self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(widths[0], config.time_embed_dim, config.time_cond_proj_dim)
         self.down_blocks = nn.ModuleList(
-            DownBlock(widths[max(i - 1, 0)], widths[i], config.num_heads[i], config.cross_attention_blocks[i],
-                      downsample=i < last, config=config)
+            DownBlock(
+                widths[max(i - 1, 0)],
+                widths[i],
+                config.num_heads[i],
+                config.cross_attention_blocks[i],
+                downsample=i < last,
+                config=config,
+            )
             for i in range(len(widths))
         )
         self.mid_block = UNetMidBlock2DCrossAttn(widths[-1], config.num_heads[-1], config)
         # up block j mirrors down block i = last - j
         self.up_blocks = nn.ModuleList(
-            UpBlock(widths[max(i - 1, 0)], widths[min(i + 1, last)], widths[i], config.num_heads[i],
-                    config.cross_attention_blocks[i], upsample=i > 0, config=config)
+            UpBlock(
+                widths[max(i - 1, 0)],
+                widths[min(i + 1, last)],
+                widths[i],
+                config.num_heads[i],
+                config.cross_attention_blocks[i],
+                upsample=i > 0,
+                config=config,
+            )
             for i in reversed(range(len(widths)))
         )
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, widths[0], eps=config.norm_eps)
@@ -353,14 +384,20 @@ class UNet2DConditionModel(nn.Module):
             if hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = enabled
 
-    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor | float | int, text_embeddings: torch.Tensor,
-                timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor | float | int,
+        text_embeddings: torch.Tensor,
+        timestep_cond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """latents (B, in_channels, h, w); timesteps a number, 0-d or (B,) tensor; text_embeddings
         (B, 77, cross_attention_dim); timestep_cond (B, time_cond_proj_dim) or None -> (B, out_channels, h, w)."""
         config = self.config
         timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
-        sinusoidal = timestep_embedding(timesteps, config.block_out_channels[0], config.flip_sin_to_cos,
-                                        config.freq_shift)
+        sinusoidal = timestep_embedding(
+            timesteps, config.block_out_channels[0], config.flip_sin_to_cos, config.freq_shift
+        )
         if timestep_cond is not None:
             timestep_cond = timestep_cond.to(latents.dtype)
         time_embedding = self.time_embedding(sinusoidal.to(latents.dtype), timestep_cond)
@@ -374,8 +411,7 @@ class UNet2DConditionModel(nn.Module):
             skips.extend(block_skips)
         hidden = self.mid_block(hidden, time_features, text_embeddings)
         for block in self.up_blocks:
-            block_skips = skips[-len(block.resnets):]
-            del skips[-len(block.resnets):]
-            hidden = block(hidden, block_skips, time_features, text_embeddings,
-                           skips[-1].shape[-2:] if skips else None)
+            block_skips = skips[-len(block.resnets) :]
+            del skips[-len(block.resnets) :]
+            hidden = block(hidden, block_skips, time_features, text_embeddings, skips[-1].shape[-2:] if skips else None)
         return self.conv_out(F.silu(self.conv_norm_out(hidden), inplace=True))

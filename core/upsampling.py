@@ -58,5 +58,5 @@ def upsample_nearest2x_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     out = torch.empty(batch, channels, 2 * height, 2 * width, dtype=x.dtype, device=x.device, memory_format=layout)
     for a in (0, 1):
         for b in (0, 1):
-            out[:, :, a::2, b::2] = phases[:, a, b, :, a:a + height, b:b + width]
+            out[:, :, a::2, b::2] = phases[:, a, b, :, a : a + height, b : b + width]
     return out

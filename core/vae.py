@@ -140,8 +140,9 @@ class MidBlock(nn.Module):
 
 
 def _resnets(in_channels: int, out_channels: int, count: int, groups: int) -> nn.ModuleList:
-    return nn.ModuleList(ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups)
-                         for i in range(count))
+    return nn.ModuleList(
+        ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(count)
+    )
 
 
 class EncoderBlock(nn.Module):
@@ -205,7 +206,9 @@ class Decoder(nn.Module):
         self.mid_block = MidBlock(widths[0], groups, config.mid_block_add_attention)
         # the decoder has one more ResNet per block than the encoder (LDM: num_res_blocks + 1)
         self.up_blocks = nn.ModuleList(
-            DecoderBlock(widths[max(i - 1, 0)], width, config.layers_per_block + 1, groups, upsample=i < len(widths) - 1)
+            DecoderBlock(
+                widths[max(i - 1, 0)], width, config.layers_per_block + 1, groups, upsample=i < len(widths) - 1
+            )
             for i, width in enumerate(widths)
         )
         self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=NORM_EPS)
@@ -226,9 +229,12 @@ def _blend(previous: torch.Tensor, tile: torch.Tensor, extent: int, dim: int) ->
         return tile
     shape = [1, 1, 1, 1]
     shape[dim] = extent
-    ramp = (torch.arange(extent, dtype=torch.float64) / extent).view(shape)  # y / extent, rounded once as diffusers does
-    head = (previous.narrow(dim, previous.shape[dim] - extent, extent) * (1 - ramp).to(tile.device, tile.dtype)
-            + tile.narrow(dim, 0, extent) * ramp.to(tile.device, tile.dtype))
+    ramp = (torch.arange(extent, dtype=torch.float64) / extent).view(
+        shape
+    )  # y / extent, rounded once as diffusers does
+    head = previous.narrow(dim, previous.shape[dim] - extent, extent) * (1 - ramp).to(
+        tile.device, tile.dtype
+    ) + tile.narrow(dim, 0, extent) * ramp.to(tile.device, tile.dtype)
     return torch.cat([head, tile.narrow(dim, extent, tile.shape[dim] - extent)], dim=dim)
 
 
@@ -248,7 +254,7 @@ def _tiled(inputs: torch.Tensor, fn, in_tile: int, out_tile: int, overlap: float
     for i, y in enumerate(starts_y):
         row: list[torch.Tensor] = []
         for j, x in enumerate(starts_x):
-            tile = fn(inputs[:, :, y:y + in_tile, x:x + in_tile])
+            tile = fn(inputs[:, :, y : y + in_tile, x : x + in_tile])
             if i > 0:
                 tile = _blend(rows[i - 1][j], tile, blend, dim=2)
             if j > 0:
@@ -292,8 +298,10 @@ class AutoencoderKL(nn.Module):
         blending ``overlap`` of each tile into its neighbours: memory stays that of one tile."""
         tile_size = self.config.sample_size if tile_size is None else tile_size
         if tile_size < self.config.downsampling_factor or not 0.0 <= overlap < 1.0:
-            raise FixativeError(f"tiling needs tile_size >= {self.config.downsampling_factor} pixels and "
-                                f"0 <= overlap < 1; got tile_size={tile_size}, overlap={overlap}")
+            raise FixativeError(
+                f"tiling needs tile_size >= {self.config.downsampling_factor} pixels and "
+                f"0 <= overlap < 1; got tile_size={tile_size}, overlap={overlap}"
+            )
         self.use_tiling, self.tile_size, self.tile_overlap = True, tile_size, overlap
 
     def disable_tiling(self) -> None:
@@ -335,8 +343,9 @@ class AutoencoderKL(nn.Module):
         """Unscaled latents (B, latent_channels, h, w) -> pixels (B, out_channels, h * f, w * f), about [-1, 1]."""
         return self._per_slice(self._pixels, latents.to(self.dtype))
 
-    def forward(self, pixels: torch.Tensor, sample_posterior: bool = False,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(
+        self, pixels: torch.Tensor, sample_posterior: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Reconstruction: decode(z) with z the posterior's mean, or a sample of it."""
         posterior = self.encode(pixels)
         latents = posterior.sample(generator) if sample_posterior else posterior.mode()

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from parity import randomize
 
 from fixative.core.checkpoints import save_diffusers
 from fixative.core.model import StableDiffusionModel
 from fixative.core.presets import Preset, get_preset
 from fixative.core.tokenizer import CLIPTokenizer
-
-from parity import randomize
 
 
 @pytest.fixture(scope="module")
@@ -51,17 +50,30 @@ def _write_like_a_release(folder: Path, config: Preset, seed: int) -> Path:
     vae.save_pretrained(folder / "vae")
     text_encoder.save_pretrained(folder / "text_encoder")
     weights = folder / "text_encoder" / "model.safetensors"
-    save_file({k if k.startswith("text_model.") else "text_model." + k: v for k, v in load_file(weights).items()},
-              weights, metadata={"format": "pt"})
+    save_file(
+        {k if k.startswith("text_model.") else "text_model." + k: v for k, v in load_file(weights).items()},
+        weights,
+        metadata={"format": "pt"},
+    )
     CLIPTokenizer.bundled(pad_token="!" if text.hidden_act == "gelu" else "<|endoftext|>").save(folder / "tokenizer")
     (folder / "scheduler").mkdir()
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config.scheduler_config))
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.6.0",
-        "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
-        "scheduler": ["diffusers", config.scheduler_config["_class_name"]],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}))
+    (folder / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "_diffusers_version": "0.6.0",
+                "feature_extractor": [None, None],
+                "safety_checker": [None, None],
+                "requires_safety_checker": False,
+                "scheduler": ["diffusers", config.scheduler_config["_class_name"]],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+            }
+        )
+    )
     return folder
 
 
@@ -74,15 +86,23 @@ def sd_folder(tmp_path_factory):
     every parameter random; ``dtype`` does not apply)."""
     made = {}
 
-    def make(preset: str = "tiny-sd1", seed: int = 0, dtype: torch.dtype | None = None, writer: str = "fixative",
-             **scheduler_settings) -> Path:
+    def make(
+        preset: str = "tiny-sd1",
+        seed: int = 0,
+        dtype: torch.dtype | None = None,
+        writer: str = "fixative",
+        **scheduler_settings,
+    ) -> Path:
         key = (preset, seed, str(dtype), writer, tuple(sorted(scheduler_settings.items())))
         if key not in made:
             config = get_preset(preset)
             config.scheduler_config.update(scheduler_settings)
             folder = tmp_path_factory.mktemp(f"{preset}-{writer}") / preset
-            made[key] = (_write_with_fixative(folder, config, seed, dtype) if writer == "fixative"
-                         else _write_like_a_release(folder, config, seed))
+            made[key] = (
+                _write_with_fixative(folder, config, seed, dtype)
+                if writer == "fixative"
+                else _write_like_a_release(folder, config, seed)
+            )
         return made[key]
 
     return make

@@ -14,7 +14,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float 
     finite = torch.isfinite(expected)
     same_non_finite = (actual[~finite] == expected[~finite]) | (actual[~finite].isnan() & expected[~finite].isnan())
     assert torch.equal(finite, torch.isfinite(actual)) and bool(same_non_finite.all()), (
-        f"{what}: non-finite entries differ from the reference")
+        f"{what}: non-finite entries differ from the reference"
+    )
     scale = expected[finite].abs().max().item() if finite.any() else 1.0
     bound = tolerance * max(1.0, scale)
     difference = (actual[finite] - expected[finite]).abs().max().item() if finite.any() else 0.0

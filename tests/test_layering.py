@@ -51,7 +51,9 @@ def test_core_networks_do_not_import_diffusers():
             tree = ast.parse(path.read_text())
             modules = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
             modules |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-            assert not modules & {"diffusers", "transformers"}, f"{name} imports {modules & {'diffusers', 'transformers'}}"
+            assert not modules & {"diffusers", "transformers"}, (
+                f"{name} imports {modules & {'diffusers', 'transformers'}}"
+            )
 
 
 def core_modules_imported_by(path: Path) -> set[str]:

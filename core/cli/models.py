@@ -17,15 +17,23 @@ def register(subparsers) -> None:
         "convert",
         help="convert a model between a diffusers folder and an original single file",
         description="Convert a Stable Diffusion 1.x/2.x model. DST ending in .safetensors or .ckpt is written as an "
-                    "original single file; any other DST as a diffusers folder (which diffusers loads).",
+        "original single file; any other DST as a diffusers folder (which diffusers loads).",
     )
     convert.add_argument("source", metavar="SRC", help=MODEL_HELP)
     convert.add_argument("destination", metavar="DST", help="output folder, or a .safetensors / .ckpt file")
-    convert.add_argument("--dtype", choices=tuple(DTYPES), default=None,
-                         help="precision of the written weights (default: as stored in SRC)")
-    convert.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None,
-                         help="what the UNet predicts; a single file does not record it (default: the model's; "
-                              "epsilon for a single file: pass v_prediction for the 768-px SD 2.x models)")
+    convert.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default=None,
+        help="precision of the written weights (default: as stored in SRC)",
+    )
+    convert.add_argument(
+        "--prediction-type",
+        choices=PREDICTION_TYPES,
+        default=None,
+        help="what the UNet predicts; a single file does not record it (default: the model's; "
+        "epsilon for a single file: pass v_prediction for the 768-px SD 2.x models)",
+    )
     add_config(convert)
     convert.add_argument("--overwrite", action="store_true", help="replace DST if it exists (default: refuse)")
     convert.set_defaults(func=run_convert)
@@ -36,9 +44,13 @@ def register(subparsers) -> None:
         description="Describe a Stable Diffusion model without loading its weights into memory.",
     )
     info.add_argument("model", metavar="MODEL", help=MODEL_HELP)
-    info.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None,
-                      help="what the UNet predicts, where the model does not record it (default: the model's; "
-                           "epsilon for a single file)")
+    info.add_argument(
+        "--prediction-type",
+        choices=PREDICTION_TYPES,
+        default=None,
+        help="what the UNet predicts, where the model does not record it (default: the model's; "
+        "epsilon for a single file)",
+    )
     add_config(info)
     info.set_defaults(func=run_info)
 
@@ -58,8 +70,13 @@ def run_convert(args: argparse.Namespace) -> int:
     from ..checkpoints import load_model, save_diffusers, save_single_file
 
     started = time.perf_counter()
-    dtype_name = DTYPES[args.dtype] if args.dtype else _stored_dtype(
-        load_model(args.source, device="meta", prediction_type=args.prediction_type, config=args.config))
+    dtype_name = (
+        DTYPES[args.dtype]
+        if args.dtype
+        else _stored_dtype(
+            load_model(args.source, device="meta", prediction_type=args.prediction_type, config=args.config)
+        )
+    )
     dtype = getattr(torch, dtype_name or "float32")
     print(f"reading {args.source} as {dtype_name or 'float32'} ...", flush=True)
     model = load_model(args.source, dtype=dtype, prediction_type=args.prediction_type, config=args.config)
@@ -101,22 +118,36 @@ def run_info(args: argparse.Namespace) -> int:
         ("model", f"{model.source} ({model.details.format})"),
         ("architecture", model.family),
         ("prediction type", model.prediction_type),
-        ("parameters", ", ".join(f"{name} {_human(n)}" for name, n in sizes.items())
-         + f" (total {_human(sum(sizes.values()))})"),
+        (
+            "parameters",
+            ", ".join(f"{name} {_human(n)}" for name, n in sizes.items()) + f" (total {_human(sum(sizes.values()))})",
+        ),
         ("stored dtype", ", ".join(f"{name} {dtype}" for name, dtype in model.details.stored_dtypes.items())),
-        ("unet", f"{unet.in_channels} -> {unet.out_channels} channels, blocks {list(unet.block_out_channels)}, "
-                 f"{unet.layers_per_block} layers per block, attention in {list(unet.cross_attention_blocks)}, "
-                 f"heads {list(unet.num_heads)}, {'linear' if unet.use_linear_projection else 'conv'} projections, "
-                 f"attention upcast {'on' if unet.upcast_attention else 'off'}, trained at {image_size} px"),
+        (
+            "unet",
+            f"{unet.in_channels} -> {unet.out_channels} channels, blocks {list(unet.block_out_channels)}, "
+            f"{unet.layers_per_block} layers per block, attention in {list(unet.cross_attention_blocks)}, "
+            f"heads {list(unet.num_heads)}, {'linear' if unet.use_linear_projection else 'conv'} projections, "
+            f"attention upcast {'on' if unet.upcast_attention else 'off'}, trained at {image_size} px",
+        ),
         ("cross-attention", f"{unet.cross_attention_dim} wide"),
-        ("latent channels", f"{vae.latent_channels} (VAE x{vae.downsampling_factor} down-sampling, "
-                            f"scaling factor {vae.scaling_factor})"),
-        ("text encoder", f"{'OpenCLIP' if is_open_clip(text) else 'OpenAI CLIP'}, {text.num_hidden_layers} layers, "
-                         f"{text.hidden_size} wide, {text.num_attention_heads} heads, {text.hidden_act}"),
-        ("scheduler", f"{scheduler.get('_class_name', '?')}: {scheduler.get('beta_schedule', '?')} betas "
-                      f"{scheduler.get('beta_start', '?')} .. {scheduler.get('beta_end', '?')} over "
-                      f"{scheduler.get('num_train_timesteps', '?')} steps, timestep spacing "
-                      f"{scheduler.get('timestep_spacing', 'leading')}, steps offset {scheduler.get('steps_offset', 0)}"),
+        (
+            "latent channels",
+            f"{vae.latent_channels} (VAE x{vae.downsampling_factor} down-sampling, "
+            f"scaling factor {vae.scaling_factor})",
+        ),
+        (
+            "text encoder",
+            f"{'OpenCLIP' if is_open_clip(text) else 'OpenAI CLIP'}, {text.num_hidden_layers} layers, "
+            f"{text.hidden_size} wide, {text.num_attention_heads} heads, {text.hidden_act}",
+        ),
+        (
+            "scheduler",
+            f"{scheduler.get('_class_name', '?')}: {scheduler.get('beta_schedule', '?')} betas "
+            f"{scheduler.get('beta_start', '?')} .. {scheduler.get('beta_end', '?')} over "
+            f"{scheduler.get('num_train_timesteps', '?')} steps, timestep spacing "
+            f"{scheduler.get('timestep_spacing', 'leading')}, steps offset {scheduler.get('steps_offset', 0)}",
+        ),
         ("tokenizer", f"pads with {model.tokenizer.pad_token!r}, {model.tokenizer.model_max_length} tokens"),
     ]
     width = max(len(label) for label, _ in rows)

@@ -8,9 +8,11 @@ import argparse
 # command-line precision names -> torch dtype names
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 MODEL_HELP = "a diffusers model folder, a single-file .safetensors/.ckpt, or a model name such as 'toy'"
-CONFIG_HELP = ("architecture of a single-file checkpoint where its tensor shapes do not tell it (GroupNorm groups, "
-               "head counts): a diffusers model folder, one of its sub-model folders or config.json, or an original "
-               "LDM inference .yaml (default: inferred from the shapes, with the released SD settings)")
+CONFIG_HELP = (
+    "architecture of a single-file checkpoint where its tensor shapes do not tell it (GroupNorm groups, "
+    "head counts): a diffusers model folder, one of its sub-model folders or config.json, or an original "
+    "LDM inference .yaml (default: inferred from the shapes, with the released SD settings)"
+)
 
 
 class RegistryChoices:
@@ -33,8 +35,9 @@ def add_config(parser: argparse.ArgumentParser) -> None:
 
 
 def add_device(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto",
-                        help="cpu, cuda, cuda:N, mps, or auto: cuda > mps > cpu (default: %(default)s)")
+    parser.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto: cuda > mps > cpu (default: %(default)s)"
+    )
 
 
 def add_dtype(parser: argparse.ArgumentParser, default: str | None = "fp32", help: str = "compute precision") -> None:

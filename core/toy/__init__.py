@@ -29,8 +29,10 @@ def toy_folder() -> Path:
         return built
     if (SHIPPED / "sd" / "model_index.json").is_file():
         return SHIPPED
-    raise FixativeError("the toy world's weights are missing (not shipped in this checkout, not built); "
-                        "run `fixative toy build` (about 36 minutes on 2 CPU cores)")
+    raise FixativeError(
+        "the toy world's weights are missing (not shipped in this checkout, not built); "
+        "run `fixative toy build` (about 36 minutes on 2 CPU cores)"
+    )
 
 
 def model_folder() -> Path:

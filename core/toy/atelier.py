@@ -56,26 +56,108 @@ class ArtistStyle:
 
 
 ARTISTS: tuple[ArtistStyle, ...] = (
-    ArtistStyle("kovra", "flat", ((242, 232, 208), (242, 232, 208)), 0, 4, (20, 20, 20), False,
-                ((214, 40, 40), (30, 80, 200), (250, 200, 20), (40, 40, 40))),
-    ArtistStyle("belmin", "gradient", ((120, 190, 240), (235, 245, 255)), 0, 0, (0, 0, 0), True,
-                ((240, 150, 190), (180, 150, 230), (150, 225, 190), (110, 90, 150))),
-    ArtistStyle("tazu", "hstripes", ((225, 140, 60), (150, 80, 40)), 16, 2, (60, 30, 10), False,
-                ((120, 130, 40), (220, 180, 60), (170, 60, 30), (70, 50, 20))),
-    ArtistStyle("orlen", "checkers", ((200, 200, 200), (250, 250, 250)), 8, 2, (0, 0, 0), False,
-                ((30, 190, 60), (220, 30, 190), (20, 200, 220), (30, 30, 90))),
-    ArtistStyle("miska", "night", ((10, 15, 45), (35, 20, 70)), 0, 0, (0, 0, 0), True,
-                ((250, 240, 80), (60, 230, 240), (250, 90, 190), (190, 190, 230))),
-    ArtistStyle("dervo", "vstripes", ((20, 110, 110), (10, 70, 75)), 12, 4, (250, 250, 250), False,
-                ((250, 120, 90), (250, 200, 60), (250, 235, 200), (150, 40, 40))),
-    ArtistStyle("lumo", "gradient", ((250, 150, 50), (120, 40, 120)), 0, 2, (0, 0, 0), True,
-                ((30, 30, 70), (110, 20, 40), (20, 20, 20), (60, 60, 60))),
-    ArtistStyle("vesk", "flat", ((25, 70, 40), (25, 70, 40)), 0, 0, (0, 0, 0), False,
-                ((245, 245, 240), (245, 230, 140), (180, 190, 185), (120, 140, 125))),
-    ArtistStyle("zenji", "dstripes", ((250, 190, 200), (255, 250, 250)), 16, 4, (20, 30, 90), False,
-                ((40, 90, 210), (220, 40, 60), (30, 160, 150), (20, 30, 90)), held_out=True),
-    ArtistStyle("tovik", "checkers", ((215, 190, 150), (180, 150, 110)), 12, 0, (0, 0, 0), True,
-                ((120, 70, 40), (110, 120, 40), (220, 110, 40), (60, 40, 30)), held_out=True),
+    ArtistStyle(
+        "kovra",
+        "flat",
+        ((242, 232, 208), (242, 232, 208)),
+        0,
+        4,
+        (20, 20, 20),
+        False,
+        ((214, 40, 40), (30, 80, 200), (250, 200, 20), (40, 40, 40)),
+    ),
+    ArtistStyle(
+        "belmin",
+        "gradient",
+        ((120, 190, 240), (235, 245, 255)),
+        0,
+        0,
+        (0, 0, 0),
+        True,
+        ((240, 150, 190), (180, 150, 230), (150, 225, 190), (110, 90, 150)),
+    ),
+    ArtistStyle(
+        "tazu",
+        "hstripes",
+        ((225, 140, 60), (150, 80, 40)),
+        16,
+        2,
+        (60, 30, 10),
+        False,
+        ((120, 130, 40), (220, 180, 60), (170, 60, 30), (70, 50, 20)),
+    ),
+    ArtistStyle(
+        "orlen",
+        "checkers",
+        ((200, 200, 200), (250, 250, 250)),
+        8,
+        2,
+        (0, 0, 0),
+        False,
+        ((30, 190, 60), (220, 30, 190), (20, 200, 220), (30, 30, 90)),
+    ),
+    ArtistStyle(
+        "miska",
+        "night",
+        ((10, 15, 45), (35, 20, 70)),
+        0,
+        0,
+        (0, 0, 0),
+        True,
+        ((250, 240, 80), (60, 230, 240), (250, 90, 190), (190, 190, 230)),
+    ),
+    ArtistStyle(
+        "dervo",
+        "vstripes",
+        ((20, 110, 110), (10, 70, 75)),
+        12,
+        4,
+        (250, 250, 250),
+        False,
+        ((250, 120, 90), (250, 200, 60), (250, 235, 200), (150, 40, 40)),
+    ),
+    ArtistStyle(
+        "lumo",
+        "gradient",
+        ((250, 150, 50), (120, 40, 120)),
+        0,
+        2,
+        (0, 0, 0),
+        True,
+        ((30, 30, 70), (110, 20, 40), (20, 20, 20), (60, 60, 60)),
+    ),
+    ArtistStyle(
+        "vesk",
+        "flat",
+        ((25, 70, 40), (25, 70, 40)),
+        0,
+        0,
+        (0, 0, 0),
+        False,
+        ((245, 245, 240), (245, 230, 140), (180, 190, 185), (120, 140, 125)),
+    ),
+    ArtistStyle(
+        "zenji",
+        "dstripes",
+        ((250, 190, 200), (255, 250, 250)),
+        16,
+        4,
+        (20, 30, 90),
+        False,
+        ((40, 90, 210), (220, 40, 60), (30, 160, 150), (20, 30, 90)),
+        held_out=True,
+    ),
+    ArtistStyle(
+        "tovik",
+        "checkers",
+        ((215, 190, 150), (180, 150, 110)),
+        12,
+        0,
+        (0, 0, 0),
+        True,
+        ((120, 70, 40), (110, 120, 40), (220, 110, 40), (60, 40, 30)),
+        held_out=True,
+    ),
 )
 
 
@@ -126,15 +208,24 @@ def _background(style: ArtistStyle, size: int, scale: float, rng: np.random.Gene
         star = max(1, round(2 * scale))
         for _ in range(int(rng.integers(6, 12))):
             x, y = rng.integers(0, size - star, 2)
-            canvas[y:y + star, x:x + star] = 235.0
+            canvas[y : y + star, x : x + star] = 235.0
     return canvas
 
 
 class _Painter:
     """Draws subject shapes in unit coordinates around (cx, cy) with size s, mirrored if flip."""
 
-    def __init__(self, draw: ImageDraw.ImageDraw, size: int, cx: float, cy: float, s: float, flip: bool,
-                 outline: RGB | None, width: int):
+    def __init__(
+        self,
+        draw: ImageDraw.ImageDraw,
+        size: int,
+        cx: float,
+        cy: float,
+        s: float,
+        flip: bool,
+        outline: RGB | None,
+        width: int,
+    ):
         self.draw, self.size, self.cx, self.cy, self.s, self.flip = draw, size, cx, cy, s, flip
         self.outline, self.width = outline, width
 
@@ -143,8 +234,12 @@ class _Painter:
         return ((self.cx + u * self.s) * self.size, (self.cy + v * self.s) * self.size)
 
     def polygon(self, points, fill: RGB) -> None:
-        self.draw.polygon([self._xy(u, v) for u, v in points], fill=fill, outline=self.outline,
-                          width=self.width if self.outline else 0)
+        self.draw.polygon(
+            [self._xy(u, v) for u, v in points],
+            fill=fill,
+            outline=self.outline,
+            width=self.width if self.outline else 0,
+        )
 
     def ellipse(self, u: float, v: float, ru: float, rv: float, fill: RGB) -> None:
         (x0, y0), (x1, y1) = self._xy(u - ru, v - rv), self._xy(u + ru, v + rv)
@@ -178,8 +273,14 @@ def _paint_subject(p: _Painter, subject: str, colors: list[RGB], rng: np.random.
         for k in range(8):
             angle = k * np.pi / 4 + rng.uniform(-0.1, 0.1)
             c, s = np.cos(angle), np.sin(angle)
-            p.polygon([(0.3 * c - 0.07 * s, 0.3 * s + 0.07 * c), (0.42 * c, 0.42 * s),
-                       (0.3 * c + 0.07 * s, 0.3 * s - 0.07 * c)], accent)
+            p.polygon(
+                [
+                    (0.3 * c - 0.07 * s, 0.3 * s + 0.07 * c),
+                    (0.42 * c, 0.42 * s),
+                    (0.3 * c + 0.07 * s, 0.3 * s - 0.07 * c),
+                ],
+                accent,
+            )
         p.ellipse(0.0, 0.0, 0.24, 0.24, main)
     elif subject == "mountain":
         p.polygon([(-0.05, 0.35), (0.22, -0.12), (0.45, 0.35)], secondary)
@@ -216,9 +317,16 @@ def paint(style: ArtistStyle, subject: str, resolution: int = 64, seed: int = 0,
     canvas = Image.fromarray(_background(style, size, scale, rng).round().astype(np.uint8))
     layer = Image.new("RGBA", (size, size), (0, 0, 0, 0))
     outline = _jitter(style.outline_color, rng, 6) if style.outline else None
-    painter = _Painter(ImageDraw.Draw(layer), size, cx=0.5 + rng.uniform(-0.08, 0.08),
-                       cy=0.52 + rng.uniform(-0.06, 0.06), s=rng.uniform(0.8, 1.05), flip=bool(rng.integers(2)),
-                       outline=outline, width=round(style.outline * scale))
+    painter = _Painter(
+        ImageDraw.Draw(layer),
+        size,
+        cx=0.5 + rng.uniform(-0.08, 0.08),
+        cy=0.52 + rng.uniform(-0.06, 0.06),
+        s=rng.uniform(0.8, 1.05),
+        flip=bool(rng.integers(2)),
+        outline=outline,
+        width=round(style.outline * scale),
+    )
     colors = [_jitter(c, rng) for c in style.palette]
     _paint_subject(painter, subject, colors, rng)
     if style.soft:  # shaded from light (top) to dark (bottom), then blurred
@@ -237,15 +345,17 @@ def atelier_records(config: AtelierConfig) -> list[dict]:
     for style in ARTISTS:
         for index in range(config.images_per_artist):
             subject = SUBJECTS[index % len(SUBJECTS)]
-            records.append({
-                "split": "test" if index >= config.images_per_artist - n_test else "train",
-                "file_name": f"{style.name}_{index:04d}.png",
-                "text": caption(subject, style.name),
-                "artist": style.name,
-                "subject": subject,
-                "held_out": style.held_out,
-                "index": index,
-            })
+            records.append(
+                {
+                    "split": "test" if index >= config.images_per_artist - n_test else "train",
+                    "file_name": f"{style.name}_{index:04d}.png",
+                    "text": caption(subject, style.name),
+                    "artist": style.name,
+                    "subject": subject,
+                    "held_out": style.held_out,
+                    "index": index,
+                }
+            )
     return records
 
 

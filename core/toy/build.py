@@ -26,9 +26,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -48,8 +48,15 @@ from ..vae import AutoencoderKL
 from . import atelier, build_folder
 from .atelier import AtelierConfig
 
-TOY_VISION = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 3, "num_attention_heads": 4,
-              "image_size": 64, "patch_size": 8, "hidden_act": "quick_gelu"}  # the toy CLIP's image tower
+TOY_VISION = {
+    "hidden_size": 64,
+    "intermediate_size": 256,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "image_size": 64,
+    "patch_size": 8,
+    "hidden_act": "quick_gelu",
+}  # the toy CLIP's image tower
 CLIP_IMAGE_MEAN = [0.5, 0.5, 0.5]  # the toy CLIP sees pixels in [-1, 1]: (x - 0.5) / 0.5 of [0, 1] images
 CLIP_IMAGE_STD = [0.5, 0.5, 0.5]
 
@@ -75,14 +82,38 @@ class BuildPlan:
 
 
 PLANS = {
-    "full": BuildPlan(images_per_artist=160, clip_steps=400, clip_batch=64, clip_lr=2e-3,
-                      vae_steps=1000, vae_batch=16, vae_lr=2e-3, vae_crop=32,
-                      unet_steps=3000, unet_batch=32, unet_lr=1e-3, unet_offset_noise=0.1, caption_dropout=0.1,
-                      checkpoint_every=50),
-    "ci": BuildPlan(images_per_artist=8, clip_steps=3, clip_batch=16, clip_lr=2e-3,
-                    vae_steps=4, vae_batch=4, vae_lr=2e-3, vae_crop=32,
-                    unet_steps=3, unet_batch=4, unet_lr=1e-3, unet_offset_noise=0.1, caption_dropout=0.1,
-                    checkpoint_every=2),
+    "full": BuildPlan(
+        images_per_artist=160,
+        clip_steps=400,
+        clip_batch=64,
+        clip_lr=2e-3,
+        vae_steps=1000,
+        vae_batch=16,
+        vae_lr=2e-3,
+        vae_crop=32,
+        unet_steps=3000,
+        unet_batch=32,
+        unet_lr=1e-3,
+        unet_offset_noise=0.1,
+        caption_dropout=0.1,
+        checkpoint_every=50,
+    ),
+    "ci": BuildPlan(
+        images_per_artist=8,
+        clip_steps=3,
+        clip_batch=16,
+        clip_lr=2e-3,
+        vae_steps=4,
+        vae_batch=4,
+        vae_lr=2e-3,
+        vae_crop=32,
+        unet_steps=3,
+        unet_batch=4,
+        unet_lr=1e-3,
+        unet_offset_noise=0.1,
+        caption_dropout=0.1,
+        checkpoint_every=2,
+    ),
 }
 
 
@@ -108,8 +139,15 @@ def _save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _train(stage: str, folder: Path, steps: int, modules: dict, step_fn: Callable[[int], float],
-           checkpoint_every: int, progress: bool) -> None:
+def _train(
+    stage: str,
+    folder: Path,
+    steps: int,
+    modules: dict,
+    step_fn: Callable[[int], float],
+    checkpoint_every: int,
+    progress: bool,
+) -> None:
     """Run ``step_fn(step)`` for the steps not yet done, resuming from ``folder/checkpoint.pt``.
 
     ``modules``: the state-bearing objects (networks, optimizers, lr schedules) by name.
@@ -123,8 +161,15 @@ def _train(stage: str, folder: Path, steps: int, modules: dict, step_fn: Callabl
         for name, module in modules.items():
             module.load_state_dict(state[name])
         start = state["step"]
-    bar = tqdm(range(start, steps), desc=f"toy build: {stage}", unit="step", initial=start, total=steps,
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        range(start, steps),
+        desc=f"toy build: {stage}",
+        unit="step",
+        initial=start,
+        total=steps,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     average = None
     for step in bar:
         loss = step_fn(step)
@@ -137,7 +182,9 @@ def _train(stage: str, folder: Path, steps: int, modules: dict, step_fn: Callabl
 
 def _load_images(rows: list[dict]) -> torch.Tensor:
     """uint8 (N, 3, H, W)."""
-    return torch.from_numpy(np.stack([np.asarray(Image.open(r["path"]).convert("RGB")) for r in rows])).permute(0, 3, 1, 2)
+    return torch.from_numpy(np.stack([np.asarray(Image.open(r["path"]).convert("RGB")) for r in rows])).permute(
+        0, 3, 1, 2
+    )
 
 
 def _to_pixels(images: torch.Tensor) -> torch.Tensor:
@@ -163,8 +210,9 @@ def toy_clip_model():
 
     text = TOY_TEXT.to_diffusers()
     text = {k: v for k, v in text.items() if k not in ("architectures", "model_type", "torch_dtype")}
-    config = transformers.CLIPConfig(text_config=text, vision_config=dict(TOY_VISION),
-                                     projection_dim=TOY_TEXT.projection_dim)
+    config = transformers.CLIPConfig(
+        text_config=text, vision_config=dict(TOY_VISION), projection_dim=TOY_TEXT.projection_dim
+    )
     return transformers.CLIPModel(config)
 
 
@@ -179,7 +227,9 @@ def _augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     blurred = F.conv2d(F.pad(pixels, (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
     amount = torch.rand(batch, generator=generator) * (torch.rand(batch, generator=generator) < 0.5)
     pixels = torch.lerp(pixels, blurred, amount[:, None, None, None])
-    return pixels + 0.03 * torch.rand(batch, 1, 1, 1, generator=generator) * torch.randn(pixels.shape, generator=generator)
+    return pixels + 0.03 * torch.rand(batch, 1, 1, 1, generator=generator) * torch.randn(
+        pixels.shape, generator=generator
+    )
 
 
 def caption_table(artists: list[str]) -> list[str]:
@@ -230,8 +280,15 @@ def _train_clip(work: Path, data: Path, plan: BuildPlan, seed: int, progress: bo
         return loss.item()
 
     clip.train()
-    _train("clip", folder, plan.clip_steps, {"clip": clip, "optimizer": optimizer, "schedule": schedule}, step_fn,
-           plan.checkpoint_every, progress)
+    _train(
+        "clip",
+        folder,
+        plan.clip_steps,
+        {"clip": clip, "optimizer": optimizer, "schedule": schedule},
+        step_fn,
+        plan.checkpoint_every,
+        progress,
+    )
     save_clip(clip.eval(), tokenizer, folder / "model")
     _finish(folder, {"captions": captions})
 
@@ -248,9 +305,12 @@ def save_clip(clip, tokenizer: CLIPTokenizer, folder: Path) -> None:
     config = {k: v for k, v in json.loads(config_file.read_text()).items() if k != "torch_dtype"}
     config_file.write_text(json.dumps({**config, "dtype": "float32"}, indent=2, sort_keys=True) + "\n")
     tokenizer.save(folder)
-    transformers.CLIPImageProcessor(size={"shortest_edge": TOY_VISION["image_size"]},
-                                    crop_size={"height": TOY_VISION["image_size"], "width": TOY_VISION["image_size"]},
-                                    image_mean=CLIP_IMAGE_MEAN, image_std=CLIP_IMAGE_STD).save_pretrained(folder)
+    transformers.CLIPImageProcessor(
+        size={"shortest_edge": TOY_VISION["image_size"]},
+        crop_size={"height": TOY_VISION["image_size"], "width": TOY_VISION["image_size"]},
+        image_mean=CLIP_IMAGE_MEAN,
+        image_std=CLIP_IMAGE_STD,
+    ).save_pretrained(folder)
 
 
 def load_clip(folder: str | Path, dtype: torch.dtype = torch.float32):
@@ -289,7 +349,7 @@ def _train_vae(work: Path, data: Path, plan: BuildPlan, seed: int, progress: boo
         pixels = _to_pixels(images[index])
         if step < crop_steps and plan.vae_crop < size:
             y, x = torch.randint(0, size - plan.vae_crop + 1, (2,), generator=generator).tolist()
-            pixels = pixels[..., y:y + plan.vae_crop, x:x + plan.vae_crop]
+            pixels = pixels[..., y : y + plan.vae_crop, x : x + plan.vae_crop]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             posterior = vae.encode(pixels)
             noise = torch.randn(posterior.mean.shape, generator=generator)
@@ -303,13 +363,24 @@ def _train_vae(work: Path, data: Path, plan: BuildPlan, seed: int, progress: boo
         schedule.step()
         return loss.item()
 
-    _train("vae", folder, plan.vae_steps, {"vae": vae, "optimizer": optimizer, "schedule": schedule}, step_fn,
-           plan.checkpoint_every, progress)
+    _train(
+        "vae",
+        folder,
+        plan.vae_steps,
+        {"vae": vae, "optimizer": optimizer, "schedule": schedule},
+        step_fn,
+        plan.checkpoint_every,
+        progress,
+    )
     vae.eval()
     # LDM, Sec. 4.3.2 / SD's 0.18215: scale latents to unit standard deviation for the diffusion model
     with torch.no_grad():
-        latents = torch.cat([vae.encode(_to_pixels(chunk)).sample(_generator(seed, "vae-scale", i))
-                             for i, chunk in enumerate(images.split(64))])
+        latents = torch.cat(
+            [
+                vae.encode(_to_pixels(chunk)).sample(_generator(seed, "vae-scale", i))
+                for i, chunk in enumerate(images.split(64))
+            ]
+        )
     config = AutoencoderKLConfig(**{**asdict(TOY_VAE), "scaling_factor": round(1.0 / latents.float().std().item(), 5)})
     _save_network(vae, config, folder / "model")
     _finish(folder, {"scaling_factor": config.scaling_factor})
@@ -355,17 +426,31 @@ def _train_unet(work: Path, data: Path, plan: BuildPlan, seed: int, progress: bo
     text_encoder = text_encoder_from_clip(load_clip(work / "clip" / "model"))
     torch.manual_seed(_stage_seed(seed, "unet-init", 0))
     unet = UNet2DConditionModel(TOY_UNET)
-    model = StableDiffusionModel(unet, vae, text_encoder, CLIPTokenizer.bundled(), dict(TOY_SCHEDULER),
-                                 source="fixative toy build")
+    model = StableDiffusionModel(
+        unet, vae, text_encoder, CLIPTokenizer.bundled(), dict(TOY_SCHEDULER), source="fixative toy build"
+    )
     # Min-SNR-5 weighting (converges ~3x faster, Hang et al. 2023) and bf16 autocast (1.6x faster on CPU):
     # the build must fit 45 minutes on 2 shared CPU cores
-    config = FinetuneConfig(method="full", train_text_encoder=True, max_steps=plan.unet_steps,
-                            batch_size=plan.unet_batch, lr=plan.unet_lr, weight_decay=0.01, lr_schedule="cosine",
-                            warmup=max(1, plan.unet_steps // 20), max_grad_norm=1.0, snr_gamma=5.0,
-                            offset_noise=plan.unet_offset_noise, caption_dropout=plan.caption_dropout,
-                            mixed_precision="bf16", frozen_in_mixed_precision=False, cache_latents=True,
-                            checkpoint_every=plan.checkpoint_every,
-                            seed=seed, seed_stream="unet")
+    config = FinetuneConfig(
+        method="full",
+        train_text_encoder=True,
+        max_steps=plan.unet_steps,
+        batch_size=plan.unet_batch,
+        lr=plan.unet_lr,
+        weight_decay=0.01,
+        lr_schedule="cosine",
+        warmup=max(1, plan.unet_steps // 20),
+        max_grad_norm=1.0,
+        snr_gamma=5.0,
+        offset_noise=plan.unet_offset_noise,
+        caption_dropout=plan.caption_dropout,
+        mixed_precision="bf16",
+        frozen_in_mixed_precision=False,
+        cache_latents=True,
+        checkpoint_every=plan.checkpoint_every,
+        seed=seed,
+        seed_stream="unet",
+    )
     images = ImageCaptions(_to_pixels(_load_images(rows)), [r["text"] for r in rows])
     fine_tune(model, images, config, out=folder, resume=True, save=False, progress=progress, log=lambda _: None)
     _save_network(unet.eval(), TOY_UNET, folder / "model")
@@ -398,8 +483,13 @@ def _assemble(work: Path) -> None:
     shutil.copytree(work / "clip" / "model", work / "clip-folder")
 
 
-def build(out: str | Path | None = None, seed: int = 0, size: str = "full", progress: bool = True,
-          log: Callable[[str], None] = print) -> Path:
+def build(
+    out: str | Path | None = None,
+    seed: int = 0,
+    size: str = "full",
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Path:
     """Train the toy world; returns the finished build folder (``sd/``, ``clip/``, ``atelier/``, ``build.json``).
 
     ``out``: the finished folder (default ``build_folder(size, seed)``). Resumes an interrupted build;
@@ -421,8 +511,12 @@ def build(out: str | Path | None = None, seed: int = 0, size: str = "full", prog
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
     data = work / "atelier"
     stages = [
-        ("atelier", lambda: atelier.write_atelier(data, AtelierConfig(seed=seed, images_per_artist=plan.images_per_artist),
-                                                  progress=progress)),
+        (
+            "atelier",
+            lambda: atelier.write_atelier(
+                data, AtelierConfig(seed=seed, images_per_artist=plan.images_per_artist), progress=progress
+            ),
+        ),
         ("clip", lambda: _train_clip(work, data, plan, seed, progress)),
         ("vae", lambda: _train_vae(work, data, plan, seed, progress)),
         ("unet", lambda: _train_unet(work, data, plan, seed, progress)),
@@ -435,8 +529,14 @@ def build(out: str | Path | None = None, seed: int = 0, size: str = "full", prog
         run()
         timings[name] = round(timings.get(name, 0.0) + time.time() - stage_start, 1)
         timings_file.write_text(json.dumps(timings))
-    info = {"seed": seed, "size": size, "plan": asdict(plan), "stage_seconds": timings,
-            "total_seconds": round(sum(timings.values()), 1), "cpu_count": os.cpu_count()}
+    info = {
+        "seed": seed,
+        "size": size,
+        "plan": asdict(plan),
+        "stage_seconds": timings,
+        "total_seconds": round(sum(timings.values()), 1),
+        "cpu_count": os.cpu_count(),
+    }
     # final layout: sd/, clip/, atelier/ (the data set, for the report), build.json
     final = work / "final"
     if final.exists():

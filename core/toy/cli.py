@@ -20,12 +20,17 @@ def register(subparsers) -> None:
     commands = toy_commands(subparsers)
 
     dataset = commands.add_parser("dataset", help="paint the Toy Atelier data set (an imagefolder with captions)")
-    dataset.add_argument("--out", required=True, help="folder to write (created; a complete one is left as it is); "
-                                                      "required")
+    dataset.add_argument(
+        "--out", required=True, help="folder to write (created; a complete one is left as it is); required"
+    )
     add_seed(dataset, "seed of the paintings")
     dataset.add_argument("--resolution", type=int, default=64, help="image size in pixels (default: %(default)s)")
-    dataset.add_argument("--images-per-artist", type=int, default=160,
-                         help="paintings per artist, all splits together (default: %(default)s)")
+    dataset.add_argument(
+        "--images-per-artist",
+        type=int,
+        default=160,
+        help="paintings per artist, all splits together (default: %(default)s)",
+    )
     dataset.add_argument("--grid", help="also write a PNG of all styles (one row per artist) here (default: none)")
     add_quiet(dataset)
     dataset.set_defaults(func=_dataset)
@@ -33,9 +38,12 @@ def register(subparsers) -> None:
     build = commands.add_parser("build", help="train the toy CLIP, VAE and UNet (about 36 minutes on 2 CPU cores)")
     build.add_argument("--out", help="finished build folder (default: $FIXATIVE_HOME/toy/<size>-seed<seed>)")
     add_seed(build, "seed of the data set, initialisations and batches")
-    build.add_argument("--size", choices=("full", "ci"), default="full",
-                       help="full: the shipped toy world; ci: a few steps per stage, to exercise the path "
-                            "(default: %(default)s)")
+    build.add_argument(
+        "--size",
+        choices=("full", "ci"),
+        default="full",
+        help="full: the shipped toy world; ci: a few steps per stage, to exercise the path (default: %(default)s)",
+    )
     add_quiet(build)
     build.set_defaults(func=_build)
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from distill_helpers import tiny_teacher
 
 from fixative.core.model import StableDiffusionModel
-
-from distill_helpers import tiny_teacher
 
 
 @pytest.fixture(scope="module")
@@ -22,4 +21,3 @@ def one_thread():
 @pytest.fixture
 def teacher() -> StableDiffusionModel:
     return tiny_teacher()
-

@@ -7,12 +7,11 @@ import json
 
 import numpy as np
 import pytest
+from distill_helpers import tiny_teacher
 from PIL import Image
 
 from fixative.cli import main
 from fixative.core.checkpoints import save_diffusers
-
-from distill_helpers import tiny_teacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,31 +30,111 @@ def setup(tmp_path_factory):
     return root, teacher, data
 
 
-@pytest.mark.parametrize("method, result, generate_options", [
-    ("lcd", "model_index.json", ["--guidance", "4"]),
-    ("lcm-lora", "pytorch_lora_weights.safetensors", ["--guidance", "1"]),
-])
+@pytest.mark.parametrize(
+    "method, result, generate_options",
+    [
+        ("lcd", "model_index.json", ["--guidance", "4"]),
+        ("lcm-lora", "pytorch_lora_weights.safetensors", ["--guidance", "1"]),
+    ],
+)
 def test_distill_then_generate(setup, method, result, generate_options, capsys):
     root, teacher, data = setup
     out = root / method
-    code = main(["distill", "--teacher", str(teacher), "--data", str(data), "--out", str(out), "--method", method,
-                 "--max-steps", "2", "--batch-size", "2", "--num-ddim-timesteps", "10", "--time-cond-proj-dim", "16",
-                 "--rank", "2", "--lr", "1e-3", "--resolution", "16", "--seed", "1", "--device", "cpu", "--quiet"])
+    code = main(
+        [
+            "distill",
+            "--teacher",
+            str(teacher),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--method",
+            method,
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--num-ddim-timesteps",
+            "10",
+            "--time-cond-proj-dim",
+            "16",
+            "--rank",
+            "2",
+            "--lr",
+            "1e-3",
+            "--resolution",
+            "16",
+            "--seed",
+            "1",
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
+    )
     assert code == 0
     assert (out / result).is_file()
     assert json.loads((out / "distill_config.json").read_text())["method"] == method
     model = out if method == "lcd" else teacher
     extra = [] if method == "lcd" else ["--lora", str(out)]
-    code = main(["generate", "--model", str(model), *extra, "--scheduler", "lcm", "--steps", "2", *generate_options,
-                 "--prompt", "a red square", "--out", str(root / f"{method}.png"), "--quiet"])
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(model),
+            *extra,
+            "--scheduler",
+            "lcm",
+            "--steps",
+            "2",
+            *generate_options,
+            "--prompt",
+            "a red square",
+            "--out",
+            str(root / f"{method}.png"),
+            "--quiet",
+        ]
+    )
     assert code == 0 and Image.open(root / f"{method}.png").size == (16, 16)
 
 
 def test_bad_input_is_a_one_line_error(setup, capsys):
     root, teacher, data = setup
-    assert main(["distill", "--teacher", str(teacher), "--data", str(root / "missing"), "--out", str(root / "x"),
-                 "--device", "cpu"]) == 2
-    assert main(["distill", "--teacher", str(teacher), "--data", str(data), "--out", str(root / "y"),
-                 "--w-min", "9", "--w-max", "3", "--device", "cpu"]) == 2
+    assert (
+        main(
+            [
+                "distill",
+                "--teacher",
+                str(teacher),
+                "--data",
+                str(root / "missing"),
+                "--out",
+                str(root / "x"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                "distill",
+                "--teacher",
+                str(teacher),
+                "--data",
+                str(data),
+                "--out",
+                str(root / "y"),
+                "--w-min",
+                "9",
+                "--w-max",
+                "3",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 2 and "does not exist" in errors[0] and "w_min <= w_max" in errors[1]

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from distill_helpers import tiny_teacher
 
-from fixative.core.errors import FixativeError
-from fixative.core.pipelines import encode_prompt, generate, guidance_scale_embedding, predict_noise_cfg
-from fixative.core.schedulers import NoiseSchedule
 from fixative.consistency.lcd import (
     LCDSettings,
     SkippingSchedule,
@@ -18,8 +16,9 @@ from fixative.consistency.lcd import (
     student_from_teacher,
     teacher_ddim_step,
 )
-
-from distill_helpers import tiny_teacher
+from fixative.core.errors import FixativeError
+from fixative.core.pipelines import encode_prompt, generate, guidance_scale_embedding, predict_noise_cfg
+from fixative.core.schedulers import NoiseSchedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,13 +53,15 @@ def test_boundary_condition_holds_exactly(prediction_type):
     condition = guidance_condition(student, torch.tensor([3.0, 9.0]), latents)
     with torch.no_grad():
         output = student(latents, timesteps, text_embeddings, timestep_cond=condition)
-        consistency = consistency_function(output, latents, timesteps, alphas_cumprod, prediction_type,
-                                           LCDSettings().boundary)
+        consistency = consistency_function(
+            output, latents, timesteps, alphas_cumprod, prediction_type, LCDSettings().boundary
+        )
     assert output.abs().mean() > 0.1
     assert torch.equal(consistency, latents)
     # and away from the boundary it is not the identity
-    later = consistency_function(output, latents, torch.tensor([499, 999]), alphas_cumprod, prediction_type,
-                                 LCDSettings().boundary)
+    later = consistency_function(
+        output, latents, torch.tensor([499, 999]), alphas_cumprod, prediction_type, LCDSettings().boundary
+    )
     assert (later - latents).abs().mean() > 0.1
 
 
@@ -97,8 +98,17 @@ def test_teacher_ddim_step_equals_a_hand_computation(prediction_type):
         x0_c, x0_u = ((latents - (1 - a_t) ** 0.5 * eps) / a_t**0.5 for eps in (eps_c, eps_u))
         eps, x0 = (1 + w) * eps_c - w * eps_u, (1 + w) * x0_c - w * x0_u
         expected = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
-        ours = teacher_ddim_step(model.unet, latents, torch.tensor([t]), torch.tensor([t_prev]), text, uncond,
-                                 torch.tensor([w]), alphas_cumprod, prediction_type)
+        ours = teacher_ddim_step(
+            model.unet,
+            latents,
+            torch.tensor([t]),
+            torch.tensor([t_prev]),
+            text,
+            uncond,
+            torch.tensor([w]),
+            alphas_cumprod,
+            prediction_type,
+        )
     assert (ours - latents).abs().mean() > 1e-3
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
@@ -116,17 +126,25 @@ def test_guidance_convention_is_ordinary_cfg_at_one_plus_w(teacher):
         a_t, a_prev = alphas_cumprod[t], alphas_cumprod[t - 20]
         x0 = (latents - (1 - a_t).sqrt() * guided) / a_t.sqrt()
         expected = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * guided
-        ours = teacher_ddim_step(teacher.unet, latents, torch.tensor([t]), torch.tensor([t - 20]),
-                                 encode_prompt(teacher, ["a cat"], guidance=False),
-                                 encode_prompt(teacher, [""], guidance=False), torch.tensor([w]), alphas_cumprod,
-                                 "epsilon")
+        ours = teacher_ddim_step(
+            teacher.unet,
+            latents,
+            torch.tensor([t]),
+            torch.tensor([t - 20]),
+            encode_prompt(teacher, ["a cat"], guidance=False),
+            encode_prompt(teacher, [""], guidance=False),
+            torch.tensor([w]),
+            alphas_cumprod,
+            "epsilon",
+        )
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
     teacher.unet = student_from_teacher(teacher.unet, time_cond_proj_dim=16)
     fed = []
     teacher.unet.time_embedding.cond_proj.register_forward_hook(lambda module, args, out: fed.append(args[0]))
-    generate(teacher, "a cat", num_inference_steps=1, guidance_scale=1 + w, scheduler="lcm", output="latents",
-             progress=False)
+    generate(
+        teacher, "a cat", num_inference_steps=1, guidance_scale=1 + w, scheduler="lcm", output="latents", progress=False
+    )
     torch.testing.assert_close(fed[0], guidance_condition(teacher.unet, torch.tensor([w]), latents))
     assert not torch.allclose(fed[0], guidance_scale_embedding(torch.tensor([1 + w]), 16))
 
@@ -173,14 +191,25 @@ def test_distillation_loss_is_algorithm_1_with_draws_in_order(teacher):
     condition = guidance_scale_embedding(w, 16)
     boundary = settings.boundary
     with torch.no_grad():
-        prediction = consistency_function(student(noisy, start, text, timestep_cond=condition), noisy, start,
-                                          alphas_cumprod, "epsilon", boundary)
+        prediction = consistency_function(
+            student(noisy, start, text, timestep_cond=condition), noisy, start, alphas_cumprod, "epsilon", boundary
+        )
         x_prev = teacher_ddim_step(teacher.unet, noisy, start, end, text, uncond, w, alphas_cumprod, "epsilon")
-        target_value = consistency_function(target(x_prev, end, text, timestep_cond=condition), x_prev, end,
-                                            alphas_cumprod, "epsilon", boundary)
+        target_value = consistency_function(
+            target(x_prev, end, text, timestep_cond=condition), x_prev, end, alphas_cumprod, "epsilon", boundary
+        )
         expected = ((prediction - target_value) ** 2).mean()
-        ours = consistency_distillation_loss(student, teacher.unet, target, latents, text, uncond, schedule, settings,
-                                             generator=torch.Generator().manual_seed(5))
+        ours = consistency_distillation_loss(
+            student,
+            teacher.unet,
+            target,
+            latents,
+            text,
+            uncond,
+            schedule,
+            settings,
+            generator=torch.Generator().manual_seed(5),
+        )
     assert ours.item() == pytest.approx(expected.item(), rel=1e-6)
     assert ours.item() > 0
 

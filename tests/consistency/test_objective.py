@@ -6,18 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from distill_helpers import CAPTIONS, tiny_teacher, toy_data
 
+from fixative.consistency.objective import ConsistencyDistillation, DistillSettings
 from fixative.core.checkpoints import load_model, save_diffusers
 from fixative.core.errors import FixativeError
 from fixative.core.finetune import Batch, FinetuneConfig, fine_tune
 from fixative.core.lora import LoRALinear, apply_lora
 from fixative.core.pipelines import encode_prompt, generate
-from fixative.consistency.objective import ConsistencyDistillation, DistillSettings
-
-from distill_helpers import CAPTIONS, tiny_teacher, toy_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 
 def settings(method: str, **overrides) -> DistillSettings:
@@ -63,7 +61,8 @@ def test_one_lcm_lora_step_changes_only_the_adapters():
     base = {n: v for n, v in student.state_dict().items() if n not in adapters}
     assert base.keys() == teacher.keys() and all(torch.equal(base[n], teacher[n]) for n in base)
     assert {n for n in adapters if n.endswith("lora_up.weight")} <= changed(
-        {n: torch.zeros_like(v) for n, v in student.state_dict().items()}, student)
+        {n: torch.zeros_like(v) for n, v in student.state_dict().items()}, student
+    )
     adapted = {n for n, m in student.named_modules() if isinstance(m, LoRALinear)}
     assert any(n.endswith("time_emb_proj") for n in adapted) and any(n.endswith("attn2.to_k") for n in adapted)
     assert student.config.time_cond_proj_dim is None
@@ -120,16 +119,45 @@ class StopsAtStep3(ConsistencyDistillation):
 @pytest.mark.parametrize("method", ["lcd", "lcm-lora"])
 def test_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, method):
     run = config(max_steps=4, checkpoint_every=2)
-    whole = fine_tune(tiny_teacher(), toy_data(), run, ConsistencyDistillation(settings(method)),
-                      out=tmp_path / "whole", progress=False, log=lambda _: None)
+    whole = fine_tune(
+        tiny_teacher(),
+        toy_data(),
+        run,
+        ConsistencyDistillation(settings(method)),
+        out=tmp_path / "whole",
+        progress=False,
+        log=lambda _: None,
+    )
     with pytest.raises(Interrupted):
-        fine_tune(tiny_teacher(), toy_data(), run, StopsAtStep3(settings(method)), out=tmp_path / "cut",
-                  progress=False, log=lambda _: None)
+        fine_tune(
+            tiny_teacher(),
+            toy_data(),
+            run,
+            StopsAtStep3(settings(method)),
+            out=tmp_path / "cut",
+            progress=False,
+            log=lambda _: None,
+        )
     with pytest.raises(FixativeError, match="already has checkpoints"):
-        fine_tune(tiny_teacher(), toy_data(), run, ConsistencyDistillation(settings(method)), out=tmp_path / "cut",
-                  progress=False, log=lambda _: None)
-    resumed = fine_tune(tiny_teacher(), toy_data(), run, ConsistencyDistillation(settings(method)),
-                        out=tmp_path / "cut", resume=True, progress=False, log=lambda _: None)
+        fine_tune(
+            tiny_teacher(),
+            toy_data(),
+            run,
+            ConsistencyDistillation(settings(method)),
+            out=tmp_path / "cut",
+            progress=False,
+            log=lambda _: None,
+        )
+    resumed = fine_tune(
+        tiny_teacher(),
+        toy_data(),
+        run,
+        ConsistencyDistillation(settings(method)),
+        out=tmp_path / "cut",
+        resume=True,
+        progress=False,
+        log=lambda _: None,
+    )
     ours, theirs = whole.unet.state_dict(), resumed.unet.state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[n], theirs[n]) for n in ours)
@@ -142,36 +170,85 @@ diffusers = pytest.importorskip("diffusers")
 
 
 def test_distilled_student_folder_renders_as_in_diffusers(tmp_path):
-    fine_tune(tiny_teacher(), toy_data(), config(max_steps=2), ConsistencyDistillation(settings("lcd")),
-              out=tmp_path / "student", progress=False)
-    ours = generate(load_model(tmp_path / "student"), "a red square", num_inference_steps=2, guidance_scale=6.0,
-                    seed=3, output="images", progress=False)  # the folder's own scheduler: lcm
+    fine_tune(
+        tiny_teacher(),
+        toy_data(),
+        config(max_steps=2),
+        ConsistencyDistillation(settings("lcd")),
+        out=tmp_path / "student",
+        progress=False,
+    )
+    ours = generate(
+        load_model(tmp_path / "student"),
+        "a red square",
+        num_inference_steps=2,
+        guidance_scale=6.0,
+        seed=3,
+        output="images",
+        progress=False,
+    )  # the folder's own scheduler: lcm
     pipe = diffusers.LatentConsistencyModelPipeline.from_pretrained(tmp_path / "student", safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
-    theirs = pipe("a red square", num_inference_steps=2, guidance_scale=6.0,
-                  generator=torch.Generator("cpu").manual_seed(3), output_type="np").images
+    theirs = pipe(
+        "a red square",
+        num_inference_steps=2,
+        guidance_scale=6.0,
+        generator=torch.Generator("cpu").manual_seed(3),
+        output_type="np",
+    ).images
     assert np.abs(ours.permute(0, 2, 3, 1).numpy() - theirs).max() <= 2 / 255
 
 
 def test_lcm_lora_renders_as_in_diffusers(tmp_path):
     pytest.importorskip("peft")
     teacher_folder = save_diffusers(tiny_teacher(), tmp_path / "teacher")
-    fine_tune(load_model(teacher_folder), toy_data(), config(max_steps=2, lr=1e-2),
-              ConsistencyDistillation(settings("lcm-lora")), out=tmp_path / "lora", progress=False)
+    fine_tune(
+        load_model(teacher_folder),
+        toy_data(),
+        config(max_steps=2, lr=1e-2),
+        ConsistencyDistillation(settings("lcm-lora")),
+        out=tmp_path / "lora",
+        progress=False,
+    )
     lora_file = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
     assert lora_file.is_file()
 
     model = load_model(teacher_folder)
-    plain = generate(model, "a red square", num_inference_steps=4, guidance_scale=1.0, scheduler="lcm", seed=3,
-                     output="images", progress=False)
+    plain = generate(
+        model,
+        "a red square",
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        scheduler="lcm",
+        seed=3,
+        output="images",
+        progress=False,
+    )
     assert apply_lora(model, lora_file) > 0
-    ours = generate(model, "a red square", num_inference_steps=4, guidance_scale=1.0, scheduler="lcm", seed=3,
-                    output="images", progress=False).permute(0, 2, 3, 1).numpy()
+    ours = (
+        generate(
+            model,
+            "a red square",
+            num_inference_steps=4,
+            guidance_scale=1.0,
+            scheduler="lcm",
+            seed=3,
+            output="images",
+            progress=False,
+        )
+        .permute(0, 2, 3, 1)
+        .numpy()
+    )
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(teacher_folder, safety_checker=None)
     pipe.scheduler = diffusers.LCMScheduler.from_config(pipe.scheduler.config)
     pipe.load_lora_weights(tmp_path / "lora")
     pipe.set_progress_bar_config(disable=True)
-    theirs = pipe("a red square", num_inference_steps=4, guidance_scale=1.0,
-                  generator=torch.Generator("cpu").manual_seed(3), output_type="np").images
+    theirs = pipe(
+        "a red square",
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        generator=torch.Generator("cpu").manual_seed(3),
+        output_type="np",
+    ).images
     assert np.abs(ours - theirs).max() <= 2 / 255
     assert np.abs(ours - plain.permute(0, 2, 3, 1).numpy()).max() > 2 / 255  # the adapters change the image

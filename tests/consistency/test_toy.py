@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import pytest
 import torch
+from distill_helpers import tiny_teacher, toy_data
 
-from fixative.core.errors import FixativeError
-from fixative.core.finetune import FinetuneConfig, fine_tune
 from fixative.consistency import toy
 from fixative.consistency.objective import ConsistencyDistillation, DistillSettings
-
-from distill_helpers import tiny_teacher, toy_data
+from fixative.core.errors import FixativeError
+from fixative.core.finetune import FinetuneConfig, fine_tune
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_lcm_sampler_merges_the_lora_into_a_copy_with_its_schedule(tmp_path):
     settings = DistillSettings(method="lcm-lora", num_ddim_timesteps=10, rank=2)
-    fine_tune(tiny_teacher(), toy_data(), FinetuneConfig(max_steps=1, batch_size=2, lr=1e-2),
-              ConsistencyDistillation(settings), out=tmp_path, progress=False)
+    fine_tune(
+        tiny_teacher(),
+        toy_data(),
+        FinetuneConfig(max_steps=1, batch_size=2, lr=1e-2),
+        ConsistencyDistillation(settings),
+        out=tmp_path,
+        progress=False,
+    )
     model = tiny_teacher()
     before = {n: p.clone() for n, p in model.unet.state_dict().items()}
     sampler = toy.lcm_sampler(model, tmp_path)
@@ -48,8 +53,16 @@ def test_shipped_toy_lcm_lora_samples_the_prompted_artists_in_two_steps():
     artists = artist_names(held_out=False)
     prompts = [caption(subject, artist) for artist in artists for subject in ("boat", "house")]
     sampler = toy.lcm_sampler(load_model("toy"))
-    images = generate(sampler, prompts, num_inference_steps=2, guidance_scale=1.0, scheduler="lcm",
-                      seed=list(range(len(prompts))), output="images", progress=False)
+    images = generate(
+        sampler,
+        prompts,
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        scheduler="lcm",
+        seed=list(range(len(prompts))),
+        output="images",
+        progress=False,
+    )
     attributed, _ = ToyJudge(clip_folder()).classify(images * 2 - 1)
     expected = [artist for artist in artists for _ in range(2)]
     assert sum(a == b for a, b in zip(attributed, expected)) / len(prompts) >= 0.75

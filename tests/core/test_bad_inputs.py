@@ -44,12 +44,14 @@ class CarriesCode:
 
 def png_header_only(path: Path, width: int, height: int) -> None:
     """A PNG that declares width x height (1-bit) and holds one compressed row: Pillow reads the size on open."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +64,12 @@ def corpus(tmp_path_factory, sd_folder) -> dict[str, Path]:
     torch.save({"state_dict": state}, root / "whole.ckpt")
 
     files = {
-        "empty.ckpt": b"", "empty.safetensors": b"",
+        "empty.ckpt": b"",
+        "empty.safetensors": b"",
         "truncated.safetensors": (root / "whole.safetensors").read_bytes()[:5000],
         "truncated.ckpt": (root / "whole.ckpt").read_bytes()[:5000],
-        "random.safetensors": np.random.default_rng(0).bytes(4096), "random.ckpt": np.random.default_rng(1).bytes(4096),
+        "random.safetensors": np.random.default_rng(0).bytes(4096),
+        "random.ckpt": np.random.default_rng(1).bytes(4096),
         "page.safetensors": b"<!DOCTYPE html><html><body>Sign in to download this model</body></html>\n",
         "terabytes.safetensors": struct.pack("<Q", 2**40) + b"{}",
         "not-json.safetensors": struct.pack("<Q", 16) + b"this is not JSON" + b"\0" * 64,
@@ -80,14 +84,17 @@ def corpus(tmp_path_factory, sd_folder) -> dict[str, Path]:
     shutil.copytree(folder, root / "no-vae")
     shutil.rmtree(root / "no-vae" / "vae")
     shutil.copytree(folder, root / "swapped")  # the UNet folder holds the VAE's weights
-    shutil.copy(folder / "vae" / "diffusion_pytorch_model.safetensors",
-                root / "swapped" / "unet" / "diffusion_pytorch_model.safetensors")
+    shutil.copy(
+        folder / "vae" / "diffusion_pytorch_model.safetensors",
+        root / "swapped" / "unet" / "diffusion_pytorch_model.safetensors",
+    )
     shutil.copytree(folder, root / "scheduler-not-object")
     (root / "scheduler-not-object" / "scheduler" / "scheduler_config.json").write_text("[1, 2, 3]")
     shutil.copytree(folder, root / "scheduler-unknown-betas")
     config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     (root / "scheduler-unknown-betas" / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps(dict(config, beta_schedule="cosine-ish")))
+        json.dumps(dict(config, beta_schedule="cosine-ish"))
+    )
 
     Image.new("RGB", (32, 32), (120, 80, 40)).save(root / "init.png")
     (root / "empty.png").write_bytes(b"")
@@ -97,9 +104,23 @@ def corpus(tmp_path_factory, sd_folder) -> dict[str, Path]:
     return {path.name: path for path in root.iterdir()}
 
 
-BAD_MODELS = ["empty.ckpt", "empty.safetensors", "truncated.safetensors", "truncated.ckpt", "random.safetensors",
-              "random.ckpt", "page.safetensors", "terabytes.safetensors", "not-json.safetensors", "garbage-zip.ckpt",
-              "code.ckpt", "empty-folder", "no-vae", "swapped", "scheduler-not-object"]
+BAD_MODELS = [
+    "empty.ckpt",
+    "empty.safetensors",
+    "truncated.safetensors",
+    "truncated.ckpt",
+    "random.safetensors",
+    "random.ckpt",
+    "page.safetensors",
+    "terabytes.safetensors",
+    "not-json.safetensors",
+    "garbage-zip.ckpt",
+    "code.ckpt",
+    "empty-folder",
+    "no-vae",
+    "swapped",
+    "scheduler-not-object",
+]
 BAD_IMAGES = ["empty.png", "truncated.png", "not-an-image.png", "huge.png"]
 
 
@@ -108,8 +129,23 @@ def command_line(command: str, model: Path, out: Path, *extra) -> list[str]:
         return ["info", str(model)]
     if command == "convert":
         return ["convert", str(model), str(out / "converted")]
-    return ["generate", "--model", str(model), "--prompt", "a boat", "--steps", "1", "--height", "16", "--width", "16",
-            "--quiet", "--out", str(out / "images"), *map(str, extra)]
+    return [
+        "generate",
+        "--model",
+        str(model),
+        "--prompt",
+        "a boat",
+        "--steps",
+        "1",
+        "--height",
+        "16",
+        "--width",
+        "16",
+        "--quiet",
+        "--out",
+        str(out / "images"),
+        *map(str, extra),
+    ]
 
 
 def run_in_process(argv: list[str], capsys) -> tuple[int, str]:
@@ -153,8 +189,11 @@ def test_bad_images_are_refused_in_one_line(option, corpus, tmp_path, capsys):
     for name in BAD_IMAGES:
         out = tmp_path / name
         out.mkdir()
-        images = ["--init-image", corpus[name]] if option == "--init-image" else ["--init-image", corpus["init.png"],
-                                                                                 "--mask", corpus[name]]
+        images = (
+            ["--init-image", corpus[name]]
+            if option == "--init-image"
+            else ["--init-image", corpus["init.png"], "--mask", corpus[name]]
+        )
         code, err = run_in_process(command_line("generate", corpus["good"], out, *images), capsys)
         assert_refused(code, err, out, corpus)
         assert name in err
@@ -177,19 +216,26 @@ def odd_images(folder: Path) -> dict[str, Path]:
 def test_odd_but_valid_images_work_as_init_image_and_mask(corpus, tmp_path, capsys):
     for name, path in odd_images(tmp_path).items():
         out = tmp_path / f"out-{name}"
-        code, err = run_in_process(command_line("generate", corpus["good"], out, "--init-image", path, "--mask", path),
-                                   capsys)
+        code, err = run_in_process(
+            command_line("generate", corpus["good"], out, "--init-image", path, "--mask", path), capsys
+        )
         assert code == 0, err
         assert Image.open(out / "images" / "image-000.png").size == (16, 16)
 
 
 def test_a_user_sees_one_line_from_real_fixative_processes(corpus, tmp_path):
     """What the in-process runs stand for: the installed command, stderr as a terminal shows it."""
-    cases = [command_line("info", corpus["empty.ckpt"], tmp_path),
-             command_line("convert", corpus["code.ckpt"], tmp_path),
-             command_line("generate", corpus["good"], tmp_path, "--init-image", corpus["huge.png"])]
-    processes = [subprocess.Popen([sys.executable, "-m", "fixative", *argv], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for argv in cases]
+    cases = [
+        command_line("info", corpus["empty.ckpt"], tmp_path),
+        command_line("convert", corpus["code.ckpt"], tmp_path),
+        command_line("generate", corpus["good"], tmp_path, "--init-image", corpus["huge.png"]),
+    ]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "fixative", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for argv in cases
+    ]
     for process in processes:
         _, err = process.communicate(timeout=120)
         assert_refused(process.returncode, err, tmp_path, corpus)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from parity import assert_close, randomize
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from parity import assert_close, randomize
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig as HFCLIPTextConfig
 from transformers import CLIPTextModel as HFCLIPTextModel
@@ -52,8 +52,10 @@ def assert_outputs_match(model: StableDiffusionModel, pipe) -> None:
     with torch.no_grad():
         text_embeddings = model.text_encoder(input_ids).last_hidden_state
         assert_close(text_embeddings, pipe.text_encoder(input_ids)[0])
-        assert_close(model.unet(latents, 500, text_embeddings),
-                     pipe.unet(latents, 500, encoder_hidden_states=text_embeddings).sample)
+        assert_close(
+            model.unet(latents, 500, text_embeddings),
+            pipe.unet(latents, 500, encoder_hidden_states=text_embeddings).sample,
+        )
         assert_close(model.vae.encode(pixels).mean, pipe.vae.encode(pixels).latent_dist.mean)
         assert_close(model.vae.decode(latents[:, :4]), pipe.vae.decode(latents[:, :4]).sample)
 
@@ -104,16 +106,20 @@ def test_sd2_folder_round_trips_through_diffusers(sd_folder, tmp_path):
 def test_transformers_5_text_encoder_without_prefix_loads(released, reference, tmp_path):
     folder = copy_of(released, tmp_path)
     weights = folder / "text_encoder" / "model.safetensors"
-    save_file({k.removeprefix("text_model."): v for k, v in load_file(weights).items()}, weights,
-              metadata={"format": "pt"})
+    save_file(
+        {k.removeprefix("text_model."): v for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"}
+    )
     assert_outputs_match(load_model(folder), reference)
 
 
 def test_legacy_bin_files_old_vae_attention_names_and_position_ids_load(released, ours, tmp_path):
     folder = copy_of(released, tmp_path)
     old_names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-    for network, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
-                          ("text_encoder", "model")):
+    for network, stem in (
+        ("unet", "diffusion_pytorch_model"),
+        ("vae", "diffusion_pytorch_model"),
+        ("text_encoder", "model"),
+    ):
         weights = folder / network / f"{stem}.safetensors"
         state = load_file(weights)
         if network == "vae":  # diffusers < 0.14 names, attention stored as 1x1 convolutions
@@ -135,8 +141,11 @@ def test_legacy_bin_files_old_vae_attention_names_and_position_ids_load(released
 def test_fp16_variant_files_load_as_the_requested_dtype(released, tmp_path):
     folder = copy_of(released, tmp_path)
     for weights in folder.glob("*/*.safetensors"):
-        save_file({k: v.half() for k, v in load_file(weights).items()}, weights.with_suffix(".fp16.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: v.half() for k, v in load_file(weights).items()},
+            weights.with_suffix(".fp16.safetensors"),
+            metadata={"format": "pt"},
+        )
         weights.unlink()
     model = load_model(folder, dtype=torch.float16)
     assert {p.dtype for network in model.networks().values() for p in network.parameters()} == {torch.float16}
@@ -159,12 +168,15 @@ def test_sharded_safetensors_with_index_load(released, ours, tmp_path):
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
     state = load_file(weights)
     keys = sorted(state)
-    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[: len(keys) // 2],
-              "diffusion_pytorch_model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    shards = {
+        "diffusion_pytorch_model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+        "diffusion_pytorch_model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+    }
     for name, shard_keys in shards.items():
         save_file({k: state[k] for k in shard_keys}, folder / "unet" / name, metadata={"format": "pt"})
-    (folder / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}))
+    (folder / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}})
+    )
     weights.unlink()
     assert_same_weights(load_model(folder), ours)
 
@@ -185,8 +197,9 @@ def test_save_diffusers_in_fp16_is_loaded_by_diffusers_in_fp16(ours, tmp_path):
     saved = save_diffusers(ours, tmp_path / "half", dtype=torch.float16)
     for weights in saved.glob("*/*.safetensors"):
         assert {value.dtype for value in load_file(weights).values()} == {torch.float16}, weights
-    pipe = StableDiffusionPipeline.from_pretrained(saved, safety_checker=None, requires_safety_checker=False,
-                                                   dtype=torch.float16)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        saved, safety_checker=None, requires_safety_checker=False, dtype=torch.float16
+    )
     assert pipe.unet.dtype == torch.float16 and pipe.text_encoder.dtype == torch.float16
     assert load_model(saved).details.stored_dtypes["vae"] == "float16"
 
@@ -228,8 +241,9 @@ def test_failed_save_leaves_nothing_behind(released, tmp_path, monkeypatch):
 # -------------------------------------------------------------------------------------- single files
 
 
-def original_checkpoint(preset: str | Preset, seed: int = 0, text_layers: int | None = None
-                        ) -> tuple[dict, StableDiffusionModel]:
+def original_checkpoint(
+    preset: str | Preset, seed: int = 0, text_layers: int | None = None
+) -> tuple[dict, StableDiffusionModel]:
     """An original-layout state dict (as a release would have it, no fixative metadata) and the model it holds."""
     torch.manual_seed(seed)
     config = get_preset(preset) if isinstance(preset, str) else preset
@@ -264,7 +278,9 @@ def test_single_file_round_trips_through_a_folder_with_identical_keys_and_tensor
 def test_fixative_single_file_keeps_the_exact_config(tmp_path):
     config = get_preset("tiny-sd1")
     config.model_config.unet.num_heads = (2, 4)  # not the SD 1 rule: only the recorded config can restore it
-    model = StableDiffusionModel.from_config(config.model_config, dict(config.scheduler_config, prediction_type="sample"))
+    model = StableDiffusionModel.from_config(
+        config.model_config, dict(config.scheduler_config, prediction_type="sample")
+    )
     for suffix in (".safetensors", ".ckpt"):
         loaded = load_model(save_single_file(model, tmp_path / f"model{suffix}"))
         assert loaded.config == model.config and loaded.prediction_type == "sample" and not loaded.details.notes
@@ -273,8 +289,11 @@ def test_fixative_single_file_keeps_the_exact_config(tmp_path):
 
 def test_original_ckpt_with_training_state_loads(tmp_path):
     state, source = original_checkpoint("tiny-sd1", seed=3)
-    extras = {"alphas_cumprod": torch.rand(1000), "model_ema.decay": torch.tensor(0.9999),
-              "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None]}
+    extras = {
+        "alphas_cumprod": torch.rand(1000),
+        "model_ema.decay": torch.tensor(0.9999),
+        "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None],
+    }
     torch.save({"state_dict": {**state, **extras}, "global_step": 470000, "epoch": 6}, tmp_path / "model.ckpt")
     model = load_model(tmp_path / "model.ckpt", dtype=torch.bfloat16)
     assert model.unet.dtype == torch.bfloat16 and model.details.format == "original single file, weights-only pickle"
@@ -389,7 +408,9 @@ def test_missing_unexpected_and_misshapen_tensors_are_named(released, tmp_path):
     state = load_file(weights)
     save_file({k: v for k, v in state.items() if k not in ("conv_in.weight", "conv_out.bias")}, weights)
     message = one_line_error(load_model, folder)
-    assert "unet/diffusion_pytorch_model.safetensors is missing 2 UNet tensor(s): conv_in.weight, conv_out.bias" in message
+    assert (
+        "unet/diffusion_pytorch_model.safetensors is missing 2 UNet tensor(s): conv_in.weight, conv_out.bias" in message
+    )
     assert "Stable Diffusion 1.x/2.x UNet" in message
     save_file({**state, "add_embedding.linear_1.weight": torch.zeros(2, 2)}, weights)
     assert "unexpected UNet tensor(s): add_embedding.linear_1.weight" in one_line_error(load_model, folder)
@@ -406,7 +427,9 @@ def test_single_file_missing_tensor_is_named_in_the_original_layout(tmp_path):
     message = one_line_error(load_model, tmp_path / "broken.safetensors")
     assert f"broken.safetensors is missing 1 UNet tensor(s): {unet_key};" in message
     save_file({k: v for k, v in state.items() if k != text_key}, tmp_path / "broken.safetensors")
-    assert f"is missing 1 text encoder tensor(s): {text_key};" in one_line_error(load_model, tmp_path / "broken.safetensors")
+    assert f"is missing 1 text encoder tensor(s): {text_key};" in one_line_error(
+        load_model, tmp_path / "broken.safetensors"
+    )
 
 
 def custom_preset(vae_groups: int = 8) -> Preset:
@@ -485,8 +508,9 @@ def test_config_errors_are_one_line(released, tmp_path):
     assert "broken.yaml" in one_line_error(load_model, tmp_path / "model.safetensors", config=tmp_path / "broken.yaml")
     assert "--config applies to single-file" in one_line_error(load_model, released, config=released)
     (tmp_path / "empty").mkdir()
-    assert "holds no model_index.json" in one_line_error(load_model, tmp_path / "model.safetensors",
-                                                         config=tmp_path / "empty")
+    assert "holds no model_index.json" in one_line_error(
+        load_model, tmp_path / "model.safetensors", config=tmp_path / "empty"
+    )
 
 
 def test_save_single_file_needs_a_known_suffix(tmp_path):
@@ -506,15 +530,22 @@ def test_full_size_networks_have_exactly_the_released_tensors(preset):
     transformers' models of the released configs, so real folders load strictly."""
     config = get_preset(preset).model_config
     with checkpoints._meta_without_init():
-        ours = {"unet": checkpoints.NETWORKS["unet"](config.unet).state_dict(),
-                "vae": checkpoints.NETWORKS["vae"](config.vae).state_dict(),
-                "text_encoder": checkpoints.NETWORKS["text_encoder"](config.text_encoder).state_dict()}
+        ours = {
+            "unet": checkpoints.NETWORKS["unet"](config.unet).state_dict(),
+            "vae": checkpoints.NETWORKS["vae"](config.vae).state_dict(),
+            "text_encoder": checkpoints.NETWORKS["text_encoder"](config.text_encoder).state_dict(),
+        }
     with torch.device("meta"):
-        theirs = {"unet": UNet2DConditionModel.from_config(config.unet.to_diffusers()).state_dict(),
-                  "vae": AutoencoderKL.from_config(config.vae.to_diffusers()).state_dict(),
-                  "text_encoder": {"text_model." + k.removeprefix("text_model."): v for k, v in HFCLIPTextModel(
-                      HFCLIPTextConfig(**vars(config.text_encoder))).state_dict().items()}}
+        theirs = {
+            "unet": UNet2DConditionModel.from_config(config.unet.to_diffusers()).state_dict(),
+            "vae": AutoencoderKL.from_config(config.vae.to_diffusers()).state_dict(),
+            "text_encoder": {
+                "text_model." + k.removeprefix("text_model."): v
+                for k, v in HFCLIPTextModel(HFCLIPTextConfig(**vars(config.text_encoder))).state_dict().items()
+            },
+        }
     for network in ours:
-        assert {k: tuple(v.shape) for k, v in ours[network].items()} == \
-               {k: tuple(v.shape) for k, v in theirs[network].items()}, network
+        assert {k: tuple(v.shape) for k, v in ours[network].items()} == {
+            k: tuple(v.shape) for k, v in theirs[network].items()
+        }, network
     assert len(ours["unet"]) == 686 and len(ours["vae"]) == 248

@@ -15,8 +15,14 @@ from fixative.core.unet import UNet2DConditionModel
 
 # the smallest UNet with every kind of block (down and up ResNets, a transformer, mid block, up-sampling):
 # compiling takes seconds per graph node, so the graph is kept short
-TINY = UNetConfig(block_out_channels=(16, 32), cross_attention_blocks=(True, False), layers_per_block=1, num_heads=2,
-                  norm_num_groups=8, cross_attention_dim=16)
+TINY = UNetConfig(
+    block_out_channels=(16, 32),
+    cross_attention_blocks=(True, False),
+    layers_per_block=1,
+    num_heads=2,
+    norm_num_groups=8,
+    cross_attention_dim=16,
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -49,8 +55,9 @@ def test_compiled_unet_matches_eager_and_reports_the_compile_time_once():
 
 def test_load_model_compiles_the_unet_only_when_asked(tmp_path):
     preset = get_preset("tiny-sd1")
-    folder = save_diffusers(StableDiffusionModel.from_config(preset.model_config, preset.scheduler_config),
-                            tmp_path / "tiny")
+    folder = save_diffusers(
+        StableDiffusionModel.from_config(preset.model_config, preset.scheduler_config), tmp_path / "tiny"
+    )
     assert "forward" not in vars(load_model(folder).unet)
     model = load_model(folder, compile=True)  # compiling happens at the first call, not here
     assert "forward" in vars(model.unet) and "forward" not in vars(model.vae.decoder)
@@ -65,11 +72,24 @@ def test_generate_compile_option_compiles_the_unet(monkeypatch, tmp_path):
     from fixative.core import compilation
 
     preset = get_preset("tiny-sd1")
-    folder = save_diffusers(StableDiffusionModel.from_config(preset.model_config, preset.scheduler_config),
-                            tmp_path / "tiny")
+    folder = save_diffusers(
+        StableDiffusionModel.from_config(preset.model_config, preset.scheduler_config), tmp_path / "tiny"
+    )
     compiled = []
     monkeypatch.setattr(compilation, "compile_model", lambda model: compiled.append(model) or model)
-    argv = ["generate", "--model", str(folder), "--prompt", "a lighthouse", "--steps", "1", "--height", "32",
-            "--width", "32", "--quiet"]
+    argv = [
+        "generate",
+        "--model",
+        str(folder),
+        "--prompt",
+        "a lighthouse",
+        "--steps",
+        "1",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--quiet",
+    ]
     assert main([*argv, "--out", str(tmp_path / "eager.png")]) == 0 and not compiled
     assert main([*argv, "--compile", "--out", str(tmp_path / "compiled.png")]) == 0 and len(compiled) == 1

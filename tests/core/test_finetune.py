@@ -32,13 +32,18 @@ def tiny_model(seed: int = 0) -> StableDiffusionModel:
 
 def tiny_data(count: int = 6, seed: int = 0) -> ImageCaptions:
     generator = torch.Generator().manual_seed(seed)
-    return ImageCaptions(torch.rand(count, 3, 16, 16, generator=generator) * 2 - 1,
-                         [f"a painting of a thing {i} by someone" for i in range(count)])
+    return ImageCaptions(
+        torch.rand(count, 3, 16, 16, generator=generator) * 2 - 1,
+        [f"a painting of a thing {i} by someone" for i in range(count)],
+    )
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
-    return {f"{network}.{name}": p.detach().clone() for network, module in model.networks().items()
-            for name, p in module.named_parameters()}
+    return {
+        f"{network}.{name}": p.detach().clone()
+        for network, module in model.networks().items()
+        for name, p in module.named_parameters()
+    }
 
 
 def changed(before: dict, after: dict) -> set[str]:
@@ -49,8 +54,12 @@ def changed(before: dict, after: dict) -> set[str]:
 def test_one_full_step_changes_the_unet_and_the_text_encoder_only_when_asked(train_text_encoder):
     model = tiny_model()
     before = snapshot(model)
-    fine_tune(model, tiny_data(), FinetuneConfig(max_steps=1, batch_size=2, lr=1e-3,
-                                                 train_text_encoder=train_text_encoder), progress=False)
+    fine_tune(
+        model,
+        tiny_data(),
+        FinetuneConfig(max_steps=1, batch_size=2, lr=1e-3, train_text_encoder=train_text_encoder),
+        progress=False,
+    )
     moved = changed(before, snapshot(model))
     trained = {n for n in before if n.startswith("unet.") or (train_text_encoder and n.startswith("text_encoder."))}
     assert moved <= trained
@@ -62,8 +71,14 @@ def test_one_full_step_changes_the_unet_and_the_text_encoder_only_when_asked(tra
 def test_one_lora_step_changes_only_the_adapters(train_text_encoder):
     model = tiny_model()
     before = snapshot(model)
-    fine_tune(model, tiny_data(), FinetuneConfig(method="lora", rank=2, max_steps=1, batch_size=2, lr=1e-3,
-                                                 train_text_encoder=train_text_encoder), progress=False)
+    fine_tune(
+        model,
+        tiny_data(),
+        FinetuneConfig(
+            method="lora", rank=2, max_steps=1, batch_size=2, lr=1e-3, train_text_encoder=train_text_encoder
+        ),
+        progress=False,
+    )
     after = snapshot(model)
     assert not changed(before, {n: after[n] for n in before})  # every original weight as it was
     adapters = {n for n in after if ".lora_" in n}
@@ -107,9 +122,17 @@ class Recording(DenoisingObjective):
 def test_dreambooth_batches_hold_instance_images_then_generated_class_images(tmp_path):
     model = tiny_model()
     objective = Recording()
-    config = FinetuneConfig(method="dreambooth", instance_prompt="a painting by sks", class_prompt="a painting",
-                            prior_images=3, prior_batch_size=1, max_steps=2, batch_size=2,
-                            validation_prompts=("a painting by sks",), validation_steps=2)
+    config = FinetuneConfig(
+        method="dreambooth",
+        instance_prompt="a painting by sks",
+        class_prompt="a painting",
+        prior_images=3,
+        prior_batch_size=1,
+        max_steps=2,
+        batch_size=2,
+        validation_prompts=("a painting by sks",),
+        validation_steps=2,
+    )
     fine_tune(model, tiny_data(), config, objective, out=tmp_path / "out", progress=False)
     for batch in objective.batches:
         assert batch.captions == ["a painting by sks"] * 2 + ["a painting"]
@@ -134,10 +157,24 @@ class Interrupt(DenoisingObjective):
 
 @pytest.mark.parametrize("method, precision", [("full", "no"), ("lora", "no"), ("lora", "bf16")])
 def test_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, method, precision):
-    config = FinetuneConfig(method=method, rank=2, max_steps=5, batch_size=2, gradient_accumulation=2, lr=1e-3,
-                            lr_schedule="cosine", warmup=2, ema_decay=0.9, caption_dropout=0.3, snr_gamma=5.0,
-                            offset_noise=0.1, train_text_encoder=precision == "no", mixed_precision=precision,
-                            checkpoint_every=2, seed=4)
+    config = FinetuneConfig(
+        method=method,
+        rank=2,
+        max_steps=5,
+        batch_size=2,
+        gradient_accumulation=2,
+        lr=1e-3,
+        lr_schedule="cosine",
+        warmup=2,
+        ema_decay=0.9,
+        caption_dropout=0.3,
+        snr_gamma=5.0,
+        offset_noise=0.1,
+        train_text_encoder=precision == "no",
+        mixed_precision=precision,
+        checkpoint_every=2,
+        seed=4,
+    )
 
     def run(out, objective=None, resume=False):
         model = tiny_model()
@@ -162,10 +199,13 @@ class DtypeSpy(DenoisingObjective):
 
     def loss(self, batch, generator):
         unet = self.model.unet
-        self.seen = {"vae": self.model.vae.dtype, "text_encoder": self.model.text_encoder.dtype,
-                     "unet": unet.conv_in.weight.dtype,
-                     "adapters": {p.dtype for n, p in unet.named_parameters() if "lora_" in n},
-                     "latents": batch.latents.dtype}
+        self.seen = {
+            "vae": self.model.vae.dtype,
+            "text_encoder": self.model.text_encoder.dtype,
+            "unet": unet.conv_in.weight.dtype,
+            "adapters": {p.dtype for n, p in unet.named_parameters() if "lora_" in n},
+            "latents": batch.latents.dtype,
+        }
         return super().loss(batch, generator)
 
 
@@ -175,10 +215,21 @@ def test_frozen_networks_are_held_in_the_mixed_precision_dtype_and_cast_back(met
     model = tiny_model()
     before = snapshot(model)
     spy = DtypeSpy()
-    fine_tune(model, tiny_data(), FinetuneConfig(method=method, rank=2, max_steps=1, batch_size=2, lr=1e-3,
-                                                 mixed_precision="bf16",
-                                                 frozen_in_mixed_precision=frozen_in_mixed_precision),
-              spy, progress=False)
+    fine_tune(
+        model,
+        tiny_data(),
+        FinetuneConfig(
+            method=method,
+            rank=2,
+            max_steps=1,
+            batch_size=2,
+            lr=1e-3,
+            mixed_precision="bf16",
+            frozen_in_mixed_precision=frozen_in_mixed_precision,
+        ),
+        spy,
+        progress=False,
+    )
     frozen = torch.bfloat16 if frozen_in_mixed_precision else torch.float32
     assert spy.seen["vae"] == spy.seen["text_encoder"] == frozen
     assert spy.seen["unet"] == (frozen if method == "lora" else torch.float32)  # LoRA: the frozen base weights
@@ -194,8 +245,16 @@ def test_frozen_networks_are_held_in_the_mixed_precision_dtype_and_cast_back(met
 
 
 def render_ours(model, prompt="a painting of a thing by someone"):
-    images = generate(model, prompt, num_inference_steps=4, guidance_scale=3.0, scheduler="ddim", seed=0,
-                      output="images", progress=False)
+    images = generate(
+        model,
+        prompt,
+        num_inference_steps=4,
+        guidance_scale=3.0,
+        scheduler="ddim",
+        seed=0,
+        output="images",
+        progress=False,
+    )
     return images[0].permute(1, 2, 0).float().numpy()
 
 
@@ -204,8 +263,15 @@ def render_diffusers(pipe, prompt="a painting of a thing by someone"):
 
     pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    return pipe(prompt, num_inference_steps=4, guidance_scale=3.0, height=16, width=16, output_type="np",
-                generator=torch.Generator().manual_seed(0)).images[0]
+    return pipe(
+        prompt,
+        num_inference_steps=4,
+        guidance_scale=3.0,
+        height=16,
+        width=16,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
 
 
 def assert_same_render(ours, theirs):
@@ -217,8 +283,13 @@ def test_full_output_loads_in_diffusers_with_default_arguments_and_renders_the_s
     diffusers = pytest.importorskip("diffusers")
     model = tiny_model()
     before = render_ours(model)
-    fine_tune(model, tiny_data(), FinetuneConfig(max_steps=2, batch_size=2, lr=1e-2, train_text_encoder=True),
-              out=tmp_path / "out", progress=False)
+    fine_tune(
+        model,
+        tiny_data(),
+        FinetuneConfig(max_steps=2, batch_size=2, lr=1e-2, train_text_encoder=True),
+        out=tmp_path / "out",
+        progress=False,
+    )
     ours = render_ours(model)
     assert np.abs(ours - before).max() > 2 / 255  # the fine-tune changed the render
     record = json.loads((tmp_path / "out" / "finetune_config.json").read_text())
@@ -241,8 +312,16 @@ def test_lora_output_loads_in_diffusers_and_renders_the_same(tmp_path, base_fold
 
     model = load_model(base_folder)
     torch.manual_seed(0)
-    config = FinetuneConfig(method="lora", rank=4, alpha=8, max_steps=3, batch_size=2, lr=3e-2, train_text_encoder=True,
-                            lora_targets=("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"))
+    config = FinetuneConfig(
+        method="lora",
+        rank=4,
+        alpha=8,
+        max_steps=3,
+        batch_size=2,
+        lr=3e-2,
+        train_text_encoder=True,
+        lora_targets=("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"),
+    )
     fine_tune(model, tiny_data(), config, out=tmp_path / "lora", progress=False)
     ours = render_ours(model)
     assert np.abs(ours - render_ours(load_model(base_folder))).max() > 2 / 255
@@ -264,8 +343,10 @@ def kohya_file(model, path, rank=4):
     generator = torch.Generator().manual_seed(5)
     state = {}
     unet_targets = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "down_blocks.0.resnets.0.conv1")
-    for prefix, network, targets in (("lora_unet_", model.unet, unet_targets),
-                                     ("lora_te_", model.text_encoder, ("q_proj", "k_proj", "v_proj", "out_proj"))):
+    for prefix, network, targets in (
+        ("lora_unet_", model.unet, unet_targets),
+        ("lora_te_", model.text_encoder, ("q_proj", "k_proj", "v_proj", "out_proj")),
+    ):
         for name, module in network.named_modules():
             if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and name.endswith(targets):
                 key = prefix + name.replace(".", "_")
@@ -274,7 +355,9 @@ def kohya_file(model, path, rank=4):
                 else:
                     down_shape = (rank, module.in_channels, *module.kernel_size)
                     up_shape = (module.out_channels, rank, 1, 1)
-                state[key + ".lora_down.weight"] = torch.randn(down_shape, generator=generator) * 0.3 / down_shape[1]**0.5
+                state[key + ".lora_down.weight"] = (
+                    torch.randn(down_shape, generator=generator) * 0.3 / down_shape[1] ** 0.5
+                )
                 state[key + ".lora_up.weight"] = torch.randn(up_shape, generator=generator) * 0.3
                 state[key + ".alpha"] = torch.tensor(2.0)
     save_file(state, path)
@@ -325,8 +408,12 @@ def test_two_processes_under_torchrun_keep_the_same_weights_and_one_writes(tmp_p
         pytest.skip("torchrun is not installed beside the interpreter")
     script = tmp_path / "train.py"
     script.write_text(MULTI_PROCESS_SCRIPT)
-    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", str(script), str(tmp_path / "out"),
-                             str(Path(__file__).parent)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", str(script), str(tmp_path / "out"), str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)

@@ -10,8 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from fixative.core.datasets import (FileImages, ImageOptions, MetadataFilters, choose_bucket, filter_metadata, fit, image_folder,
-                                    laion_parquet, make_buckets, shuffle_tags)
+from fixative.core.datasets import (
+    FileImages,
+    ImageOptions,
+    MetadataFilters,
+    filter_metadata,
+    image_folder,
+    laion_parquet,
+    make_buckets,
+    shuffle_tags,
+)
 from fixative.core.errors import FixativeError
 
 
@@ -35,8 +43,13 @@ def test_parquet_filters_keep_exactly_the_expected_rows():
     kept, removed = filter_metadata(columns, filters)
     # row 1: too narrow; 4: width unknown; 2: too short; 3: dissimilar; 5: watermark
     assert kept == [0]
-    assert removed == [("min_width", 2), ("min_height", 1), ("min_similarity", 1), ("max_watermark", 1),
-                       ("max_unsafe", 0)]
+    assert removed == [
+        ("min_width", 2),
+        ("min_height", 1),
+        ("min_similarity", 1),
+        ("max_watermark", 1),
+        ("max_unsafe", 0),
+    ]
     assert filter_metadata(columns, MetadataFilters()) == ([0, 1, 2, 3, 4, 5], [])
     with pytest.raises(FixativeError, match="punsafe"):
         filter_metadata({"WIDTH": [1]}, MetadataFilters(max_unsafe=0.1))
@@ -57,18 +70,38 @@ def test_laion_parquet_reads_the_filtered_rows_from_tar_shards_and_counts_what_i
     import pyarrow.parquet as pq
 
     urls = [f"https://example.com/{i}.png" for i in range(5)]
-    table = pa.table({"URL": urls, "TEXT": [f"caption {i}" for i in range(5)], "WIDTH": [64, 64, 16, 64, 64],
-                      "HEIGHT": [64, 64, 16, 64, 64], "similarity": [0.3] * 5, "pwatermark": [0.1, 0.1, 0.1, 0.9, 0.1],
-                      "punsafe": [0.0] * 5})
+    table = pa.table(
+        {
+            "URL": urls,
+            "TEXT": [f"caption {i}" for i in range(5)],
+            "WIDTH": [64, 64, 16, 64, 64],
+            "HEIGHT": [64, 64, 16, 64, 64],
+            "similarity": [0.3] * 5,
+            "pwatermark": [0.1, 0.1, 0.1, 0.9, 0.1],
+            "punsafe": [0.0] * 5,
+        }
+    )
     pq.write_table(table, tmp_path / "meta.parquet")
     shards = tmp_path / "images"
     shards.mkdir()
     # url 1 is a corrupt image; url 4 was never downloaded
-    write_img2dataset_shard(shards / "00000.tar", [(urls[0], png_bytes(64, 64)), (urls[1], b"\x89PNG not really"),
-                                                   (urls[2], png_bytes(16, 16)), (urls[3], png_bytes(64, 64))])
+    write_img2dataset_shard(
+        shards / "00000.tar",
+        [
+            (urls[0], png_bytes(64, 64)),
+            (urls[1], b"\x89PNG not really"),
+            (urls[2], png_bytes(16, 16)),
+            (urls[3], png_bytes(64, 64)),
+        ],
+    )
     lines = []
-    images = laion_parquet(tmp_path / "meta.parquet", shards, ImageOptions(resolution=64, bucket_step=32),
-                           filters=MetadataFilters(min_width=32, max_watermark=0.5), log=lines.append)
+    images = laion_parquet(
+        tmp_path / "meta.parquet",
+        shards,
+        ImageOptions(resolution=64, bucket_step=32),
+        filters=MetadataFilters(min_width=32, max_watermark=0.5),
+        log=lines.append,
+    )
     assert "5 rows" in lines[0] and "--min-width removed 1" in lines[0] and "--max-watermark removed 1" in lines[0]
     assert "3 kept, 2 with an image" in lines[0]
     assert images.captions == ["caption 0"] and images.skipped == {"unreadable": 1}
@@ -102,8 +135,13 @@ def test_image_folder_skips_and_counts_corrupt_and_too_small_images_and_buckets_
     folder = tmp_path / "data"
     folder.mkdir()
     rows = []
-    for name, data in (("wide.png", png_bytes(96, 48)), ("square.png", png_bytes(64, 64)),
-                       ("broken.png", png_bytes(64, 64)[:40]), ("tiny.png", png_bytes(8, 8)), ("tall.png", png_bytes(48, 96))):
+    for name, data in (
+        ("wide.png", png_bytes(96, 48)),
+        ("square.png", png_bytes(64, 64)),
+        ("broken.png", png_bytes(64, 64)[:40]),
+        ("tiny.png", png_bytes(8, 8)),
+        ("tall.png", png_bytes(48, 96)),
+    ):
         (folder / name).write_bytes(data)
         rows.append({"file_name": name, "text": name.split(".")[0]})
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -134,8 +172,13 @@ def test_fine_tune_trains_on_a_folder_with_a_corrupt_image(tmp_path):
     preset = get_preset("tiny-sd1")
     model = StableDiffusionModel.from_config(preset.model_config, preset.scheduler_config)
     lines = []
-    config = FinetuneConfig(max_steps=2, batch_size=2, image=ImageOptions(resolution=16, bucket_step=8),
-                            cache_latents=True, cache_dir=str(tmp_path / "cache"))
+    config = FinetuneConfig(
+        max_steps=2,
+        batch_size=2,
+        image=ImageOptions(resolution=16, bucket_step=8),
+        cache_latents=True,
+        cache_dir=str(tmp_path / "cache"),
+    )
     fine_tune(model, folder, config, progress=False, log=lines.append)
     assert lines == ["fine-tune: 3 images; skipped; 1 unreadable"]
     assert len(list((tmp_path / "cache").glob("latents-*.pt"))) == 3  # cached by content hash for the next run

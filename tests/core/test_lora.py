@@ -1,15 +1,19 @@
 """LoRA adapters: training only them, merging, and the files (ours and kohya-style) against diffusers."""
 
-import pytest
 import torch
 from torch import nn
 
 from fixative.core.lora import LoRALinear, inject_lora, merge_lora
 
+
 class Attention(nn.Module):
     def __init__(self):
         super().__init__()
-        self.to_q, self.to_k, self.to_v = nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False)
+        self.to_q, self.to_k, self.to_v = (
+            nn.Linear(8, 8, bias=False),
+            nn.Linear(8, 8, bias=False),
+            nn.Linear(8, 8, bias=False),
+        )
         self.to_out = nn.ModuleList([nn.Linear(8, 8), nn.Dropout(0.0)])
         self.other = nn.Linear(8, 8)
 
@@ -61,5 +65,3 @@ def test_lora_trains_only_the_adapters():
     assert losses[-1] < losses[0]
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in frozen.items())
-
-

@@ -47,33 +47,68 @@ DIFFUSERS_SCHEDULERS = {
     "lcm": "LCMScheduler",
 }
 SD15_SCHEDULER = {
-    "_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000, "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
-    "prediction_type": "epsilon", "timestep_spacing": "leading",
+    "_class_name": "DDIMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
 }
 
 
-def build_folder(folder: Path, *, in_channels: int = 4, sd2: bool = False, time_cond_proj_dim: int | None = None,
-                 vae_sample_size: int = SIZE, seed: int = 0) -> Path:
+def build_folder(
+    folder: Path,
+    *,
+    in_channels: int = 4,
+    sd2: bool = False,
+    time_cond_proj_dim: int | None = None,
+    vae_sample_size: int = SIZE,
+    seed: int = 0,
+) -> Path:
     """A small SD 1.x-style (or SD 2.x-style: v-prediction, linear projections, gelu, "!" padding)
     diffusers folder with random weights, saved by diffusers itself."""
     torch.manual_seed(seed)
     text_width = 32
     unet = diffusers.UNet2DConditionModel(
-        sample_size=SIZE // 8, in_channels=in_channels, out_channels=4, block_out_channels=(32, 64),
-        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=text_width,
-        attention_head_dim=(2, 4) if sd2 else 2, use_linear_projection=sd2, time_cond_proj_dim=time_cond_proj_dim,
+        sample_size=SIZE // 8,
+        in_channels=in_channels,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=text_width,
+        attention_head_dim=(2, 4) if sd2 else 2,
+        use_linear_projection=sd2,
+        time_cond_proj_dim=time_cond_proj_dim,
     )
     vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1, norm_num_groups=32, sample_size=vae_sample_size,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(32, 32, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=32,
+        sample_size=vae_sample_size,
     )
     text_config = transformers.CLIPTextConfig(
-        vocab_size=49408, hidden_size=text_width, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        max_position_embeddings=77, hidden_act="gelu" if sd2 else "quick_gelu", projection_dim=text_width,
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+        vocab_size=49408,
+        hidden_size=text_width,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="gelu" if sd2 else "quick_gelu",
+        projection_dim=text_width,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=1,
     )
     text_encoder = transformers.CLIPTextModel(text_config)
     tokenizer_folder = folder.with_name(folder.name + "-tokenizer")
@@ -81,9 +116,16 @@ def build_folder(folder: Path, *, in_channels: int = 4, sd2: bool = False, time_
     tokenizer = transformers.CLIPTokenizer.from_pretrained(tokenizer_folder)
     scheduler_config = dict(SD15_SCHEDULER, prediction_type="v_prediction" if sd2 else "epsilon")
     scheduler = diffusers.DDIMScheduler.from_config(scheduler_config)
-    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                             requires_safety_checker=False)
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(folder)
     return folder
 
@@ -94,8 +136,11 @@ _REFERENCE_PIPELINES: dict = {}
 def reference_pipeline(folder: Path, kind: str, scheduler: str):
     """diffusers' pipeline for ``kind`` loaded from ``folder`` on disk (once), with the scheduler swapped
     as a user swaps it: ``SchedulerClass.from_config(<the folder's scheduler config>)``."""
-    cls = {"txt2img": diffusers.StableDiffusionPipeline, "img2img": diffusers.StableDiffusionImg2ImgPipeline,
-           "inpaint": diffusers.StableDiffusionInpaintPipeline}[kind]
+    cls = {
+        "txt2img": diffusers.StableDiffusionPipeline,
+        "img2img": diffusers.StableDiffusionImg2ImgPipeline,
+        "inpaint": diffusers.StableDiffusionInpaintPipeline,
+    }[kind]
     key = (str(folder), kind)
     if key not in _REFERENCE_PIPELINES:
         pipe = cls.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
@@ -108,8 +153,9 @@ def reference_pipeline(folder: Path, kind: str, scheduler: str):
 
 def max_pixel_difference(ours: list[Image.Image], theirs: list[Image.Image]) -> int:
     assert len(ours) == len(theirs)
-    return max(int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
-               for a, b in zip(ours, theirs))
+    return max(
+        int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max()) for a, b in zip(ours, theirs)
+    )
 
 
 def assert_latents_close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
@@ -146,14 +192,14 @@ def render_both(folder: Path, model, kind: str, scheduler: str, seed=0, **settin
         latents["ours"] = step_latents
 
     theirs_images = pipe(generator=generator(), callback_on_step_end=keep_theirs, **reference_settings).images
-    ours_images = generate(model, generator=generator(), scheduler=scheduler, callback=keep_ours, progress=False,
-                           **ours_settings)
+    ours_images = generate(
+        model, generator=generator(), scheduler=scheduler, callback=keep_ours, progress=False, **ours_settings
+    )
     return latents["ours"], latents["theirs"], ours_images, theirs_images
 
 
 def assert_same_render(folder, model, kind, scheduler, **settings):
-    ours_latents, theirs_latents, ours_images, theirs_images = render_both(folder, model, kind, scheduler,
-                                                                           **settings)
+    ours_latents, theirs_latents, ours_images, theirs_images = render_both(folder, model, kind, scheduler, **settings)
     assert_latents_close(ours_latents, theirs_latents)
     difference = max_pixel_difference(ours_images, theirs_images)
     assert difference <= 2, f"images differ by {difference}/255"
@@ -174,8 +220,10 @@ def sd15(sd15_folder):
 def init_image():
     rng = np.random.default_rng(0)
     gradient = np.linspace(0, 255, SIZE, dtype=np.float32)
-    array = np.stack([gradient[None, :].repeat(SIZE, 0), gradient[:, None].repeat(SIZE, 1),
-                      rng.uniform(0, 255, (SIZE, SIZE))], axis=-1)
+    array = np.stack(
+        [gradient[None, :].repeat(SIZE, 0), gradient[:, None].repeat(SIZE, 1), rng.uniform(0, 255, (SIZE, SIZE))],
+        axis=-1,
+    )
     return Image.fromarray(array.astype(np.uint8))
 
 
@@ -199,13 +247,19 @@ def test_txt2img_matches_diffusers(sd15_folder, sd15, scheduler):
 
 
 def test_prompt_lists_and_images_per_prompt_match_diffusers(sd15_folder, sd15):
-    assert_same_render(sd15_folder, sd15, "txt2img", "euler-a", prompt=[PROMPT, "a red cube"],
-                       negative_prompt=[NEGATIVE, "green"], num_images_per_prompt=2)
+    assert_same_render(
+        sd15_folder,
+        sd15,
+        "txt2img",
+        "euler-a",
+        prompt=[PROMPT, "a red cube"],
+        negative_prompt=[NEGATIVE, "green"],
+        num_images_per_prompt=2,
+    )
 
 
 def test_a_list_of_seeds_draws_each_image_as_diffusers(sd15_folder, sd15):
-    assert_same_render(sd15_folder, sd15, "txt2img", "euler-a", seed=[3, 7], prompt=PROMPT,
-                       num_images_per_prompt=2)
+    assert_same_render(sd15_folder, sd15, "txt2img", "euler-a", seed=[3, 7], prompt=PROMPT, num_images_per_prompt=2)
 
 
 def test_guidance_rescale_matches_diffusers(sd15_folder, sd15):
@@ -220,26 +274,41 @@ def test_clip_skip_matches_diffusers_embeddings_of_the_penultimate_layer(sd15_fo
     final_layer_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
 
     def penultimate(text):
-        input_ids = pipe.tokenizer(text, padding="max_length", max_length=77, truncation=True,
-                                   return_tensors="pt").input_ids
+        input_ids = pipe.tokenizer(
+            text, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
         with torch.no_grad():
             return final_layer_norm(text_encoder(input_ids, output_hidden_states=True).hidden_states[-2])
 
     settings = dict(num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE, width=SIZE)
-    theirs = pipe(prompt_embeds=penultimate(PROMPT), negative_prompt_embeds=penultimate(NEGATIVE),
-                  generator=torch.Generator("cpu").manual_seed(0), output_type="latent", **settings).images
-    ours = generate(sd15, PROMPT, NEGATIVE, clip_skip=1, scheduler="euler", seed=0, output="latents",
-                    progress=False, **settings)
-    without = generate(sd15, PROMPT, NEGATIVE, scheduler="euler", seed=0, output="latents", progress=False,
-                       **settings)
+    theirs = pipe(
+        prompt_embeds=penultimate(PROMPT),
+        negative_prompt_embeds=penultimate(NEGATIVE),
+        generator=torch.Generator("cpu").manual_seed(0),
+        output_type="latent",
+        **settings,
+    ).images
+    ours = generate(
+        sd15, PROMPT, NEGATIVE, clip_skip=1, scheduler="euler", seed=0, output="latents", progress=False, **settings
+    )
+    without = generate(sd15, PROMPT, NEGATIVE, scheduler="euler", seed=0, output="latents", progress=False, **settings)
     assert_latents_close(ours, theirs)
     assert (ours - without).abs().max() > 1e-2  # the skipped layer made a difference
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler-a", "dpm++2m"])
 def test_img2img_matches_diffusers(sd15_folder, sd15, init_image, scheduler):
-    assert_same_render(sd15_folder, sd15, "img2img", scheduler, prompt=PROMPT, negative_prompt=NEGATIVE,
-                       image=init_image, strength=0.6, num_inference_steps=5)
+    assert_same_render(
+        sd15_folder,
+        sd15,
+        "img2img",
+        scheduler,
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        image=init_image,
+        strength=0.6,
+        num_inference_steps=5,
+    )
 
 
 def test_img2img_at_full_strength_matches_diffusers(sd15_folder, sd15, init_image):
@@ -247,17 +316,37 @@ def test_img2img_at_full_strength_matches_diffusers(sd15_folder, sd15, init_imag
 
 
 def test_img2img_with_a_list_of_seeds_matches_diffusers(sd15_folder, sd15, init_image):
-    assert_same_render(sd15_folder, sd15, "img2img", "euler-a", seed=[4, 9], prompt=PROMPT, image=init_image,
-                       strength=0.7, num_images_per_prompt=2)
+    assert_same_render(
+        sd15_folder,
+        sd15,
+        "img2img",
+        "euler-a",
+        seed=[4, 9],
+        prompt=PROMPT,
+        image=init_image,
+        strength=0.7,
+        num_images_per_prompt=2,
+    )
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler-a"])
 @pytest.mark.parametrize("strength", [1.0, 0.75])
-def test_inpainting_by_latent_blending_matches_diffusers(sd15_folder, sd15, init_image, mask_image, scheduler,
-                                                         strength):
-    images = assert_same_render(sd15_folder, sd15, "inpaint", scheduler, prompt=PROMPT, negative_prompt=NEGATIVE,
-                                image=init_image, mask_image=mask_image, strength=strength, height=SIZE,
-                                width=SIZE)
+def test_inpainting_by_latent_blending_matches_diffusers(
+    sd15_folder, sd15, init_image, mask_image, scheduler, strength
+):
+    images = assert_same_render(
+        sd15_folder,
+        sd15,
+        "inpaint",
+        scheduler,
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        image=init_image,
+        mask_image=mask_image,
+        strength=strength,
+        height=SIZE,
+        width=SIZE,
+    )
     assert images[0].size == init_image.size
 
 
@@ -267,20 +356,45 @@ def inpainting_folder(tmp_path_factory):
 
 
 @pytest.mark.parametrize("scheduler,strength", [("ddim", 1.0), ("euler-a", 1.0), ("dpm++2m", 0.7)])
-def test_inpainting_with_a_9_channel_unet_matches_diffusers(inpainting_folder, init_image, mask_image, scheduler,
-                                                            strength):
+def test_inpainting_with_a_9_channel_unet_matches_diffusers(
+    inpainting_folder, init_image, mask_image, scheduler, strength
+):
     model = load_model(inpainting_folder)
     assert model.unet.config.in_channels == 9
-    assert_same_render(inpainting_folder, model, "inpaint", scheduler, prompt=PROMPT, negative_prompt=NEGATIVE,
-                       image=init_image, mask_image=mask_image, strength=strength, height=SIZE, width=SIZE,
-                       num_images_per_prompt=2)
+    assert_same_render(
+        inpainting_folder,
+        model,
+        "inpaint",
+        scheduler,
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        image=init_image,
+        mask_image=mask_image,
+        strength=strength,
+        height=SIZE,
+        width=SIZE,
+        num_images_per_prompt=2,
+    )
 
 
-def test_inpainting_with_a_list_of_seeds_matches_diffusers(sd15_folder, sd15, inpainting_folder, init_image,
-                                                          mask_image):
+def test_inpainting_with_a_list_of_seeds_matches_diffusers(
+    sd15_folder, sd15, inpainting_folder, init_image, mask_image
+):
     for folder, model in ((sd15_folder, sd15), (inpainting_folder, load_model(inpainting_folder))):
-        assert_same_render(folder, model, "inpaint", "euler-a", seed=[4, 9], prompt=PROMPT, image=init_image,
-                           mask_image=mask_image, strength=0.8, height=SIZE, width=SIZE, num_images_per_prompt=2)
+        assert_same_render(
+            folder,
+            model,
+            "inpaint",
+            "euler-a",
+            seed=[4, 9],
+            prompt=PROMPT,
+            image=init_image,
+            mask_image=mask_image,
+            strength=0.8,
+            height=SIZE,
+            width=SIZE,
+            num_images_per_prompt=2,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -292,8 +406,9 @@ def sd2_folder(tmp_path_factory):
 def test_v_prediction_sd2_model_matches_diffusers(sd2_folder, scheduler):
     model = load_model(sd2_folder)
     assert model.scheduler_config["prediction_type"] == "v_prediction"
-    assert_same_render(sd2_folder, model, "txt2img", scheduler, prompt=PROMPT, negative_prompt=NEGATIVE,
-                       guidance_rescale=0.7)
+    assert_same_render(
+        sd2_folder, model, "txt2img", scheduler, prompt=PROMPT, negative_prompt=NEGATIVE, guidance_rescale=0.7
+    )
 
 
 @pytest.fixture(scope="module")
@@ -331,9 +446,18 @@ def test_vae_tiling_matches_diffusers_tiled_decoding(tmp_path):
 
 def test_callback_sees_every_step_and_its_latents(sd15):
     seen = []
-    final = generate(sd15, PROMPT, height=SIZE, width=SIZE, num_inference_steps=3, scheduler="ddim", seed=0,
-                     output="latents", progress=False,
-                     callback=lambda step, t, latents, pred_x0: seen.append((step, int(t), latents.clone(), pred_x0)))
+    final = generate(
+        sd15,
+        PROMPT,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=3,
+        scheduler="ddim",
+        seed=0,
+        output="latents",
+        progress=False,
+        callback=lambda step, t, latents, pred_x0: seen.append((step, int(t), latents.clone(), pred_x0)),
+    )
     assert [s[0] for s in seen] == [0, 1, 2]
     assert seen[0][1] > seen[1][1] > seen[2][1]
     torch.testing.assert_close(seen[-1][2], final)
@@ -355,8 +479,9 @@ def test_outpainting_pads_the_canvas_and_paints_only_the_border(sd15, init_image
     mask_array = np.asarray(mask)
     assert (mask_array[:, 8:48] == 0).all() and (mask_array[:, :8] == 255).all() and (mask_array[:, 48:] == 255).all()
     assert np.array_equal(np.asarray(canvas)[:, 8:48], np.asarray(init_image)[:, :40])
-    out = generate(sd15, PROMPT, image=canvas, mask=mask, num_inference_steps=2, scheduler="ddim", seed=0,
-                   progress=False)[0]
+    out = generate(
+        sd15, PROMPT, image=canvas, mask=mask, num_inference_steps=2, scheduler="ddim", seed=0, progress=False
+    )[0]
     assert out.size == (64, 64)
 
 

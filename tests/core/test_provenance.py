@@ -39,8 +39,13 @@ def test_provenance_names_versions_device_dtype_and_each_models_weights(monkeypa
     assert {"diffusers", "transformers", "python"} <= set(record["versions"])
     assert (record["device"], record["dtype"]) == ("cpu", "bfloat16")
     hashes = record["models"]["model"]["sha256"]
-    assert set(hashes) == {"unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-                           "text_encoder/model.safetensors"}
-    assert hashes["text_encoder/model.safetensors"] == hashlib.sha256(
-        (folder / "text_encoder" / "model.safetensors").read_bytes()).hexdigest()
+    assert set(hashes) == {
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+    }
+    assert (
+        hashes["text_encoder/model.safetensors"]
+        == hashlib.sha256((folder / "text_encoder" / "model.safetensors").read_bytes()).hexdigest()
+    )
     json.dumps(record)  # stored whole in PNG metadata and JSON results

@@ -14,12 +14,11 @@ import math
 import diffusers
 import pytest
 import torch
-from parity import assert_close
 from diffusers.utils.torch_utils import randn_tensor as diffusers_randn_tensor
+from parity import assert_close
 
 from fixative.core.errors import FixativeError
-from fixative.core.parameterization import (ConsistencyBoundary, EpsilonPrediction, SamplePrediction,
-                                            VPrediction)
+from fixative.core.parameterization import ConsistencyBoundary, EpsilonPrediction, SamplePrediction, VPrediction
 from fixative.core.schedulers import SCHEDULERS, make_scheduler, randn_tensor, to_diffusers
 
 logging.getLogger("diffusers").setLevel(logging.ERROR)
@@ -28,17 +27,37 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::F
 
 SHAPE = (1, 4, 8, 8)
 STEPS = 10
-SD_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-             "beta_schedule": "scaled_linear", "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False}
+SD_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "set_alpha_to_one": False,
+    "clip_sample": False,
+}
 BETAS = {  # beta_schedule -> the (beta_start, beta_end) it is used with
-    "linear": (0.0001, 0.02), "scaled_linear": (0.00085, 0.012), "squaredcos_cap_v2": (0.0001, 0.02)}
+    "linear": (0.0001, 0.02),
+    "scaled_linear": (0.00085, 0.012),
+    "squaredcos_cap_v2": (0.0001, 0.02),
+}
 SPACINGS = ("leading", "trailing", "linspace")
-DIFFUSERS_CLASS = {"ddim": diffusers.DDIMScheduler, "ddpm": diffusers.DDPMScheduler,
-                   "euler": diffusers.EulerDiscreteScheduler, "euler-a": diffusers.EulerAncestralDiscreteScheduler,
-                   "dpm++2m": diffusers.DPMSolverMultistepScheduler, "lcm": diffusers.LCMScheduler}
-PREDICTIONS = {"ddim": ("epsilon", "v_prediction", "sample"), "ddpm": ("epsilon", "v_prediction", "sample"),
-               "euler": ("epsilon", "v_prediction", "sample"), "euler-a": ("epsilon", "v_prediction"),
-               "dpm++2m": ("epsilon", "v_prediction", "sample"), "lcm": ("epsilon", "v_prediction", "sample")}
+DIFFUSERS_CLASS = {
+    "ddim": diffusers.DDIMScheduler,
+    "ddpm": diffusers.DDPMScheduler,
+    "euler": diffusers.EulerDiscreteScheduler,
+    "euler-a": diffusers.EulerAncestralDiscreteScheduler,
+    "dpm++2m": diffusers.DPMSolverMultistepScheduler,
+    "lcm": diffusers.LCMScheduler,
+}
+PREDICTIONS = {
+    "ddim": ("epsilon", "v_prediction", "sample"),
+    "ddpm": ("epsilon", "v_prediction", "sample"),
+    "euler": ("epsilon", "v_prediction", "sample"),
+    "euler-a": ("epsilon", "v_prediction"),
+    "dpm++2m": ("epsilon", "v_prediction", "sample"),
+    "lcm": ("epsilon", "v_prediction", "sample"),
+}
 
 
 def diffusers_scheduler(name, config, tmp_path):
@@ -92,9 +111,16 @@ def full_loop_parity(name, config, tmp_path, steps=STEPS, eta=0.0):
 
 def schedule_config(beta_schedule, spacing, prediction, zero_snr, **extra):
     beta_start, beta_end = BETAS[beta_schedule]
-    return {"num_train_timesteps": 1000, "beta_start": beta_start, "beta_end": beta_end,
-            "beta_schedule": beta_schedule, "timestep_spacing": spacing, "prediction_type": prediction,
-            "rescale_betas_zero_snr": zero_snr, **extra}
+    return {
+        "num_train_timesteps": 1000,
+        "beta_start": beta_start,
+        "beta_end": beta_end,
+        "beta_schedule": beta_schedule,
+        "timestep_spacing": spacing,
+        "prediction_type": prediction,
+        "rescale_betas_zero_snr": zero_snr,
+        **extra,
+    }
 
 
 def cases(name, extra_axes):
@@ -102,12 +128,16 @@ def cases(name, extra_axes):
     (steps_offset only where it acts: diffusers adds it to "leading" timesteps alone)."""
     keys = list(extra_axes)
     for beta, spacing, prediction, zero_snr, *values in itertools.product(
-            BETAS, SPACINGS, PREDICTIONS[name], (False, True), *extra_axes.values()):
+        BETAS, SPACINGS, PREDICTIONS[name], (False, True), *extra_axes.values()
+    ):
         if spacing != "leading" and dict(zip(keys, values)).get("steps_offset", 0) != 0:
             continue
-        yield pytest.param(name, schedule_config(beta, spacing, prediction, zero_snr, **dict(zip(keys, values))),
-                           id=f"{name}-{beta}-{spacing}-{prediction}-{'zsnr' if zero_snr else 'snr'}-"
-                              + "-".join(f"{k}={v}" for k, v in zip(keys, values)))
+        yield pytest.param(
+            name,
+            schedule_config(beta, spacing, prediction, zero_snr, **dict(zip(keys, values))),
+            id=f"{name}-{beta}-{spacing}-{prediction}-{'zsnr' if zero_snr else 'snr'}-"
+            + "-".join(f"{k}={v}" for k, v in zip(keys, values)),
+        )
 
 
 ALL_CASES = [
@@ -116,8 +146,11 @@ ALL_CASES = [
     *cases("euler", {"steps_offset": (0, 1), "use_karras_sigmas": (False, True)}),
     *cases("euler-a", {"steps_offset": (0, 1)}),
     # Karras sigmas on the cosine schedule repeat t = 998 and diffusers' dpm++2m then fails (see below)
-    *[case for case in cases("dpm++2m", {"steps_offset": (0, 1), "use_karras_sigmas": (False, True)})
-      if not ("squaredcos" in case.id and "karras_sigmas=True" in case.id)],
+    *[
+        case
+        for case in cases("dpm++2m", {"steps_offset": (0, 1), "use_karras_sigmas": (False, True)})
+        if not ("squaredcos" in case.id and "karras_sigmas=True" in case.id)
+    ],
     # LCM ignores timestep_spacing and steps_offset: its timesteps come from original_inference_steps
     *[case for case in cases("lcm", {}) if "leading" in case.id],
 ]
@@ -140,8 +173,10 @@ def test_dpm_karras_on_the_cosine_schedule_runs_where_diffusers_skips_a_step(pre
     assert (ours.timesteps[:2] == 998).all()
     theirs.set_begin_index(0)
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
-    for mine, reference in zip(sample_loop(ours, ours.timesteps, noise, ours=True)[0],
-                               sample_loop(theirs, theirs.timesteps, noise, ours=False)[0]):
+    for mine, reference in zip(
+        sample_loop(ours, ours.timesteps, noise, ours=True)[0],
+        sample_loop(theirs, theirs.timesteps, noise, ours=False)[0],
+    ):
         assert_close(mine, reference, 1e-5)
 
 
@@ -163,8 +198,15 @@ def test_karras_sigma_bounds_from_config_match_diffusers(name, tmp_path):
     full_loop_parity(name, config, tmp_path)
 
 
-@pytest.mark.parametrize("options", [{"solver_type": "heun"}, {"euler_at_final": True}, {"solver_order": 1},
-                                     {"lower_order_final": False, "final_sigmas_type": "sigma_min"}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"solver_type": "heun"},
+        {"euler_at_final": True},
+        {"solver_order": 1},
+        {"lower_order_final": False, "final_sigmas_type": "sigma_min"},
+    ],
+)
 @pytest.mark.parametrize("steps", [5, 20])
 def test_dpm_solver_options_match_diffusers(options, steps, tmp_path):
     full_loop_parity("dpm++2m", dict(SD_CONFIG, **options), tmp_path, steps=steps)
@@ -214,7 +256,7 @@ def test_img2img_timesteps_and_loop_match_diffusers(name, strength, tmp_path):
     timesteps = ours.img2img_timesteps(steps, strength)
     theirs.set_timesteps(steps)
     t_start = max(steps - min(int(steps * strength), steps), 0)
-    expected = theirs.timesteps[t_start * theirs.order:]
+    expected = theirs.timesteps[t_start * theirs.order :]
     if hasattr(theirs, "set_begin_index"):
         theirs.set_begin_index(t_start * theirs.order)
     torch.testing.assert_close(timesteps, expected, atol=0, rtol=0)
@@ -225,8 +267,10 @@ def test_img2img_timesteps_and_loop_match_diffusers(name, strength, tmp_path):
     start_ours = ours.add_noise(image_latents, noise, timesteps[:1])
     start_theirs = theirs.add_noise(image_latents, noise, expected[:1])
     assert_close(start_ours, start_theirs, 1e-5)
-    for mine, reference in zip(sample_loop(ours, timesteps, start_ours, ours=True)[0],
-                               sample_loop(theirs, expected, start_theirs, ours=False)[0]):
+    for mine, reference in zip(
+        sample_loop(ours, timesteps, start_ours, ours=True)[0],
+        sample_loop(theirs, expected, start_theirs, ours=False)[0],
+    ):
         assert_close(mine, reference, 1e-5)
 
 
@@ -238,8 +282,10 @@ def test_lcm_strength_schedule_matches_the_lcm_img2img_pipeline(strength, tmp_pa
     theirs.set_timesteps(4, strength=strength)
     torch.testing.assert_close(ours.timesteps, theirs.timesteps, atol=0, rtol=0)
     latents = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
-    for mine, reference in zip(sample_loop(ours, ours.timesteps, latents, ours=True)[0],
-                               sample_loop(theirs, theirs.timesteps, latents, ours=False)[0]):
+    for mine, reference in zip(
+        sample_loop(ours, ours.timesteps, latents, ours=True)[0],
+        sample_loop(theirs, theirs.timesteps, latents, ours=False)[0],
+    ):
         assert_close(mine, reference, 1e-5)
 
 
@@ -249,8 +295,9 @@ def test_add_noise_at_any_training_timestep_matches_diffusers(name, tmp_path):
     generator = torch.Generator().manual_seed(0)
     original, noise = torch.randn((5, 4, 8, 8), generator=generator), torch.randn((5, 4, 8, 8), generator=generator)
     timesteps = torch.tensor([0, 1, 250, 998, 999])
-    torch.testing.assert_close(ours.add_noise(original, noise, timesteps),
-                               theirs.add_noise(original, noise, timesteps), atol=0, rtol=0)
+    torch.testing.assert_close(
+        ours.add_noise(original, noise, timesteps), theirs.add_noise(original, noise, timesteps), atol=0, rtol=0
+    )
 
 
 @pytest.mark.parametrize("name", ["euler", "euler-a", "dpm++2m"])
@@ -263,14 +310,20 @@ def test_add_noise_at_schedule_timesteps_matches_diffusers(name, spacing, tmp_pa
     generator = torch.Generator().manual_seed(0)
     original, noise = torch.randn((3, 4, 8, 8), generator=generator), torch.randn((3, 4, 8, 8), generator=generator)
     timesteps = ours.timesteps[[0, 4, 9]]
-    torch.testing.assert_close(ours.add_noise(original, noise, timesteps),
-                               theirs.add_noise(original, noise, timesteps), atol=0, rtol=0)
+    torch.testing.assert_close(
+        ours.add_noise(original, noise, timesteps), theirs.add_noise(original, noise, timesteps), atol=0, rtol=0
+    )
 
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_to_diffusers_config_samples_the_same_in_diffusers(name, tmp_path):
-    source = dict(SD_CONFIG, prediction_type="v_prediction", timestep_spacing="trailing",
-                  rescale_betas_zero_snr=True, use_karras_sigmas=False)
+    source = dict(
+        SD_CONFIG,
+        prediction_type="v_prediction",
+        timestep_spacing="trailing",
+        rescale_betas_zero_snr=True,
+        use_karras_sigmas=False,
+    )
     config = to_diffusers(name, source)
     assert config["_class_name"] == DIFFUSERS_CLASS[name].__name__
     assert config["prediction_type"] == "v_prediction" and config["beta_start"] == 0.00085
@@ -288,8 +341,13 @@ def test_bfloat16_steps_match_diffusers(name, tmp_path):
     for t in ours.timesteps:
         g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
         mine = ours.step(fake_model(ours.scale_model_input(mine, t), t).to(torch.bfloat16), t, mine, generator=g1)
-        reference = theirs.step(fake_model(theirs.scale_model_input(reference, t), t).to(torch.bfloat16), t,
-                                reference, generator=g2, return_dict=False)[0]
+        reference = theirs.step(
+            fake_model(theirs.scale_model_input(reference, t), t).to(torch.bfloat16),
+            t,
+            reference,
+            generator=g2,
+            return_dict=False,
+        )[0]
         assert mine.dtype == reference.dtype == torch.bfloat16
         torch.testing.assert_close(mine, reference, atol=0, rtol=0)
 
@@ -297,11 +355,19 @@ def test_bfloat16_steps_match_diffusers(name, tmp_path):
 def test_randn_tensor_draws_what_diffusers_draws():
     shape = (2, 4, 8, 8)
     single = randn_tensor(shape, torch.Generator().manual_seed(1), "cpu", torch.float32)
-    torch.testing.assert_close(single, diffusers_randn_tensor(shape, generator=torch.Generator().manual_seed(1),
-                                                              device=torch.device("cpu"), dtype=torch.float32))
+    torch.testing.assert_close(
+        single,
+        diffusers_randn_tensor(
+            shape, generator=torch.Generator().manual_seed(1), device=torch.device("cpu"), dtype=torch.float32
+        ),
+    )
     per_row = [torch.Generator().manual_seed(s) for s in (1, 2)]
-    reference = diffusers_randn_tensor(shape, generator=[torch.Generator().manual_seed(s) for s in (1, 2)],
-                                       device=torch.device("cpu"), dtype=torch.float32)
+    reference = diffusers_randn_tensor(
+        shape,
+        generator=[torch.Generator().manual_seed(s) for s in (1, 2)],
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+    )
     torch.testing.assert_close(randn_tensor(shape, per_row, "cpu", torch.float32), reference)
 
 
@@ -319,16 +385,21 @@ def test_parameterization_scalings_give_the_same_x0_as_predict(parameterization)
     c_skip, c_out = parameterization.scalings(alpha_t, sigma_t)
     torch.testing.assert_close(c_skip * latents + c_out * model_output, x0, atol=1e-5, rtol=0)
     # the Karras form: the variance-exploding sample x_t/α_t = x0 + (σ_t/α_t) ε gives the same x0
-    torch.testing.assert_close(parameterization.denoise(model_output, latents / alpha_t, sigma_t / alpha_t), x0,
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        parameterization.denoise(model_output, latents / alpha_t, sigma_t / alpha_t), x0, atol=1e-5, rtol=0
+    )
 
 
 def test_consistency_boundary_scalings_match_diffusers_lcm():
     boundary = ConsistencyBoundary(timestep_scaling=10.0)
     lcm = diffusers.LCMScheduler()
     for t in torch.tensor([0, 19, 499, 999]):
-        torch.testing.assert_close(torch.stack(boundary.scalings(t)),
-                                   torch.stack(lcm.get_scalings_for_boundary_condition_discrete(t)), atol=0, rtol=0)
+        torch.testing.assert_close(
+            torch.stack(boundary.scalings(t)),
+            torch.stack(lcm.get_scalings_for_boundary_condition_discrete(t)),
+            atol=0,
+            rtol=0,
+        )
     c_skip, c_out = boundary.scalings(torch.tensor(0))
     assert c_skip.item() == 1.0 and c_out.item() == 0.0  # f(x, 0) = x
 
@@ -338,18 +409,21 @@ def test_unknown_scheduler_name_lists_the_valid_ones():
         make_scheduler("pndm", SD_CONFIG)
 
 
-@pytest.mark.parametrize("name, config, message", [
-    ("ddim", dict(SD_CONFIG, beta_schedule="cosine"), "beta_schedule"),
-    ("euler", dict(SD_CONFIG, timestep_spacing="uniform"), "timestep_spacing"),
-    ("ddim", dict(SD_CONFIG, prediction_type="flow"), "prediction_type"),
-    ("euler-a", dict(SD_CONFIG, prediction_type="sample"), "prediction_type"),
-    ("ddim", dict(SD_CONFIG, thresholding=True), "thresholding"),
-    ("dpm++2m", dict(SD_CONFIG, algorithm_type="sde-dpmsolver++"), "algorithm_type"),
-    ("dpm++2m", dict(SD_CONFIG, solver_order=3), "solver_order"),
-    ("euler", dict(SD_CONFIG, use_exponential_sigmas=True), "use_exponential_sigmas"),
-    ("ddpm", dict(SD_CONFIG, variance_type="learned_range"), "variance_type"),
-    ("ddim", dict(SD_CONFIG, trained_betas=[0.01] * 10), "trained_betas"),
-])
+@pytest.mark.parametrize(
+    "name, config, message",
+    [
+        ("ddim", dict(SD_CONFIG, beta_schedule="cosine"), "beta_schedule"),
+        ("euler", dict(SD_CONFIG, timestep_spacing="uniform"), "timestep_spacing"),
+        ("ddim", dict(SD_CONFIG, prediction_type="flow"), "prediction_type"),
+        ("euler-a", dict(SD_CONFIG, prediction_type="sample"), "prediction_type"),
+        ("ddim", dict(SD_CONFIG, thresholding=True), "thresholding"),
+        ("dpm++2m", dict(SD_CONFIG, algorithm_type="sde-dpmsolver++"), "algorithm_type"),
+        ("dpm++2m", dict(SD_CONFIG, solver_order=3), "solver_order"),
+        ("euler", dict(SD_CONFIG, use_exponential_sigmas=True), "use_exponential_sigmas"),
+        ("ddpm", dict(SD_CONFIG, variance_type="learned_range"), "variance_type"),
+        ("ddim", dict(SD_CONFIG, trained_betas=[0.01] * 10), "trained_betas"),
+    ],
+)
 def test_bad_config_raises_a_fixative_error(name, config, message):
     with pytest.raises(FixativeError, match=message):
         make_scheduler(name, config)

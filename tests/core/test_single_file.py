@@ -13,8 +13,13 @@ from fixative.core.errors import FixativeError
 from fixative.core.presets import get_preset
 
 # three down levels, attention only in the deeper two, two ResNets per level: exercises every index rule
-UNEVEN_UNET = UNetConfig(block_out_channels=(32, 64, 64), cross_attention_blocks=(False, True, True), layers_per_block=2,
-                         num_heads=8, cross_attention_dim=32)
+UNEVEN_UNET = UNetConfig(
+    block_out_channels=(32, 64, 64),
+    cross_attention_blocks=(False, True, True),
+    layers_per_block=2,
+    num_heads=8,
+    cross_attention_dim=32,
+)
 
 
 def random_state_dict(module: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -33,12 +38,16 @@ def diffusers_vae(config, device: str = "cpu") -> AutoencoderKL:
 
 
 def text_state_dict(config, seed: int = 0, meta: bool = False) -> dict[str, torch.Tensor]:
-    """A released-layout CLIPTextModel state dict (text_model.*) with random (or meta) tensors, from the config alone."""
+    """A released-layout CLIPTextModel state dict (text_model.*) with random (or meta) tensors, from the config
+    alone."""
     generator = torch.Generator().manual_seed(seed)
     h, i = config.hidden_size, config.intermediate_size
-    shapes = {"text_model.embeddings.token_embedding.weight": (config.vocab_size, h),
-              "text_model.embeddings.position_embedding.weight": (config.max_position_embeddings, h),
-              "text_model.final_layer_norm.weight": (h,), "text_model.final_layer_norm.bias": (h,)}
+    shapes = {
+        "text_model.embeddings.token_embedding.weight": (config.vocab_size, h),
+        "text_model.embeddings.position_embedding.weight": (config.max_position_embeddings, h),
+        "text_model.final_layer_norm.weight": (h,),
+        "text_model.final_layer_norm.bias": (h,),
+    }
     for layer in range(config.num_hidden_layers):
         p = f"text_model.encoder.layers.{layer}."
         for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
@@ -60,8 +69,11 @@ def assert_same_tensors(actual: dict, expected: dict) -> None:
             assert torch.equal(actual[key], value), key
 
 
-@pytest.mark.parametrize("config", [get_preset("tiny-sd1").model_config.unet, get_preset("tiny-sd2").model_config.unet,
-                                    UNEVEN_UNET], ids=["tiny-sd1", "tiny-sd2", "uneven"])
+@pytest.mark.parametrize(
+    "config",
+    [get_preset("tiny-sd1").model_config.unet, get_preset("tiny-sd2").model_config.unet, UNEVEN_UNET],
+    ids=["tiny-sd1", "tiny-sd2", "uneven"],
+)
 def test_unet_original_layout_matches_diffusers_converter(config):
     ours = random_state_dict(diffusers_unet(config, "meta"))
     original = single_file.unet_to_original(ours, config)
@@ -133,9 +145,12 @@ def test_open_clip_fused_attention_is_split_like_diffusers():
 
 def test_released_sd2_text_tower_keeps_23_of_its_24_layers_and_ignores_the_projection():
     config = get_preset("sd21").model_config.text_encoder
-    shapes = {"cond_stage_model.model.token_embedding.weight": (49408, 1024),
-              "cond_stage_model.model.positional_embedding": (77, 1024),
-              "cond_stage_model.model.text_projection": (1024, 1024), "cond_stage_model.model.logit_scale": ()}
+    shapes = {
+        "cond_stage_model.model.token_embedding.weight": (49408, 1024),
+        "cond_stage_model.model.positional_embedding": (77, 1024),
+        "cond_stage_model.model.text_projection": (1024, 1024),
+        "cond_stage_model.model.logit_scale": (),
+    }
     for layer in range(24):
         shapes[f"cond_stage_model.model.transformer.resblocks.{layer}.mlp.c_fc.weight"] = (4096, 1024)
     inferred = single_file.infer_text_config(single_file._strip(shapes, "cond_stage_model.model."), open_clip=True)
@@ -148,16 +163,23 @@ def test_released_sd2_text_tower_keeps_23_of_its_24_layers_and_ignores_the_proje
 
 
 def original_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    ours = {"unet": diffusers_unet(config.unet, "meta").state_dict(), "vae": diffusers_vae(config.vae, "meta").state_dict(),
-            "text_encoder": text_state_dict(config.text_encoder, meta=True)}
+    ours = {
+        "unet": diffusers_unet(config.unet, "meta").state_dict(),
+        "vae": diffusers_vae(config.vae, "meta").state_dict(),
+        "text_encoder": text_state_dict(config.text_encoder, meta=True),
+    }
     return {key: tuple(value.shape) for key, value in single_file.to_original(ours, config).items()}
 
 
-@pytest.mark.parametrize("name, prediction_type", [("sd15", None), ("sd21-base", None), ("sd21", "v_prediction"),
-                                                   ("tiny-sd1", None), ("tiny-sd2", None)])
+@pytest.mark.parametrize(
+    "name, prediction_type",
+    [("sd15", None), ("sd21-base", None), ("sd21", "v_prediction"), ("tiny-sd1", None), ("tiny-sd2", None)],
+)
 def test_architecture_is_inferred_from_tensor_shapes(name, prediction_type):
     preset = get_preset(name)
-    config, scheduler_config, notes = single_file.infer_model_config(original_shapes(preset.model_config), prediction_type)
+    config, scheduler_config, notes = single_file.infer_model_config(
+        original_shapes(preset.model_config), prediction_type
+    )
     expected = preset.model_config
     if name.startswith("tiny"):  # image size is not in the shapes: the release's is taken
         expected.unet.sample_size, expected.vae.sample_size = 64, 512
@@ -175,8 +197,11 @@ def test_inpainting_unet_is_inferred_with_nine_input_channels():
 
 
 def test_checkpoint_without_text_encoder_is_rejected():
-    shapes = {k: v for k, v in original_shapes(get_preset("tiny-sd1").model_config).items()
-              if not k.startswith("cond_stage_model")}
+    shapes = {
+        k: v
+        for k, v in original_shapes(get_preset("tiny-sd1").model_config).items()
+        if not k.startswith("cond_stage_model")
+    }
     with pytest.raises(FixativeError, match="no Stable Diffusion 1.x/2.x text encoder"):
         single_file.infer_model_config(shapes, None)
 
@@ -209,11 +234,16 @@ def test_full_size_sd21_open_clip_tower_maps_like_diffusers():
     config = get_preset("sd21").model_config.text_encoder
     ours = text_state_dict(config, meta=True)
     original = single_file.text_encoder_to_original(ours, config)
-    released_layer = {key.replace("resblocks.22.", "resblocks.23."): value for key, value in original.items()
-                      if ".resblocks.22." in key}  # the unused 24th layer of the released file
+    released_layer = {
+        key.replace("resblocks.22.", "resblocks.23."): value
+        for key, value in original.items()
+        if ".resblocks.22." in key
+    }  # the unused 24th layer of the released file
     original.update(released_layer)
     text_model = SimpleNamespace(config=SimpleNamespace(hidden_size=config.hidden_size))
     assert_same_tensors(reference.convert_open_clip_checkpoint(text_model, original), ours)
     shapes = {key: tuple(value.shape) for key, value in original.items()}
-    assert single_file.infer_text_config(single_file._strip(shapes, "cond_stage_model.model."), open_clip=True) == config
+    assert (
+        single_file.infer_text_config(single_file._strip(shapes, "cond_stage_model.model."), open_clip=True) == config
+    )
     assert len(ours) == 23 * 16 + 4

@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 import torch
-from parity import assert_close
 import transformers
+from parity import assert_close
 
 from fixative.core.config import CLIPTextConfig
 from fixative.core.errors import FixativeError
@@ -14,8 +14,14 @@ from fixative.core.text_encoder import CLIPTextModel
 
 BOS, EOS, EXCLAMATION = 49406, 49407, 0  # "!" is id 0: SD 2.x pads with it
 
-SD1_SMALL = CLIPTextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                           hidden_act="quick_gelu", projection_dim=64)
+SD1_SMALL = CLIPTextConfig(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    hidden_act="quick_gelu",
+    projection_dim=64,
+)
 SD2_SMALL = dataclasses.replace(SD1_SMALL, hidden_act="gelu", num_hidden_layers=4)
 
 
@@ -61,8 +67,14 @@ def test_state_dict_uses_released_sd_keys_without_position_ids():
 
 def test_loading_adds_the_text_model_prefix_and_drops_position_ids():
     tensor = torch.zeros(1)
-    mapped = loadable({"encoder.layers.0.mlp.fc1.weight": tensor, "text_model.final_layer_norm.bias": tensor,
-                              "text_model.embeddings.position_ids": tensor, "embeddings.position_ids": tensor})
+    mapped = loadable(
+        {
+            "encoder.layers.0.mlp.fc1.weight": tensor,
+            "text_model.final_layer_norm.bias": tensor,
+            "text_model.embeddings.position_ids": tensor,
+            "embeddings.position_ids": tensor,
+        }
+    )
     assert set(mapped) == {"text_model.encoder.layers.0.mlp.fc1.weight", "text_model.final_layer_norm.bias"}
 
 

@@ -135,13 +135,21 @@ def test_from_folder_reads_tokenizer_json_written_by_transformers(sd2_folder, tm
 
 def test_from_folder_reads_tokenizer_json_with_string_merges_and_dict_special_tokens(tmp_path):
     bundled = CLIPTokenizer.bundled()
-    model = {"type": "BPE", "vocab": bundled.vocab, "merges": [f"{a} {b}" for a, b in bundled.merges],
-             "end_of_word_suffix": "</w>"}
+    model = {
+        "type": "BPE",
+        "vocab": bundled.vocab,
+        "merges": [f"{a} {b}" for a, b in bundled.merges],
+        "end_of_word_suffix": "</w>",
+    }
     (tmp_path / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": model}))
-    (tmp_path / "special_tokens_map.json").write_text(json.dumps(
-        {"pad_token": {"content": "!", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}}))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 1000000000000000019884624838656,
-                                                                "pad_token": "<|endoftext|>"}))
+    (tmp_path / "special_tokens_map.json").write_text(
+        json.dumps(
+            {"pad_token": {"content": "!", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}}
+        )
+    )
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"model_max_length": 1000000000000000019884624838656, "pad_token": "<|endoftext|>"})
+    )
     ours = CLIPTokenizer.from_folder(tmp_path)
     assert ours.pad_token == "!"  # special_tokens_map.json wins, as in transformers
     assert ours.model_max_length == 77  # transformers' "unset" marker falls back to CLIP's 77
@@ -153,8 +161,9 @@ def test_model_max_length_comes_from_tokenizer_config(sd1_folder, tmp_path):
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 16}))
     with pytest.warns(UserWarning, match="the last 2 tokens were cut"):
-        ids = CLIPTokenizer.from_folder(tmp_path)("one two three four five six seven eight nine ten "
-                                                  "eleven twelve thirteen fourteen fifteen eighteen")
+        ids = CLIPTokenizer.from_folder(tmp_path)(
+            "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen eighteen"
+        )
     assert ids.shape == (1, 16) and ids[0, -1] == 49407
 
 

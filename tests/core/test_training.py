@@ -6,8 +6,18 @@ import torch
 from torch import nn
 
 from fixative.core.schedulers import NoiseSchedule
-from fixative.core.training import (EMA, TrainStepConfig, denoising_loss, denoising_losses, drop_captions,
-                                    min_snr_weights, train_step, training_target, warmup_constant, warmup_cosine)
+from fixative.core.training import (
+    EMA,
+    TrainStepConfig,
+    denoising_loss,
+    denoising_losses,
+    drop_captions,
+    min_snr_weights,
+    train_step,
+    training_target,
+    warmup_constant,
+    warmup_cosine,
+)
 
 SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 
@@ -41,8 +51,11 @@ def test_add_noise_and_targets_match_diffusers():
     latents, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
     timesteps = torch.tensor([0, 500, 999])
     assert torch.equal(schedule().add_noise(latents, noise, timesteps), scheduler.add_noise(latents, noise, timesteps))
-    assert torch.allclose(training_target(latents, noise, timesteps, schedule(), "v_prediction"),
-                          scheduler.get_velocity(latents, noise, timesteps), atol=1e-6)
+    assert torch.allclose(
+        training_target(latents, noise, timesteps, schedule(), "v_prediction"),
+        scheduler.get_velocity(latents, noise, timesteps),
+        atol=1e-6,
+    )
     assert training_target(latents, noise, timesteps, schedule(), "epsilon") is noise
     assert training_target(latents, noise, timesteps, schedule(), "sample") is latents
 
@@ -57,7 +70,7 @@ def test_loss_decreases_on_a_tiny_problem(prediction_type):
     generator = torch.Generator().manual_seed(0)
     config = TrainStepConfig(prediction_type=prediction_type)
     losses = []
-    for step in range(120):
+    for _ in range(120):
         which = torch.randint(0, 2, (16,), generator=generator)
         losses.append(train_step(model, optimizer, patterns[which], conditions[which], schedule(), config, generator))
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
@@ -127,11 +140,13 @@ def test_weighted_loss_with_gamma_infinite_equals_plain_loss_and_bf16_autocast_i
     model = TinyDenoiser()
     latents, text = torch.randn(4, 4, 8, 8), torch.randn(4, 77, 8)
     plain = denoising_loss(model, latents, text, schedule(), generator=torch.Generator().manual_seed(1))
-    weighted = denoising_loss(model, latents, text, schedule(), generator=torch.Generator().manual_seed(1),
-                              snr_gamma=float("inf"))
+    weighted = denoising_loss(
+        model, latents, text, schedule(), generator=torch.Generator().manual_seed(1), snr_gamma=float("inf")
+    )
     assert torch.allclose(plain, weighted, rtol=1e-5)
-    bf16 = denoising_loss(model, latents, text, schedule(), generator=torch.Generator().manual_seed(1),
-                          autocast_dtype=torch.bfloat16)
+    bf16 = denoising_loss(
+        model, latents, text, schedule(), generator=torch.Generator().manual_seed(1), autocast_dtype=torch.bfloat16
+    )
     assert bf16.item() != plain.item() and abs(bf16.item() - plain.item()) < 0.05 * plain.item()
 
 
@@ -147,8 +162,9 @@ def test_offset_noise_adds_a_constant_per_image_and_channel():
         return torch.zeros_like(noisy_latents)
 
     plain = denoising_loss(zero_model, latents, text, schedule(), generator=torch.Generator().manual_seed(0))
-    offset = denoising_loss(zero_model, latents, text, schedule(), generator=torch.Generator().manual_seed(0),
-                            offset_noise=1.0)
+    offset = denoising_loss(
+        zero_model, latents, text, schedule(), generator=torch.Generator().manual_seed(0), offset_noise=1.0
+    )
     assert 0.9 < plain.item() < 1.1 and 1.7 < offset.item() < 2.3
     means = seen[1].mean((2, 3)) - seen[0].mean((2, 3))  # the same per-pixel draw under one seed: the offset
     assert torch.allclose(seen[1] - seen[0], means[..., None, None].expand_as(seen[0]), atol=1e-5)
@@ -172,5 +188,6 @@ def test_per_sample_losses_average_to_the_loss():
     latents, text = torch.randn(4, 4, 8, 8), torch.randn(4, 77, 8)
     losses = denoising_losses(model, latents, text, schedule(), generator=torch.Generator().manual_seed(3))
     assert losses.shape == (4,)
-    assert torch.equal(losses.mean(), denoising_loss(model, latents, text, schedule(),
-                                                     generator=torch.Generator().manual_seed(3)))
+    assert torch.equal(
+        losses.mean(), denoising_loss(model, latents, text, schedule(), generator=torch.Generator().manual_seed(3))
+    )

@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 import torch
-from parity import assert_close
 from diffusers import UNet2DConditionModel as DiffusersUNet
+from parity import assert_close
 
 from fixative.core.config import UNetConfig
 from fixative.core.unet import Attention, UNet2DConditionModel
@@ -87,8 +87,12 @@ def test_sd1_style_matches_diffusers_with_attention_in_last_block():
 
 def test_three_blocks_two_transformer_layers_and_odd_latent_size_match_diffusers():
     config = dataclasses.replace(
-        SD1_SMALL, block_out_channels=(32, 32, 64), cross_attention_blocks=(True, True, False), num_heads=(2, 2, 4),
-        transformer_layers_per_block=2, layers_per_block=1,
+        SD1_SMALL,
+        block_out_channels=(32, 32, 64),
+        cross_attention_blocks=(True, True, False),
+        num_heads=(2, 2, 4),
+        transformer_layers_per_block=2,
+        layers_per_block=1,
     )
     check_forward_parity(config, size=13)
 

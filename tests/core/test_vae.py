@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from parity import assert_close
 import torch.nn.functional as F
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+from parity import assert_close
 
 from fixative.core.config import AutoencoderKLConfig
 from fixative.core.errors import FixativeError
@@ -12,8 +12,9 @@ from fixative.core.vae import AutoencoderKL, DiagonalGaussian, Upsample
 
 # sample_size 32: 64x64 images (and latents larger than 32 / f) are tiled when tiling is on
 TWO_BLOCKS = AutoencoderKLConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=32)
-THREE_BLOCKS = AutoencoderKLConfig(block_out_channels=(16, 32, 32), layers_per_block=2, norm_num_groups=8,
-                                   sample_size=32)
+THREE_BLOCKS = AutoencoderKLConfig(
+    block_out_channels=(16, 32, 32), layers_per_block=2, norm_num_groups=8, sample_size=32
+)
 CONFIGS = {"two_blocks": TWO_BLOCKS, "three_blocks": THREE_BLOCKS}
 
 
@@ -58,8 +59,9 @@ def test_state_dict_keys_equal_diffusers(pair):
 
 
 def test_state_dict_keys_equal_diffusers_without_mid_attention():
-    config = AutoencoderKLConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-                                 mid_block_add_attention=False)
+    config = AutoencoderKLConfig(
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, mid_block_add_attention=False
+    )
     ours, theirs = build_pair(config)
     assert set(ours.state_dict()) == set(theirs.state_dict())
     assert not any("attentions" in key for key in ours.state_dict())

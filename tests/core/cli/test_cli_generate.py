@@ -14,9 +14,28 @@ from fixative.cli import main
 from fixative.core.checkpoints import load_model
 from fixative.core.pipelines import generate
 
-OPTIONS = ("--model", "--prompt", "--negative-prompt", "--seed", "--steps", "--guidance", "--guidance-rescale",
-           "--scheduler", "--height", "--width", "--num-images", "--init-image", "--strength", "--mask",
-           "--clip-skip", "--vae-tiling", "--dtype", "--device", "--quiet", "--out")
+OPTIONS = (
+    "--model",
+    "--prompt",
+    "--negative-prompt",
+    "--seed",
+    "--steps",
+    "--guidance",
+    "--guidance-rescale",
+    "--scheduler",
+    "--height",
+    "--width",
+    "--num-images",
+    "--init-image",
+    "--strength",
+    "--mask",
+    "--clip-skip",
+    "--vae-tiling",
+    "--dtype",
+    "--device",
+    "--quiet",
+    "--out",
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -34,8 +53,21 @@ def run(capsys, *argv) -> tuple[int, str, str]:
 
 
 def base_args(folder, out):
-    return ("--model", folder, "--prompt", "a lighthouse at dusk", "--steps", 2, "--height", 32, "--width", 32,
-            "--quiet", "--out", out)
+    return (
+        "--model",
+        folder,
+        "--prompt",
+        "a lighthouse at dusk",
+        "--steps",
+        2,
+        "--height",
+        32,
+        "--width",
+        32,
+        "--quiet",
+        "--out",
+        out,
+    )
 
 
 def test_help_documents_every_option_with_its_default(capsys):
@@ -44,15 +76,22 @@ def test_help_documents_every_option_with_its_default(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for option in OPTIONS:
         assert option in text, f"{option} missing from --help"
-    for default in ("(default: toy)", "(default: 0)", "(default: 30)", "(default: 7.5)", "(default: fp32)",
-                    "(default: auto)"):
+    for default in (
+        "(default: toy)",
+        "(default: 0)",
+        "(default: 30)",
+        "(default: 7.5)",
+        "(default: fp32)",
+        "(default: auto)",
+    ):
         assert default in text
 
 
 def test_generate_writes_a_png_with_its_settings_and_the_api_image(capsys, tmp_path, model_folder):
     out = tmp_path / "render.png"
-    code, stdout, _ = run(capsys, *base_args(model_folder, out), "--seed", 7, "--scheduler", "euler-a",
-                          "--negative-prompt", "blurry")
+    code, stdout, _ = run(
+        capsys, *base_args(model_folder, out), "--seed", 7, "--scheduler", "euler-a", "--negative-prompt", "blurry"
+    )
     assert code == 0 and stdout.strip() == str(out)
     image = Image.open(out)
     assert image.size == (32, 32)
@@ -64,10 +103,21 @@ def test_generate_writes_a_png_with_its_settings_and_the_api_image(capsys, tmp_p
     assert record["versions"]["fixative"] and record["versions"]["torch"] == torch.__version__
     assert (record["device"], record["dtype"]) == ("cpu", "float32")
     weights = model_folder / "unet" / "diffusion_pytorch_model.safetensors"
-    assert record["models"]["model"]["sha256"]["unet/diffusion_pytorch_model.safetensors"] == \
-        hashlib.sha256(weights.read_bytes()).hexdigest()
-    expected = generate(load_model(model_folder), "a lighthouse at dusk", "blurry", height=32, width=32,
-                        num_inference_steps=2, scheduler="euler-a", seed=7, progress=False)[0]
+    assert (
+        record["models"]["model"]["sha256"]["unet/diffusion_pytorch_model.safetensors"]
+        == hashlib.sha256(weights.read_bytes()).hexdigest()
+    )
+    expected = generate(
+        load_model(model_folder),
+        "a lighthouse at dusk",
+        "blurry",
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        scheduler="euler-a",
+        seed=7,
+        progress=False,
+    )[0]
     assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(expected))
     assert [p.name for p in tmp_path.iterdir()] == ["render.png"]  # no temporary files left behind
 
@@ -112,12 +162,16 @@ def one_line_error(capsys, *argv) -> str:
 
 def test_a_size_not_a_multiple_of_the_models_factor_is_a_one_line_error(capsys, tmp_path, model_folder):
     # the tiny model's VAE down-samples twice: any even size works, 33 does not
-    message = one_line_error(capsys, "--model", model_folder, "--prompt", "x", "--width", 33, "--out", tmp_path / "a.png")
+    message = one_line_error(
+        capsys, "--model", model_folder, "--prompt", "x", "--width", 33, "--out", tmp_path / "a.png"
+    )
     assert "--width 33" in message and "multiple of 2" in message and not (tmp_path / "a.png").exists()
 
 
 def test_missing_model_is_a_one_line_error(capsys, tmp_path):
-    message = one_line_error(capsys, "--model", tmp_path / "no-such-model", "--prompt", "x", "--out", tmp_path / "a.png")
+    message = one_line_error(
+        capsys, "--model", tmp_path / "no-such-model", "--prompt", "x", "--out", tmp_path / "a.png"
+    )
     assert "no-such-model" in message
 
 
@@ -131,8 +185,14 @@ def test_unreadable_init_image_is_a_one_line_error(capsys, tmp_path, model_folde
 def test_mask_of_the_wrong_size_is_a_one_line_error(capsys, tmp_path, model_folder):
     Image.new("RGB", (32, 32)).save(tmp_path / "init.png")
     Image.new("L", (16, 32)).save(tmp_path / "mask.png")
-    message = one_line_error(capsys, *base_args(model_folder, tmp_path / "a.png"), "--init-image",
-                             tmp_path / "init.png", "--mask", tmp_path / "mask.png")
+    message = one_line_error(
+        capsys,
+        *base_args(model_folder, tmp_path / "a.png"),
+        "--init-image",
+        tmp_path / "init.png",
+        "--mask",
+        tmp_path / "mask.png",
+    )
     assert "16x32" in message and "32x32" in message
 
 

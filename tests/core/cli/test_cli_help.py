@@ -16,20 +16,26 @@ def sub_commands(parser: argparse.ArgumentParser, path=("fixative",)):
 
 
 def options(parser: argparse.ArgumentParser):
-    return [a for a in parser._actions if a.option_strings and not isinstance(a, (argparse._HelpAction,
-                                                                                   argparse._VersionAction))]
+    return [
+        a
+        for a in parser._actions
+        if a.option_strings and not isinstance(a, (argparse._HelpAction, argparse._VersionAction))
+    ]
 
 
 def test_every_option_of_every_command_says_its_default():
-    missing = [f"{' '.join(path)} {action.option_strings[-1]}" for path, parser in sub_commands(build_parser())
-               for action in options(parser)
-               if not action.help or not ("default" in action.help or "required" in action.help)]
+    missing = [
+        f"{' '.join(path)} {action.option_strings[-1]}"
+        for path, parser in sub_commands(build_parser())
+        for action in options(parser)
+        if not action.help or not ("default" in action.help or "required" in action.help)
+    ]
     assert not missing, f"options without a stated default: {missing}"
 
 
 def test_shared_options_have_one_meaning_everywhere():
     meanings = {}
-    for path, parser in sub_commands(build_parser()):
+    for _path, parser in sub_commands(build_parser()):
         for action in options(parser):
             name = action.option_strings[-1]
             if name in ("--device", "--dtype", "--quiet", "--config"):
@@ -46,4 +52,6 @@ def test_registering_the_commands_imports_no_torch():
     import sys
 
     script = "import sys; from fixative.cli import build_parser; build_parser(); print('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout == "False\n"
+    assert (
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout == "False\n"
+    )

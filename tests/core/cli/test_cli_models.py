@@ -99,13 +99,28 @@ def test_config_option_describes_a_single_file_its_shapes_cannot(sd_folder, tmp_
     save_file(state, tmp_path / "custom.safetensors")  # as another tool writes it: tensors only
     code, _, err = run(capsys, "info", tmp_path / "custom.safetensors")
     assert code == 2 and "--config" in err and err.count("\n") == 1
-    for command in (["info", tmp_path / "custom.safetensors"],
-                    ["convert", tmp_path / "custom.safetensors", tmp_path / "converted"]):
+    for command in (
+        ["info", tmp_path / "custom.safetensors"],
+        ["convert", tmp_path / "custom.safetensors", tmp_path / "converted"],
+    ):
         code, out, err = run(capsys, *command, "--config", folder / "unet")
         assert code == 0, err
     assert load_model(tmp_path / "converted").unet.config == custom.unet.config
-    code, _, err = run(capsys, "generate", "--model", tmp_path / "custom.safetensors", "--config", folder, "--prompt", "x",
-                       "--steps", 1, "--quiet", "--out", tmp_path / "image.png")
+    code, _, err = run(
+        capsys,
+        "generate",
+        "--model",
+        tmp_path / "custom.safetensors",
+        "--config",
+        folder,
+        "--prompt",
+        "x",
+        "--steps",
+        1,
+        "--quiet",
+        "--out",
+        tmp_path / "image.png",
+    )
     assert code == 0, err
 
 

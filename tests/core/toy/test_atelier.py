@@ -5,8 +5,16 @@ import pytest
 from PIL import Image
 
 from fixative.core.errors import FixativeError
-from fixative.core.toy.atelier import (ARTISTS, SUBJECTS, AtelierConfig, artist_names, load_split, paint,
-                                       style_grid, write_atelier)
+from fixative.core.toy.atelier import (
+    ARTISTS,
+    SUBJECTS,
+    AtelierConfig,
+    artist_names,
+    load_split,
+    paint,
+    style_grid,
+    write_atelier,
+)
 
 SMALL = AtelierConfig(seed=3, resolution=32, images_per_artist=16)
 
@@ -30,8 +38,9 @@ def test_atelier_has_enough_artists_subjects_and_held_out_artists():
 
 def test_styles_differ_more_between_artists_than_within():
     # mean colour of each artist's paintings: artists must be far apart compared to within-artist spread
-    means = np.stack([[np.asarray(paint(a, s, 32, 0, i), np.float32).mean((0, 1)) for i, s in enumerate(SUBJECTS)]
-                      for a in ARTISTS])  # (artists, subjects, 3)
+    means = np.stack(
+        [[np.asarray(paint(a, s, 32, 0, i), np.float32).mean((0, 1)) for i, s in enumerate(SUBJECTS)] for a in ARTISTS]
+    )  # (artists, subjects, 3)
     within = np.linalg.norm(means - means.mean(1, keepdims=True), axis=-1).mean()
     centres = means.mean(1)
     between = min(np.linalg.norm(centres[i] - centres[j]) for i in range(len(ARTISTS)) for j in range(i))

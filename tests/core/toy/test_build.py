@@ -24,8 +24,9 @@ def test_ci_build_is_a_diffusers_folder_that_load_model_loads(ci_build):
     assert model.vae.config.latent_channels == 4 and model.vae.config.downsampling_factor == 4
     assert model.scheduler_config["_class_name"] == "DDIMScheduler"
     assert 0.1 < model.vae.config.scaling_factor < 10  # 1 / std of the latents, measured
-    images = generate(model, "a painting of a cat by kovra", num_inference_steps=2, seed=0, output="images",
-                      progress=False)
+    images = generate(
+        model, "a painting of a cat by kovra", num_inference_steps=2, seed=0, output="images", progress=False
+    )
     assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
     info = json.loads((ci_build / "build.json").read_text())
     assert info["size"] == "ci" and set(info["stage_seconds"]) == {"atelier", "clip", "vae", "unet", "assemble"}
@@ -33,8 +34,10 @@ def test_ci_build_is_a_diffusers_folder_that_load_model_loads(ci_build):
     assert record["versions"]["torch"] == torch.__version__ and record["dtype"] == "float16"
     unet = ci_build / "sd" / "unet" / "diffusion_pytorch_model.safetensors"
     assert record["models"]["sd"]["source"] == str(ci_build / "sd")
-    assert record["models"]["sd"]["sha256"]["unet/diffusion_pytorch_model.safetensors"] == \
-        hashlib.sha256(unet.read_bytes()).hexdigest()
+    assert (
+        record["models"]["sd"]["sha256"]["unet/diffusion_pytorch_model.safetensors"]
+        == hashlib.sha256(unet.read_bytes()).hexdigest()
+    )
     assert len(record["models"]["clip"]["sha256"]) == 1  # model.safetensors
     # the folders the build writes load with diffusers' and transformers' defaults, as released ones do
     assert json.loads((ci_build / "clip" / "config.json").read_text())["dtype"] == "float32"

@@ -26,8 +26,13 @@ def test_diffusers_renders_the_shipped_toy_world_as_fixative_does(shipped):
     pipe.set_progress_bar_config(disable=True)
     prompt, settings = "a painting of a boat by tazu", dict(num_inference_steps=10, guidance_scale=5.0)
     theirs = pipe(prompt, generator=torch.Generator().manual_seed(3), output_type="np", **settings).images[0]
-    ours = generate(load_model(shipped / "sd"), prompt, seed=3, scheduler="ddim", output="images", progress=False,
-                    **settings)[0].permute(1, 2, 0).numpy()
+    ours = (
+        generate(
+            load_model(shipped / "sd"), prompt, seed=3, scheduler="ddim", output="images", progress=False, **settings
+        )[0]
+        .permute(1, 2, 0)
+        .numpy()
+    )
     assert theirs.shape == ours.shape == (64, 64, 3)
     assert np.abs(theirs - ours).max() * 255 <= 2
     assert ours.std() > 0.05  # a painting, not a flat image: the comparison means something
