@@ -33,7 +33,14 @@ import torch
 from torch import nn
 
 from fixative.core.errors import FixativeError
-from fixative.core.finetune import MIXED_PRECISION, Batch, FinetuneConfig, save_model_into
+from fixative.core.finetune import (
+    MIXED_PRECISION,
+    Batch,
+    FinetuneConfig,
+    load_trained_state,
+    save_model_into,
+    trained_state,
+)
 from fixative.core.lora import inject_lora, save_lora
 from fixative.core.pipelines import encode_prompt
 from fixative.core.schedulers import NoiseSchedule
@@ -154,16 +161,10 @@ class ConsistencyDistillation:
         self.student.eval()
 
     def state_dict(self) -> dict:
-        trained = {n: p.detach().clone() for n, p in self.student.named_parameters() if p.requires_grad}
-        return {"trained": trained, "ema": self.ema.state_dict() if self.ema is not None else None}
+        return trained_state(self.student, self.ema)
 
     def load_state_dict(self, state: dict) -> None:
-        parameters = dict(self.student.named_parameters())
-        with torch.no_grad():
-            for name, value in state["trained"].items():
-                parameters[name].copy_(value)
-        if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
+        load_trained_state(self.student, self.ema, state)
 
     def save(self, out: Path) -> None:
         """The result (a model folder, or pytorch_lora_weights.safetensors) and distill_config.json."""

@@ -273,16 +273,10 @@ class DenoisingObjective:
         self.model.text_encoder.eval()
 
     def state_dict(self) -> dict:
-        trained = {n: p.detach().clone() for n, p in self._trained.named_parameters() if p.requires_grad}
-        return {"trained": trained, "ema": self.ema.state_dict() if self.ema is not None else None}
+        return trained_state(self._trained, self.ema)
 
     def load_state_dict(self, state: dict) -> None:
-        parameters = dict(self._trained.named_parameters())
-        with torch.no_grad():
-            for name, value in state["trained"].items():
-                parameters[name].copy_(value)
-        if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
+        load_trained_state(self._trained, self.ema, state)
 
     def save(self, out: Path) -> None:
         if self.config.method == "lora":
@@ -292,6 +286,22 @@ class DenoisingObjective:
 
 
 # ---------------------------------------------------------------- data
+
+
+def trained_state(module: nn.Module, ema: EMA | None) -> dict:
+    """An objective's checkpoint: copies of the parameters it trains (those requiring grad) and its EMA."""
+    trained = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    return {"trained": trained, "ema": ema.state_dict() if ema is not None else None}
+
+
+def load_trained_state(module: nn.Module, ema: EMA | None, state: dict) -> None:
+    """Puts back what :func:`trained_state` saved."""
+    parameters = dict(module.named_parameters())
+    with torch.no_grad():
+        for name, value in state["trained"].items():
+            parameters[name].copy_(value)
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
 
 
 def as_image_set(data, options: ImageOptions, caption_column: str = "text") -> ImageSet:
