@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fixative.core.cli.options import MODEL_HELP, add_device, add_quiet, add_seed
+from fixative.core.cli.options import MODEL_HELP, add_device, add_quiet, add_seed, check_training_device
 
 METHODS = ("lcd", "lcm-lora")
 
@@ -131,17 +131,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from fixative.core.checkpoints import load_model
-    from fixative.core.datasets import ImageOptions, image_folder, laion_parquet
+    from fixative.core.datasets import captioned_images
     from fixative.core.errors import FixativeError
-    from fixative.core.finetune import FinetuneConfig, fine_tune
+    from fixative.core.finetune import FinetuneConfig, fine_tune, image_options_for
 
     from .objective import ConsistencyDistillation, DistillSettings
 
-    if args.device not in ("auto", "cpu"):
-        raise FixativeError(
-            f"--device {args.device}: distillation takes auto (accelerate gives each process its "
-            "device; use `accelerate launch` for GPUs) or cpu"
-        )
+    check_training_device(args.device, "distillation")
     if not args.data.exists():
         raise FixativeError(f"--data {args.data} does not exist")
     log = (lambda _: None) if args.quiet else print
@@ -158,17 +154,8 @@ def run(args: argparse.Namespace) -> int:
         alpha=args.alpha,
     )
     teacher = load_model(args.teacher, device="cpu", dtype=torch.float32)
-    vae_factor = teacher.vae.config.downsampling_factor
-    image = ImageOptions(
-        resolution=args.resolution or teacher.unet.config.sample_size * vae_factor,
-        bucket_step=vae_factor * 2 ** (len(teacher.unet.config.block_out_channels) - 1),
-    )
-    if args.data.suffix == ".parquet":
-        if args.images is None:
-            raise FixativeError("a parquet holds metadata only; give --images (img2dataset's output folder)")
-        data = laion_parquet(args.data, args.images, image, args.caption_column or "TEXT", log=log)
-    else:
-        data = image_folder(args.data, image, args.caption_column or "text")
+    image = image_options_for(teacher, args.resolution)
+    data = captioned_images(args.data, args.images, image, args.caption_column, log=log)
     lr = args.lr if args.lr is not None else (1e-6 if args.method == "lcd" else 1e-4)
     config = FinetuneConfig(
         max_steps=args.max_steps,

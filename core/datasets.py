@@ -351,6 +351,26 @@ def _tar_loader(shard: Path, offset: int, size: int) -> Callable[[], bytes]:
     return load
 
 
+def captioned_images(
+    data: str | Path,
+    images: str | Path | None,
+    options: ImageOptions,
+    caption_column: str | None = None,
+    filters: MetadataFilters | None = None,
+    log: Callable[[str], None] = print,
+) -> ImageSet:
+    """What ``--data`` names: a LAION-style ``.parquet`` (images from ``images``, img2dataset's output; caption
+    column default ``TEXT``; ``filters`` applied) or an image folder (caption column default ``text``)."""
+    data = Path(data)
+    if data.suffix == ".parquet":
+        if images is None:
+            raise FixativeError("a parquet holds metadata only; give --images (img2dataset's output folder)")
+        return laion_parquet(data, images, options, caption_column or "TEXT", filters or MetadataFilters(), log=log)
+    if filters is not None and filters.rules():
+        raise FixativeError("--min-width/--min-height/--min-similarity/--max-watermark/--max-unsafe filter a parquet")
+    return image_folder(data, options, caption_column or "text")
+
+
 def laion_parquet(
     path: str | Path,
     images: str | Path,

@@ -304,6 +304,18 @@ def load_trained_state(module: nn.Module, ema: EMA | None, state: dict) -> None:
         ema.load_state_dict(state["ema"])
 
 
+def image_options_for(model, resolution: int | None = None, **options) -> ImageOptions:
+    """Image options fitted to ``model``: the side it was trained at (UNet sample size x VAE factor) unless
+    ``resolution`` is given, and buckets whose sides the VAE and every UNet down-sampling divide."""
+    vae_factor = model.size_multiple
+    unet_factor = 2 ** (len(model.unet.config.block_out_channels) - 1)
+    return ImageOptions(
+        resolution=resolution or model.unet.config.sample_size * vae_factor,
+        bucket_step=vae_factor * unet_factor,
+        **options,
+    )
+
+
 def as_image_set(data, options: ImageOptions, caption_column: str = "text") -> ImageSet:
     """``ImageCaptions``, an ``ImageSet``, or a path (an image folder; a ``.parquet`` of LAION-style metadata)."""
     if isinstance(data, ImageSet):

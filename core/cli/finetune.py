@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .options import MODEL_HELP, add_device, add_quiet, add_seed
+from .options import MODEL_HELP, add_device, add_quiet, add_seed, check_training_device
 
 # core/finetune.py's METHODS, LR_SCHEDULES and MIXED_PRECISION names (it imports torch; --help must not);
 # tests/core/cli/test_cli_finetune.py checks that they agree
@@ -148,39 +148,24 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..checkpoints import load_model
-    from ..datasets import ImageOptions, MetadataFilters, image_folder, laion_parquet
+    from ..datasets import MetadataFilters, captioned_images, image_folder
     from ..errors import FixativeError
-    from ..finetune import FinetuneConfig, fine_tune
+    from ..finetune import FinetuneConfig, fine_tune, image_options_for
 
     if args.center_crop and args.random_crop:
         raise FixativeError("--center-crop and --random-crop exclude each other")
-    if args.device not in ("auto", "cpu"):
-        raise FixativeError(
-            f"--device {args.device}: fine-tuning takes auto (accelerate gives each process its "
-            "device; use `accelerate launch` for GPUs) or cpu"
-        )
+    check_training_device(args.device, "fine-tuning")
     log = (lambda _: None) if args.quiet else print
     model = load_model(args.model, device="cpu", dtype=torch.float32)
-    vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
-    resolution = args.resolution or model.unet.config.sample_size * vae_factor
-    image = ImageOptions(
-        resolution=resolution,
+    image = image_options_for(
+        model,
+        args.resolution,
         bucketing=not (args.center_crop or args.random_crop),
         random_crop=args.random_crop,
         random_flip=args.random_flip,
-        bucket_step=vae_factor * 2 ** (len(model.unet.config.block_out_channels) - 1),
     )
     filters = MetadataFilters(args.min_width, args.min_height, args.min_similarity, args.max_watermark, args.max_unsafe)
-    if args.data.suffix == ".parquet":
-        if args.images is None:
-            raise FixativeError("a parquet holds metadata only; give --images (img2dataset's output folder)")
-        data = laion_parquet(args.data, args.images, image, args.caption_column or "TEXT", filters, log=log)
-    else:
-        if filters.rules():
-            raise FixativeError(
-                "--min-width/--min-height/--min-similarity/--max-watermark/--max-unsafe filter a parquet"
-            )
-        data = image_folder(args.data, image, args.caption_column or "text")
+    data = captioned_images(args.data, args.images, image, args.caption_column, filters, log=log)
     prior = image_folder(args.prior_data, image, args.caption_column or "text") if args.prior_data else None
     cache_dir = args.cache_dir or args.out.parent / ".fixative-cache"
     config = FinetuneConfig(

@@ -52,6 +52,17 @@ def add_quiet(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars (default: show them)")
 
 
+def check_training_device(name: str, what: str) -> None:
+    """Training commands run under accelerate, which gives each process its device: ``--device`` is auto or cpu."""
+    from ..errors import FixativeError
+
+    if name not in ("auto", "cpu"):
+        raise FixativeError(
+            f"--device {name}: {what} takes auto (accelerate gives each process its device; use `accelerate "
+            "launch` for GPUs) or cpu"
+        )
+
+
 def resolve_device(name: str):
     """The torch device ``--device`` names; "auto" picks cuda, then mps, then the CPU."""
     import torch
