@@ -33,6 +33,8 @@ import torch
 
 from fixative.core.errors import FixativeError
 
+from .grid import labelled_grid
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # the same parser, before it joined the standard library
@@ -118,17 +120,7 @@ def _png(figure) -> str:
 
 def _grid_png(rows: list[torch.Tensor], labels: list[str]) -> str:
     """uint8 image rows (N, 3, H, W) -> a labelled grid as base64 PNG."""
-    from PIL import Image, ImageDraw
-
-    size, pad, label = rows[0].shape[-1], 2, 150
-    columns = max(len(r) for r in rows)
-    grid = Image.new("RGB", (label + columns * (size + pad) + pad, len(rows) * (size + pad) + pad), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, (images, text) in enumerate(zip(rows, labels)):
-        y = pad + i * (size + pad)
-        draw.text((4, y + size // 2 - 6), text, fill=(0, 0, 0))
-        for j, image in enumerate(images):
-            grid.paste(Image.fromarray(image.permute(1, 2, 0).numpy()), (label + pad + j * (size + pad), y))
+    grid = labelled_grid(rows, labels, label_width=150, text_offset=6)
     buffer = io.BytesIO()
     grid.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()

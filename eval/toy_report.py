@@ -32,6 +32,7 @@ from fixative.core.toy import atelier
 from fixative.core.toy.atelier import AtelierConfig
 
 from .attribution import PaintingClassifier, ToyJudge, train_classifier
+from .grid import labelled_grid
 from .mimicry import MimicConfig, fine_tune_mimic, sample
 
 PARTS = ("vae", "clip", "generation", "mimicry")
@@ -258,18 +259,8 @@ def mimicry_part(world: ToyWorld, artist: str) -> tuple[dict, torch.Tensor, str]
 
 def _grid(rows_of_pixels: list[torch.Tensor], labels: list[str], path: Path) -> None:
     """One row per label, one column per image; pixels in [-1, 1]."""
-    from PIL import ImageDraw
-
-    size, pad, label = rows_of_pixels[0].shape[-1], 2, 90
-    columns = max(len(r) for r in rows_of_pixels)
-    grid = Image.new("RGB", (label + columns * (size + pad) + pad, len(rows_of_pixels) * (size + pad) + pad), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, (pixels, text) in enumerate(zip(rows_of_pixels, labels)):
-        y = pad + i * (size + pad)
-        draw.text((4, y + size // 2 - 12), text, fill=(0, 0, 0))
-        images = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-        for j, image in enumerate(images):
-            grid.paste(Image.fromarray(image), (label + pad + j * (size + pad), y))
+    rows = [((pixels.clamp(-1, 1) + 1) * 127.5).round().byte() for pixels in rows_of_pixels]
+    grid = labelled_grid(rows, labels, label_width=90, text_offset=12)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
 
