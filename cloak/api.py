@@ -19,6 +19,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fixative.core.errors import FixativeError
+from fixative.core.provenance import file_sha256
 
 from . import files, targets
 from .bounds import measure
@@ -232,14 +233,6 @@ def settings_hash(config: CloakConfig, model_source: str, style: str | None, out
         default=str,
     )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def cloak_files(

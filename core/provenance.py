@@ -74,21 +74,27 @@ def _save_cache(cache: dict[str, dict]) -> None:
         pass
 
 
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read in blocks (no cache: for many small files, such as images)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def sha256(path: str | Path) -> str:
-    """The sha256 of a file, from the cache while its size and modification time are unchanged."""
+    """The sha256 of a file, from the cache while its size and modification time are unchanged (for weights)."""
     path = Path(path).resolve()
     stat = path.stat()
     cache = _load_cache()
     entry = cache.get(str(path))
     if entry and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
         return entry["sha256"]
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 24), b""):
-            digest.update(block)
-    cache[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+    digest = file_sha256(path)
+    cache[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
     _save_cache(cache)
-    return digest.hexdigest()
+    return digest
 
 
 def model_record(source: str | Path) -> dict:

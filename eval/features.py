@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from fixative.core.errors import FixativeError
+from fixative.core.provenance import file_sha256
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -28,14 +29,6 @@ class FeatureExtractor(Protocol):
     provenance: dict  # what produces the features: kind, weights file(s) and their SHA-256
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while block := file.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def folder_sha256(folder: str | Path, suffixes: tuple[str, ...] = (".safetensors", ".bin", ".pth", ".json")) -> str:
