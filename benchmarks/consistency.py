@@ -35,35 +35,9 @@ from fixative.core.pipelines import generate
 from fixative.core.toy import clip_folder
 from fixative.core.toy.atelier import AtelierConfig, load_split, write_atelier
 from fixative.eval.attribution import ToyJudge
+from fixative.eval.fid import fid as fid_metric
 from fixative.eval.mimicry import fine_tune_mimic
 from fixative.eval.toy_report import ReportConfig, pixels_of
-
-
-def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
-    """d² = ||μ_r − μ_f||² + Tr(Σ_r + Σ_f − 2 (Σ_r Σ_f)^½) (Heusel et al. 2017, eq. 6), float64;
-    Tr (Σ_r Σ_f)^½ as the nuclear norm of Σ_f^½ Σ_r^½ (symmetric-eigen square roots)."""
-
-    def stats(x):
-        x = x.double()
-        mean = x.mean(0)
-        centred = x - mean
-        return mean, centred.T @ centred / (len(x) - 1)
-
-    def psd_sqrt(m):
-        values, vectors = torch.linalg.eigh((m + m.T) / 2)
-        return (vectors * values.clamp(min=0).sqrt()) @ vectors.T
-
-    (mu_r, cov_r), (mu_f, cov_f) = stats(real), stats(fake)
-    trace_sqrt = torch.linalg.svdvals(psd_sqrt(cov_f) @ psd_sqrt(cov_r)).sum()
-    return float((mu_r - mu_f).square().sum() + cov_r.trace() + cov_f.trace() - 2 * trace_sqrt)
-
-
-try:  # eval's metric once it is installed (branch i12-eval); the same formula otherwise
-    from fixative.eval.fid import fid as fid_metric
-
-    FID_SOURCE = "fixative.eval.fid"
-except ImportError:
-    fid_metric, FID_SOURCE = frechet_distance, "benchmarks/consistency.py (eval not installed)"
 
 
 def test_set(data: Path | None, limit: int | None) -> tuple[list[str], list[str], torch.Tensor]:
@@ -212,7 +186,8 @@ def main() -> None:
     sources = {"teacher DDIM": "toy", "LCD": str(args.lcd), "LCM-LoRA": str(lora)}
     cache = json.loads(args.cache.read_text()) if args.cache.is_file() else {}
 
-    print(f"{len(captions)} test images; FID on toy CLIP image features ({real_features.shape[1]}-d) by {FID_SOURCE}")
+    features = f"toy CLIP image features ({real_features.shape[1]}-d)"
+    print(f"{len(captions)} test images; FID on {features} by fixative.eval.fid")
     rows = {}
     for name, (model, scheduler, guidance, step_counts) in samplers.items():
         for steps in step_counts:
