@@ -25,10 +25,11 @@ import torch
 
 from fixative.core.checkpoints import load_model
 from fixative.core.lora import apply_lora
-from fixative.core.pipelines import generate
 from fixative.core.toy import atelier, clip_folder
 from fixative.core.toy.atelier import AtelierConfig
 from fixative.eval.attribution import ToyJudge
+from fixative.eval.mimicry import MimicConfig
+from fixative.eval.mimicry import sample as mimic_sample
 
 RECIPE = [
     "--train-text-encoder",
@@ -79,20 +80,8 @@ def write_folders(work: Path, artist: str, name: str, images: int) -> tuple[Path
 
 
 def sample(model, prompts: list[str], seed: int) -> torch.Tensor:
-    out = []
-    for start in range(0, len(prompts), 64):
-        images = generate(
-            model,
-            prompts[start : start + 64],
-            scheduler="ddim",
-            num_inference_steps=25,
-            guidance_scale=5.0,
-            seed=[seed + start + i for i in range(len(prompts[start : start + 64]))],
-            output="images",
-            progress=False,
-        )
-        out.append(images * 2 - 1)
-    return torch.cat(out)
+    """eval's mimicry sampler (25 DDIM steps, guidance 5), seeds seed, seed + 1, ..."""
+    return mimic_sample(model, prompts, [seed + i for i in range(len(prompts))], MimicConfig())
 
 
 def judge_model(model, judge: ToyJudge, artist: str, name: str) -> dict:
