@@ -12,7 +12,7 @@ schedule, clipping, processes, checkpoints and resume; this objective brings the
   optimiser step (LCM, Algorithm 1; μ = ``ema_decay``). The result is the target network (as diffusers'
   script keeps ``unet_target`` and the LCM paper samples with θ⁻), saved as a model folder with an LCM
   scheduler.
-- ``lcm-lora``: low-rank adapters (core's ``LoRALinear``) on a copy of the teacher UNet, the teacher itself
+- ``lcm-lora``: low-rank adapters (core's ``LoRALinear`` / ``LoRAConv2d``) on a copy of the teacher UNet, the teacher itself
   frozen; no guidance embedding and no separate target: the target is the adapted UNet under
   ``torch.no_grad`` (μ = 0), as in LCM-LoRA (Luo et al. 2023b) and diffusers' train_lcm_distill_lora
   scripts. The result is ``pytorch_lora_weights.safetensors``.
@@ -50,9 +50,9 @@ from .export import lcm_scheduler_config
 from .lcd import LCDSettings, SkippingSchedule, consistency_distillation_loss, student_from_teacher
 
 METHODS = ("lcd", "lcm-lora")
-# Every Linear layer of the UNet that LCM-LoRA adapts (diffusers' train_lcm_distill_lora list, its
-# convolutions left out: core's LoRALinear adapts Linear layers only). proj_in / proj_out are Linear in
-# SD 2.x UNets and 1x1 convolutions in SD 1.x ones.
+# Every layer of the UNet that LCM-LoRA adapts: diffusers' train_lcm_distill_lora_sd_wds list, linear layers
+# (core's LoRALinear) and convolutions (LoRAConv2d). proj_in / proj_out are Linear in SD 2.x UNets and 1x1
+# convolutions in SD 1.x ones.
 LCM_LORA_TARGETS = (
     "to_q",
     "to_k",
@@ -62,6 +62,11 @@ LCM_LORA_TARGETS = (
     "proj_out",
     "ff.net.0.proj",
     "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
     "time_emb_proj",
 )
 

@@ -189,6 +189,8 @@ class Transformer2DModel(nn.Module):
         # a 1x1 convolution is a Linear layer on the channels; apply it to tokens, with no layout change
         if self.use_linear_projection:
             return layer(tokens)
+        if type(layer) is not nn.Conv2d:  # an adapted convolution (LoRA) computes more than its weight
+            return layer(tokens.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
         return F.linear(tokens, layer.weight.flatten(1), layer.bias)
 
     def forward(self, hidden: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,7 @@ def _cached_phase_weight(conv: nn.Conv2d) -> torch.Tensor:
 def upsample_nearest2x_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """conv(F.interpolate(x, scale_factor=2, mode="nearest")) for a 3x3, padding-1, stride-1 ``conv``, in
     x's memory format (channels-first or channels-last)."""
-    if torch.is_grad_enabled() and conv.weight.requires_grad:
+    if type(conv) is not nn.Conv2d or (torch.is_grad_enabled() and conv.weight.requires_grad):  # e.g. LoRA layers
         return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
     batch, _, height, width = x.shape
     channels = conv.weight.shape[0]

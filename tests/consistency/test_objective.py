@@ -12,7 +12,7 @@ from fixative.consistency.objective import ConsistencyDistillation, DistillSetti
 from fixative.core.checkpoints import load_model, save_diffusers
 from fixative.core.errors import FixativeError
 from fixative.core.finetune import Batch, FinetuneConfig, fine_tune
-from fixative.core.lora import LoRALinear, apply_lora
+from fixative.core.lora import LoRAConv2d, LoRALinear, apply_lora, read_lora
 from fixative.core.pipelines import encode_prompt, generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -65,6 +65,9 @@ def test_one_lcm_lora_step_changes_only_the_adapters():
     )
     adapted = {n for n, m in student.named_modules() if isinstance(m, LoRALinear)}
     assert any(n.endswith("time_emb_proj") for n in adapted) and any(n.endswith("attn2.to_k") for n in adapted)
+    convolutions = {n for n, m in student.named_modules() if isinstance(m, LoRAConv2d)}
+    assert any(n.endswith("resnets.0.conv1") for n in convolutions)
+    assert any(n.endswith("upsamplers.0.conv") for n in convolutions)
     assert student.config.time_cond_proj_dim is None
 
 
@@ -212,6 +215,8 @@ def test_lcm_lora_renders_as_in_diffusers(tmp_path):
     )
     lora_file = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
     assert lora_file.is_file()
+    kernels = [v for k, v in read_lora(lora_file).items() if k.endswith("lora_A.weight") and v.ndim == 4]
+    assert any(v.shape[-1] == 3 for v in kernels)  # 3x3 convolutions are adapted too
 
     model = load_model(teacher_folder)
     plain = generate(
