@@ -12,8 +12,8 @@ schedule, clipping, processes, checkpoints and resume; this objective brings the
   optimiser step (LCM, Algorithm 1; μ = ``ema_decay``). The result is the target network (as diffusers'
   script keeps ``unet_target`` and the LCM paper samples with θ⁻), saved as a model folder with an LCM
   scheduler.
-- ``lcm-lora``: low-rank adapters (core's ``LoRALinear`` / ``LoRAConv2d``) on a copy of the teacher UNet, the teacher itself
-  frozen; no guidance embedding and no separate target: the target is the adapted UNet under
+- ``lcm-lora``: low-rank adapters (core's ``LoRALinear`` / ``LoRAConv2d``) on a copy of the teacher UNet,
+  the teacher itself frozen; no guidance embedding and no separate target: the target is the adapted UNet under
   ``torch.no_grad`` (μ = 0), as in LCM-LoRA (Luo et al. 2023b) and diffusers' train_lcm_distill_lora
   scripts. The result is ``pytorch_lora_weights.safetensors``.
 

@@ -1,9 +1,8 @@
 """LoRA adapters: training only them, merging, and the files (ours and kohya-style) against diffusers."""
 
+import pytest
 import torch
 from torch import nn
-
-import pytest
 
 from fixative.core.lora import LoRAConv2d, LoRALinear, inject_lora, lora_state_dict, merge_lora
 
