@@ -211,9 +211,17 @@ class ConsistencyDistillation:
         self.student.eval()
 
     def state_dict(self) -> dict:
-        return {**trained_state(self.student, self.ema), "step": self.step}
+        return {**trained_state(self.student, self.ema), "step": self.step, "settings": asdict(self.settings)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Puts back a checkpoint's state; one written with other distillation settings is refused."""
+        saved, ours = state["settings"], asdict(self.settings)
+        differ = [f"{key} {saved.get(key)!r} (now {value!r})" for key, value in ours.items() if saved.get(key) != value]
+        if differ:
+            raise FixativeError(
+                f"--resume: the checkpoint was distilled with other settings: {', '.join(differ)}; "
+                "resume with the same options or choose another output folder"
+            )
         load_trained_state(self.student, self.ema, state)
         self.step = state["step"]
 

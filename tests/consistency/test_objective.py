@@ -3,6 +3,9 @@ rendered by diffusers as by fixative."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import torch
@@ -151,6 +154,17 @@ def test_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, method):
             progress=False,
             log=lambda _: None,
         )
+    with pytest.raises(FixativeError, match=r"other settings: num_ddim_timesteps 10 \(now 20\);"):
+        fine_tune(
+            tiny_teacher(),
+            toy_data(),
+            run,
+            ConsistencyDistillation(DistillSettings(**{**asdict(settings(method)), "num_ddim_timesteps": 20})),
+            out=tmp_path / "cut",
+            resume=True,
+            progress=False,
+            log=lambda _: None,
+        )
     resumed = fine_tune(
         tiny_teacher(),
         toy_data(),
@@ -161,6 +175,8 @@ def test_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, method):
         progress=False,
         log=lambda _: None,
     )
+    for folder in ("whole", "cut"):  # both results carry their settings
+        assert json.loads((tmp_path / folder / "distill_config.json").read_text()) == asdict(settings(method))
     ours, theirs = whole.unet.state_dict(), resumed.unet.state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[n], theirs[n]) for n in ours)
