@@ -146,12 +146,19 @@ def register(subparsers) -> None:
         "--validation-prompt",
         action="append",
         default=[],
-        help="rendered with the student at each checkpoint and at the end; repeatable (default: none)",
+        help="rendered with the student at 1, 2 and 4 steps at each checkpoint and at the end (validation/step-N/"
+        "grid.png: a row per prompt); repeatable (default: none)",
     )
     add_seed(parser, "seed of every random draw")
     add_device(parser)  # under accelerate launch, "auto" lets accelerate give each process its device
     add_quiet(parser)
     parser.set_defaults(func=run)
+
+
+def validation_guidance(settings) -> float:
+    """The guidance scale validation images use: the middle of the trained range for lcd (it embeds w = scale − 1),
+    1 (off) for the methods without a guidance embedding."""
+    return 1 + (settings.w_min + settings.w_max) / 2 if settings.method == "lcd" else 1.0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -200,7 +207,8 @@ def run(args: argparse.Namespace) -> int:
         cache_dir=str(args.out.parent / ".fixative-cache"),
         checkpoint_every=args.checkpoint_every,
         validation_prompts=tuple(args.validation_prompt),
-        validation_steps=4,
+        validation_steps=(1, 2, 4),
+        validation_guidance=validation_guidance(settings),
         seed=args.seed,
         seed_stream="distill",
         image=image,
