@@ -66,6 +66,12 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--warmup", type=int, default=0, help="linear lr warm-up steps (default: %(default)s)")
     parser.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        default="constant",
+        help="after the warm-up: constant, or cosine decay to 5%% of --lr (default: %(default)s)",
+    )
+    parser.add_argument(
         "--num-ddim-timesteps",
         type=int,
         default=50,
@@ -201,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
         gradient_accumulation=args.gradient_accumulation,
         lr=lr,
         warmup=args.warmup,
+        lr_schedule=args.lr_schedule,
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
         cache_latents=True,
