@@ -13,9 +13,9 @@ Prompts: the captions of the Toy Atelier's test split (the trained artists' pain
   of samples the judge attributes to the held-out artist, LCM-LoRA over DDIM.
 - Speed: wall time of one batch (``--speed-batch``) at one LCM step against the teacher's 25 guided DDIM steps,
   decode included, interleaved ``--repeats`` times, medians.
-Every figure is printed as a ratio to the teacher's 25-step row of the same run, with the issue-11 targets.
-The Fréchet distance is eval's (fixative.eval.fid) where that package is installed, else the same
-formula here (Heusel et al. 2017, eq. 6); the output says which.
+- ``--ict``: a student trained without a teacher (``--method ict``), sampled like the LCM-LoRA (guidance 1).
+The table puts the samplers side by side, a row per step count, every FID also as a ratio to the teacher's
+25-step DDIM FID of the same run; then the issue-11 targets. The Fréchet distance is eval's (fixative.eval.fid).
 """
 
 from __future__ import annotations
@@ -134,6 +134,33 @@ def carry_over(args, lora: Path, judge: ToyJudge) -> None:
     )
 
 
+def print_table(rows: dict, distilled: list[str], reference_fid: float) -> None:
+    """The samplers side by side, a row per step count: FID, x = FID / the teacher's 25-step DDIM FID, and
+    attribution; the teacher's DDIM at 1, 2, 4 and 25 steps in the first column."""
+    names = ["teacher DDIM", *distilled]
+    cell = 24
+    print("\n" + f"{'steps':>5s} | " + " | ".join(f"{name:^{cell}s}" for name in names))
+    print(f"{'':5s} | " + " | ".join(f"{'FID':>8s} {'x':>6s} {'attr.':>8s}" for _ in names))
+    for steps in (1, 2, 4, 25):
+        cells = []
+        for name in names:
+            if (name, steps) in rows:
+                fid, attribution = rows[name, steps]
+                cells.append(f"{fid:8.3f} {fid / reference_fid:6.2f} {attribution:8.1%}")
+            else:
+                cells.append(f"{'-':>{cell}s}")
+        print(f"{steps:5d} | " + " | ".join(cells))
+
+
+def weights_id(path: Path) -> str:
+    """The path and a content hash of its weights (a file, or a model folder's .safetensors), so that cached
+    rows are not reused for other weights at the same path."""
+    from fixative.core.provenance import file_sha256
+
+    files = [path] if path.is_file() else sorted(path.rglob("*.safetensors"))
+    return f"{path}@" + "+".join(file_sha256(file)[:12] for file in files)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -144,6 +171,12 @@ def main() -> None:
         type=Path,
         default=None,
         help="an LCM-LoRA file for the toy teacher (default: the shipped one, if any)",
+    )
+    parser.add_argument(
+        "--ict",
+        type=Path,
+        default=None,
+        help="a student folder trained without a teacher (fixative distill --method ict), sampled at guidance 1",
     )
     parser.add_argument(
         "--data", type=Path, default=None, help="a Toy Atelier folder (default: outputs/atelier, painted)"
@@ -180,10 +213,19 @@ def main() -> None:
         samplers["LCD"] = (load_model(args.lcd), "lcm", args.guidance, (1, 2, 4))
     if lora.is_file():
         samplers["LCM-LoRA"] = (lcm_sampler(teacher, lora), "lcm", 1.0, (1, 2, 4))
+    if args.ict is not None:
+        samplers["iCT"] = (load_model(args.ict), "lcm", 1.0, (1, 2, 4))
 
     if args.only_teacher:
         samplers = {"teacher DDIM": samplers["teacher DDIM"]}
-    sources = {"teacher DDIM": "toy", "LCD": str(args.lcd), "LCM-LoRA": str(lora)}
+    sources = {"teacher DDIM": "toy"}
+    sources.update(
+        {
+            name: weights_id(path)
+            for name, path in (("LCD", args.lcd), ("LCM-LoRA", lora), ("iCT", args.ict))
+            if name in samplers
+        }
+    )
     cache = json.loads(args.cache.read_text()) if args.cache.is_file() else {}
 
     features = f"toy CLIP image features ({real_features.shape[1]}-d)"
@@ -214,19 +256,11 @@ def main() -> None:
         return
 
     reference_fid, reference_attribution = rows["teacher DDIM", 25]
-    print(
-        f"\n{'sampler':13s} {'steps':>5s} {'FID':>9s} {'FID / teacher-25':>17s} {'attribution':>12s} "
-        f"{'/ teacher-25':>13s}"
-    )
-    for (name, steps), (fid, attribution) in rows.items():
-        print(
-            f"{name:13s} {steps:5d} {fid:9.3f} {fid / reference_fid:17.2f} {attribution:12.1%} "
-            f"{attribution / reference_attribution:13.2f}"
-        )
+    print_table(rows, [name for name in samplers if name != "teacher DDIM"], reference_fid)
 
     print("\nissue-11 targets (x = distilled FID / teacher 25-step FID):")
-    for name in ("LCD", "LCM-LoRA"):
-        if (name, 1) not in rows:
+    for name in samplers:
+        if name == "teacher DDIM":
             continue
         for steps, bound in ((1, 1.5), (2, 1.2), (4, 1.2)):
             ratio = rows[name, steps][0] / reference_fid
