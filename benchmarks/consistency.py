@@ -1,6 +1,7 @@
 """Distilled samplers of the toy world against the teacher's DDIM: FID, attribution and speed.
 
-    python benchmarks/consistency.py --lcd RUNS/lcd --lora RUNS/lcm-lora/pytorch_lora_weights.safetensors
+    python benchmarks/consistency.py --images 128 --lcd RUNS/lcd --lora RUNS/lcm-lora/pytorch_lora_weights.safetensors \
+        --mimic zenji
 
 Prompts: the captions of the Toy Atelier's test split (the trained artists' paintings; seeds 0..n-1).
 - FID on the toy CLIP's image features (``get_image_features``, 64-d) against the same test images; the
@@ -9,8 +10,8 @@ Prompts: the captions of the Toy Atelier's test split (the trained artists' pain
   (guidance 1, as LCM-LoRA samples).
 - Attribution: the share of samples the toy CLIP judge (eval/attribution.py) gives to the prompted artist.
 - Carry-over (``--mimic ARTIST``): the toy report's mimic (its ``mimic``: 24 paintings of a held-out artist
-  under a new name) sampled at 25 DDIM steps and with the LCM-LoRA applied to it at 2 and 4 steps; the share
-  of samples the judge attributes to the held-out artist, LCM-LoRA over DDIM.
+  under a new name) sampled at 25 DDIM steps and with the LCM-LoRA (and ``--baseline-lora``) applied to it at
+  1, 2 and 4 steps; the share of samples the judge attributes to the held-out artist, LCM-LoRA over DDIM.
 - Speed: wall time of one batch (``--speed-batch``) at one LCM step against the teacher's 25 guided DDIM steps,
   decode included, interleaved ``--repeats`` times, medians.
 - ``--ict``: a student trained without a teacher (``--method ict``), sampled like the LCM-LoRA (guidance 1).
@@ -94,7 +95,9 @@ def timed(run) -> float:
     return time.perf_counter() - start
 
 
-def carry_over(args, lora: Path, judge: ToyJudge) -> None:
+def carry_over(args, loras: dict[str, Path], judge: ToyJudge) -> None:
+    """The share of the mimic's samples attributed to the mimicked artist: 25 DDIM steps, and each LCM-LoRA at
+    1, 2 and 4 steps, all on the same mimic."""
     from fixative.core.toy.atelier import SUBJECTS, caption
 
     data = args.data or Path("outputs") / "atelier"
@@ -113,25 +116,23 @@ def carry_over(args, lora: Path, judge: ToyJudge) -> None:
         log=lambda _: None,
     )
     prompts = [caption(subject, name) for subject in SUBJECTS for _ in range(config.mimic_samples_per_subject)]
-    shares = {}
-    for label, steps in (("DDIM", 25), ("LCM-LoRA", 2), ("LCM-LoRA", 4)):
-        model = lcm_sampler(mimic_model, lora) if label == "LCM-LoRA" else mimic_model
-        pixels = sample(
-            model,
-            prompts,
-            steps,
-            "ddim" if label == "DDIM" else "lcm",
-            args.guidance if label == "DDIM" else 1.0,
-            args.batch,
-        )
-        attributed, _ = judge.classify(pixels)
-        shares[label, steps] = sum(a == args.mimic for a in attributed) / len(prompts)
+
+    def share(model, steps: int, scheduler: str, guidance: float) -> float:
+        attributed, _ = judge.classify(sample(model, prompts, steps, scheduler, guidance, args.batch))
+        return sum(a == args.mimic for a in attributed) / len(prompts)
+
+    ddim = share(mimic_model, 25, "ddim", args.guidance)
     print(
         f"\nmimic of {args.mimic} as '{name}' ({seconds:.0f} s fine-tuning), {len(prompts)} samples attributed "
-        f"to {args.mimic}: DDIM 25 steps {shares['DDIM', 25]:.1%}; LCM-LoRA 2 steps {shares['LCM-LoRA', 2]:.1%} "
-        f"({shares['LCM-LoRA', 2] / max(shares['DDIM', 25], 1e-9):.2f} of DDIM), 4 steps "
-        f"{shares['LCM-LoRA', 4]:.1%} ({shares['LCM-LoRA', 4] / max(shares['DDIM', 25], 1e-9):.2f} of DDIM)"
+        f"to {args.mimic}: DDIM 25 steps {ddim:.1%}"
     )
+    for label, path in loras.items():
+        sampler = lcm_sampler(mimic_model, path)
+        cells = []
+        for steps in (1, 2, 4):
+            value = share(sampler, steps, "lcm", 1.0)
+            cells.append(f"{steps} step(s) {value:.1%} ({value / max(ddim, 1e-9):.2f} of DDIM)")
+        print(f"  {label} ({path}): " + ", ".join(cells))
 
 
 def print_table(rows: dict, distilled: list[str], reference_fid: float) -> None:
@@ -189,6 +190,12 @@ def main() -> None:
         "--mimic",
         default=None,
         help="also measure the LCM-LoRA on the toy report's mimic of this held-out artist (zenji, tovik)",
+    )
+    parser.add_argument(
+        "--baseline-lora",
+        type=Path,
+        default=None,
+        help="with --mimic: another LCM-LoRA whose carry-over is measured on the same mimic (default: none)",
     )
     parser.add_argument("--speed-batch", type=int, default=16, help="images per timed batch (default: %(default)s)")
     parser.add_argument(
@@ -277,7 +284,10 @@ def main() -> None:
         )
 
     if args.mimic and "LCM-LoRA" in samplers:
-        carry_over(args, lora, judge)
+        loras = {"LCM-LoRA": lora}
+        if args.baseline_lora is not None:
+            loras["baseline LCM-LoRA"] = args.baseline_lora
+        carry_over(args, loras, judge)
 
     fast = samplers.get("LCD") or samplers.get("LCM-LoRA")
     if fast is not None and args.repeats > 0:
