@@ -1,25 +1,37 @@
-"""The VAE works channels-last on the CPU only when no gradient is recorded (channels-last GroupNorm
+"""The UNet and the VAE work channels-last on the CPU only when no gradient is recorded (channels-last GroupNorm
 backward is tens of times slower in bf16); the results are the same either way."""
 
 import torch
 from torch import nn
 
-from fixative.core.config import AutoencoderKLConfig
-from fixative.core.vae import AutoencoderKL, _working_layout
+from fixative.core.config import AutoencoderKLConfig, UNetConfig
+import pytest
+import torch.nn.functional as F
+
+from fixative.core.layout import Conv2d, working_layout
+from fixative.core.unet import UNet2DConditionModel
+from fixative.core.vae import AutoencoderKL
 
 TINY = AutoencoderKLConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=32)
+TINY_UNET = UNetConfig(
+    block_out_channels=(16, 32),
+    cross_attention_blocks=(True, True),
+    num_heads=2,
+    norm_num_groups=4,
+    cross_attention_dim=8,
+)
 
 
 def test_layout_is_channels_last_only_without_autograd():
     network = nn.Conv2d(3, 3, 1).requires_grad_(False)
     pixels = torch.randn(1, 3, 8, 8)
     channels_last = torch.channels_last
-    assert _working_layout(pixels, network).is_contiguous(memory_format=channels_last)
-    assert not _working_layout(pixels.requires_grad_(), network).is_contiguous(memory_format=channels_last)
+    assert working_layout(pixels, network).is_contiguous(memory_format=channels_last)
+    assert not working_layout(pixels.requires_grad_(), network).is_contiguous(memory_format=channels_last)
     with torch.no_grad():
-        assert _working_layout(pixels, network).is_contiguous(memory_format=channels_last)
+        assert working_layout(pixels, network).is_contiguous(memory_format=channels_last)
     network.requires_grad_(True)
-    assert not _working_layout(pixels.detach(), network).is_contiguous(memory_format=channels_last)
+    assert not working_layout(pixels.detach(), network).is_contiguous(memory_format=channels_last)
 
 
 def test_encode_gives_the_same_mean_with_and_without_gradients():
@@ -30,3 +42,34 @@ def test_encode_gives_the_same_mean_with_and_without_gradients():
         channels_last_mean = vae.encode(pixels).mean
     channels_first_mean = vae.encode(pixels.clone().requires_grad_()).mean
     torch.testing.assert_close(channels_first_mean.detach(), channels_last_mean, rtol=1e-5, atol=1e-5)
+
+
+def test_unet_gives_the_same_channels_first_output_with_and_without_gradients():
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(TINY_UNET).eval().requires_grad_(False)
+    latents, text_embeddings = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 8)
+    with torch.no_grad():
+        channels_last_out = unet(latents, 500, text_embeddings)
+    channels_first_out = unet(latents.clone().requires_grad_(), 500, text_embeddings)
+    assert channels_last_out.is_contiguous() and channels_first_out.is_contiguous()
+    torch.testing.assert_close(channels_first_out.detach(), channels_last_out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_convolution_equals_conv2d_and_follows_weight_changes(dtype):
+    torch.manual_seed(0)
+    conv = Conv2d(6, 8, 3, stride=2, padding=1).to(dtype).requires_grad_(False)
+    x = torch.randn(2, 6, 9, 7, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = conv(x)
+        assert conv._packed is not None and out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out, F.conv2d(x, conv.weight, conv.bias, stride=2, padding=1), rtol=0, atol=0)
+        conv.weight.mul_(2.0)  # an in-place update (a training step, a LoRA merge) repacks
+        conv.bias.add_(1.0)
+        expected = F.conv2d(x, conv.weight, conv.bias, stride=2, padding=1)
+        torch.testing.assert_close(conv(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(conv(x.contiguous()), expected, rtol=0, atol=0)  # channels-first: plain conv
+    assert conv._packed is None
+    conv.requires_grad_(True)
+    conv(x).sum().backward()  # recording gradients: plain conv, nothing packed
+    assert conv._packed is None and conv.weight.grad is not None
