@@ -1,13 +1,12 @@
 """The UNet and the VAE work channels-last on the CPU only when no gradient is recorded (channels-last GroupNorm
 backward is tens of times slower in bf16); the results are the same either way."""
 
+import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fixative.core.config import AutoencoderKLConfig, UNetConfig
-import pytest
-import torch.nn.functional as F
-
 from fixative.core.layout import Conv2d, working_layout
 from fixative.core.unet import UNet2DConditionModel
 from fixative.core.vae import AutoencoderKL
