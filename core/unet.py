@@ -405,7 +405,9 @@ class UNet2DConditionModel(nn.Module):
         # every ResNet applies SiLU before projecting the time embedding: do it once here
         time_features = F.silu(time_embedding)
 
-        hidden = self.conv_in(working_layout(latents, self))  # channels-last for inference on the CPU
+        # channels-last for inference on the CPU, with packed convolution weights (layout.py); without them
+        # oneDNN's per-call weight reorders make channels-last slower than channels-first at 8x8 and 16x16
+        hidden = self.conv_in(working_layout(latents, self) if self.conv_in.pack_weight else latents)
         skips = [hidden]
         for block in self.down_blocks:
             hidden, block_skips = block(hidden, time_features, text_embeddings)

@@ -49,7 +49,7 @@ def _cached_phase_conv(conv: nn.Conv2d, x: torch.Tensor) -> Callable[[torch.Tens
         with torch.inference_mode(False), torch.no_grad():  # normal tensors, usable outside inference mode too
             cached = {"key": key, "weight": _phase_weight(weight), "bias": bias.repeat(4), "packed": None}
         conv._phase_weight_cache = cached
-    if not packs_weights(x, weight):
+    if not getattr(conv, "pack_weight", False) or not packs_weights(x, weight):
         return lambda x: F.conv2d(x, cached["weight"], cached["bias"], padding=1)
     if cached["packed"] is None:
         cached["packed"] = pack_conv2d(cached["weight"], cached["bias"], (1, 1), (1, 1), (1, 1), 1, x.shape)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fixative.core.config import AutoencoderKLConfig, UNetConfig
-from fixative.core.layout import Conv2d, working_layout
+from fixative.core.layout import Conv2d, enable_weight_packing, working_layout
 from fixative.core.unet import UNet2DConditionModel
 from fixative.core.vae import AutoencoderKL
 
@@ -72,3 +72,25 @@ def test_packed_convolution_equals_conv2d_and_follows_weight_changes(dtype):
     conv.requires_grad_(True)
     conv(x).sum().backward()  # recording gradients: plain conv, nothing packed
     assert conv._packed is None and conv.weight.grad is not None
+
+
+def test_unet_without_weight_packing_gives_the_same_output_and_keeps_no_packed_copies():
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(TINY_UNET).eval()
+    latents, text_embeddings = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 8)
+    convolutions = [module for module in unet.modules() if isinstance(module, Conv2d)]
+
+    def packed_copies():  # a packed weight, or the up-sampling's packed phase weight
+        folded = [getattr(conv, "_phase_weight_cache", None) for conv in convolutions]
+        return [
+            conv._packed is not None or (fold is not None and fold["packed"] is not None)
+            for conv, fold in zip(convolutions, folded)
+        ]
+
+    with torch.no_grad():
+        packed_out = unet(latents, 500, text_embeddings)
+        assert all(packed_copies())
+        enable_weight_packing(unet, False)
+        plain_out = unet(latents, 500, text_embeddings)
+    assert not any(packed_copies())
+    torch.testing.assert_close(plain_out, packed_out, rtol=1e-5, atol=1e-5)
