@@ -84,15 +84,6 @@ def timed(fn, device: torch.device, grad: bool = False) -> tuple[float, float, t
     return seconds, memory.peak_mib, out
 
 
-def counted_flops(fn, grad: bool) -> tuple[int, torch.Tensor]:
-    """FLOPs of one call (matmuls, convolutions, attention; forward and backward) and its output."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter, torch.inference_mode(not grad):
-        out = fn()
-    return counter.get_total_flops(), out
-
-
 @functools.cache
 def peak_flops(dtype: torch.dtype, device: torch.device, size: int = 3072, repeats: int = 5) -> float:
     """FLOP/s of the fastest of ``repeats`` (size x size) @ (size x size) matmuls: what the machine can do."""
@@ -133,27 +124,44 @@ def profiled(name: str, ours, theirs, grad: bool):
 
 
 def compare(name: str, ours, theirs, device: torch.device, repeats: int, reference_outputs=None, grad=False):
-    """Interleaved timing after one warm-up call each (the reference's counts the FLOPs); ``grad``: the
-    calls run a backward pass. Returns the printed row and both outputs."""
+    """Interleaved timing, the median of ``repeats`` calls each; ``grad``: the calls run a backward pass.
+    From 3 repeats on there is no separate warm-up call: at these sizes a first call's extra cost (oneDNN
+    primitives, our packed weights) is the one outlier the median drops, and the reference's first call also
+    counts the FLOPs. Peak memory is the largest over all calls, first included, so that memory kept between
+    calls (packed weights) shows. Returns the printed row and both outputs."""
     if PROFILE_ROWS:
         return {}, *profiled(name, ours, theirs, grad)
-    ours_out = timed(ours, device, grad)[2]
-    flops, theirs_out = counted_flops(theirs, grad)
-    ours_t, theirs_t, ours_m, theirs_m = [], [], [], []
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    times, memory, outputs = {"ours": [], "theirs": []}, {"ours": [], "theirs": []}, {}
+
+    def run(label: str) -> float:
+        fn = ours if label == "ours" else theirs
+        if label == "theirs" and "theirs" not in outputs:  # the reference's first call counts the FLOPs
+
+            def fn():
+                with counter:
+                    return theirs()
+
+        seconds, memory_mib, outputs[label] = timed(fn, device, grad)
+        memory[label].append(memory_mib)
+        return seconds
+
+    if repeats < 3:  # warm-up calls, not timed
+        run("ours"), run("theirs")
     for i in range(repeats):
-        pair = [(ours, ours_t, ours_m), (theirs, theirs_t, theirs_m)]
-        for fn, times, mems in pair if i % 2 == 0 else reversed(pair):
-            seconds, mib, _ = timed(fn, device, grad)
-            times.append(seconds)
-            mems.append(mib)
+        for label in ("ours", "theirs") if i % 2 == 0 else ("theirs", "ours"):
+            times[label].append(run(label))
+    ours_out, theirs_out = outputs["ours"], outputs["theirs"]
     row = {
         "case": name,
-        "ours_s": statistics.median(ours_t),
-        "ref_s": statistics.median(theirs_t),
-        "ours_mib": max(ours_m),
-        "ref_mib": max(theirs_m),
+        "ours_s": statistics.median(times["ours"]),
+        "ref_s": statistics.median(times["theirs"]),
+        "ours_mib": max(memory["ours"]),
+        "ref_mib": max(memory["theirs"]),
         "parity": relative_error(ours_out, theirs_out),
-        "gflop": flops / 1e9,
+        "gflop": counter.get_total_flops() / 1e9,
         "peak_gflops": peak_flops(theirs_out.dtype, device) / 1e9,
     }
     if reference_outputs is not None:
@@ -206,6 +214,8 @@ def compiled_rows(args, device, name: str, ours, theirs, inputs) -> list[dict]:
     from fixative.core.compilation import compile_network
 
     compile_network(ours, "unet", report=lambda message: print(f"  {message}", flush=True), freeze=True)
+    with torch.inference_mode():
+        ours(*inputs)  # compiles, before the timed calls
     rows = [
         compare(f"{name} compiled+frozen", lambda: ours(*inputs), lambda: theirs(*inputs).sample, device, args.repeats)[
             0
