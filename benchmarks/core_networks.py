@@ -6,14 +6,14 @@ for bf16 the relative error of each implementation against its own fp32 output, 
 the machine's limit: the FLOPs of one call (torch.utils.flop_counter, counted on the reference) per second,
 beside the peak FLOP/s of a large matmul in the same dtype measured at the start.
 
-Cases: forward passes (UNet, VAE decode, text encoder) and, marked "+grad", a forward and backward pass:
-the VAE encoder to the input pixels at 512 px (a cloaking step) and the UNet to its weights at 64x64
-latents (a fine-tuning / distillation step).
+Cases: forward passes (UNet batch 2, as with classifier-free guidance; VAE decode at 512 px; text encoder)
+and, marked "+grad", a forward and backward pass: the VAE encoder to the input pixels at 512 px (a cloaking
+step) and the UNet to its weights at 64x64 latents, batch 1 (a fine-tuning / distillation step).
 
-    .venv/bin/python benchmarks/core_networks.py            # full run (tens of minutes on 2 CPU cores)
-    .venv/bin/python benchmarks/core_networks.py --quick    # one repeat, small cases only
-    .venv/bin/python benchmarks/core_networks.py --full     # the full-size rows only (512 px, 64x64 latents)
-    .venv/bin/python benchmarks/core_networks.py --only unet --compile   # + our UNet under torch.compile
+    .venv/bin/python benchmarks/core_networks.py            # every row (about an hour at 1 thread)
+    .venv/bin/python benchmarks/core_networks.py --quick    # one repeat, small cases only (minutes)
+    .venv/bin/python benchmarks/core_networks.py --full     # the 512 px / 64x64-latent rows only
+    .venv/bin/python benchmarks/core_networks.py --only unet --full --compile   # + our UNet compiled, frozen
     .venv/bin/python benchmarks/core_networks.py --full --profile   # one profiled call each, operator tables
 """
 
