@@ -405,9 +405,12 @@ class UNet2DConditionModel(nn.Module):
         # every ResNet applies SiLU before projecting the time embedding: do it once here
         time_features = F.silu(time_embedding)
 
-        # channels-last for inference on the CPU, with packed convolution weights (layout.py); without them
-        # oneDNN's per-call weight reorders make channels-last slower than channels-first at 8x8 and 16x16
-        hidden = self.conv_in(working_layout(latents, self) if self.conv_in.pack_weight else latents)
+        # bf16 inference on the CPU runs channels-last with packed convolution weights (layout.py), the
+        # convolutions' fastest form there; without packing, oneDNN's per-call weight reorders make channels-last
+        # slower than channels-first at 8x8 and 16x16; in fp32 both forms are equally fast, so the UNet keeps
+        # channels-first and no packed copy of its 2.3 GB of convolution weights
+        packed = latents.dtype == torch.bfloat16 and self.conv_in.pack_weight
+        hidden = self.conv_in(working_layout(latents, self) if packed else latents)
         skips = [hidden]
         for block in self.down_blocks:
             hidden, block_skips = block(hidden, time_features, text_embeddings)

@@ -43,15 +43,24 @@ def test_encode_gives_the_same_mean_with_and_without_gradients():
     torch.testing.assert_close(channels_first_mean.detach(), channels_last_mean, rtol=1e-5, atol=1e-5)
 
 
-def test_unet_gives_the_same_channels_first_output_with_and_without_gradients():
+def test_bf16_unet_infers_channels_last_with_packed_weights_and_gives_the_channels_first_output():
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(TINY_UNET).eval().requires_grad_(False)
-    latents, text_embeddings = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 8)
+    unet = UNet2DConditionModel(TINY_UNET).eval().requires_grad_(False).to(torch.bfloat16)
+    latents, text_embeddings = torch.randn(2, 4, 8, 8).bfloat16(), torch.randn(2, 77, 8).bfloat16()
     with torch.no_grad():
         channels_last_out = unet(latents, 500, text_embeddings)
+    assert unet.conv_in._packed is not None
     channels_first_out = unet(latents.clone().requires_grad_(), 500, text_embeddings)
+    assert unet.conv_in._packed is None  # dropped when autograd records
     assert channels_last_out.is_contiguous() and channels_first_out.is_contiguous()
-    torch.testing.assert_close(channels_first_out.detach(), channels_last_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(channels_first_out.detach(), channels_last_out, rtol=2e-2, atol=2e-2)
+
+
+def test_fp32_unet_infers_channels_first_without_packed_weights():
+    unet = UNet2DConditionModel(TINY_UNET).eval()
+    with torch.no_grad():
+        unet(torch.randn(2, 4, 8, 8), 500, torch.randn(2, 77, 8))
+    assert all(module._packed is None for module in unet.modules() if isinstance(module, Conv2d))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -76,8 +85,8 @@ def test_packed_convolution_equals_conv2d_and_follows_weight_changes(dtype):
 
 def test_unet_without_weight_packing_gives_the_same_output_and_keeps_no_packed_copies():
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(TINY_UNET).eval()
-    latents, text_embeddings = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 8)
+    unet = UNet2DConditionModel(TINY_UNET).eval().to(torch.bfloat16)
+    latents, text_embeddings = torch.randn(2, 4, 8, 8).bfloat16(), torch.randn(2, 77, 8).bfloat16()
     convolutions = [module for module in unet.modules() if isinstance(module, Conv2d)]
 
     def packed_copies():  # a packed weight, or the up-sampling's packed phase weight
@@ -93,4 +102,4 @@ def test_unet_without_weight_packing_gives_the_same_output_and_keeps_no_packed_c
         enable_weight_packing(unet, False)
         plain_out = unet(latents, 500, text_embeddings)
     assert not any(packed_copies())
-    torch.testing.assert_close(plain_out, packed_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain_out, packed_out, rtol=2e-2, atol=2e-2)  # bf16: channels-first vs -last
