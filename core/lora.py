@@ -92,6 +92,7 @@ class LoRAConv2d(_LoRA, nn.Conv2d):
         for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
             setattr(self, name, getattr(base, name))
         self.transposed, self.output_padding, self.padding_mode = False, base.output_padding, base.padding_mode
+        self._base_class = type(base)  # merged back into this class (e.g. core.layout's packing Conv2d)
         self._reversed_padding_repeated_twice = base._reversed_padding_repeated_twice
         kwargs = {"device": base.weight.device, "dtype": base.weight.dtype}
         down = nn.Conv2d(
@@ -112,7 +113,7 @@ class LoRAConv2d(_LoRA, nn.Conv2d):
         return self._conv_forward(x, self.weight, self.bias) + self.scale * self.lora_up(self.lora_down(x))
 
     def _plain(self) -> nn.Conv2d:
-        return nn.Conv2d(
+        return self._base_class(
             self.in_channels,
             self.out_channels,
             self.kernel_size,
@@ -126,7 +127,14 @@ class LoRAConv2d(_LoRA, nn.Conv2d):
         )
 
 
-ADAPTERS = {nn.Linear: LoRALinear, nn.Conv2d: LoRAConv2d}
+def _adapter_for(module: nn.Module) -> type | None:
+    """The adapter class for a layer (subclasses included, e.g. core.layout's Conv2d), None for others and for
+    layers already adapted."""
+    if isinstance(module, _LoRA):
+        return None
+    if isinstance(module, nn.Conv2d):
+        return LoRAConv2d
+    return LoRALinear if isinstance(module, nn.Linear) else None
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -147,14 +155,14 @@ def inject_lora(
     chosen = [
         name
         for name, m in model.named_modules()
-        if type(m) in ADAPTERS and any(name == t or name.endswith("." + t) for t in targets)
+        if _adapter_for(m) is not None and any(name == t or name.endswith("." + t) for t in targets)
     ]
     if not chosen:
         raise FixativeError(f"no Linear or Conv2d layer named {targets} in the model: nothing to adapt with LoRA")
     params = []
     for name in chosen:
         base = model.get_submodule(name)
-        lora = ADAPTERS[type(base)](base, rank, alpha)
+        lora = _adapter_for(base)(base, rank, alpha)
         _replace(model, name, lora)
         params += [lora.lora_down.weight, lora.lora_up.weight]
     return params
