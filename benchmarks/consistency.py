@@ -1,6 +1,7 @@
 """Distilled samplers of the toy world against the teacher's DDIM: FID, attribution and speed.
 
-    python benchmarks/consistency.py --lcd RUNS/lcd --lora RUNS/lcm-lora/pytorch_lora_weights.safetensors
+    python benchmarks/consistency.py --images 128 --lcd RUNS/lcd --lora RUNS/lcm-lora/pytorch_lora_weights.safetensors \
+        --mimic zenji
 
 Prompts: the captions of the Toy Atelier's test split (the trained artists' paintings; seeds 0..n-1).
 - FID on the toy CLIP's image features (``get_image_features``, 64-d) against the same test images; the
@@ -9,13 +10,13 @@ Prompts: the captions of the Toy Atelier's test split (the trained artists' pain
   (guidance 1, as LCM-LoRA samples).
 - Attribution: the share of samples the toy CLIP judge (eval/attribution.py) gives to the prompted artist.
 - Carry-over (``--mimic ARTIST``): the toy report's mimic (its ``mimic``: 24 paintings of a held-out artist
-  under a new name) sampled at 25 DDIM steps and with the LCM-LoRA applied to it at 2 and 4 steps; the share
-  of samples the judge attributes to the held-out artist, LCM-LoRA over DDIM.
+  under a new name) sampled at 25 DDIM steps and with the LCM-LoRA (and ``--baseline-lora``) applied to it at
+  1, 2 and 4 steps; the share of samples the judge attributes to the held-out artist, LCM-LoRA over DDIM.
 - Speed: wall time of one batch (``--speed-batch``) at one LCM step against the teacher's 25 guided DDIM steps,
   decode included, interleaved ``--repeats`` times, medians.
-Every figure is printed as a ratio to the teacher's 25-step row of the same run, with the issue-11 targets.
-The Fréchet distance is eval's (fixative.eval.fid) where that package is installed, else the same
-formula here (Heusel et al. 2017, eq. 6); the output says which.
+- ``--ict``: a student trained without a teacher (``--method ict``), sampled like the LCM-LoRA (guidance 1).
+The table puts the samplers side by side, a row per step count, every FID also as a ratio to the teacher's
+25-step DDIM FID of the same run; then the issue-11 targets. The Fréchet distance is eval's (fixative.eval.fid).
 """
 
 from __future__ import annotations
@@ -94,7 +95,9 @@ def timed(run) -> float:
     return time.perf_counter() - start
 
 
-def carry_over(args, lora: Path, judge: ToyJudge) -> None:
+def carry_over(args, loras: dict[str, Path], judge: ToyJudge) -> None:
+    """The share of the mimic's samples attributed to the mimicked artist: 25 DDIM steps, and each LCM-LoRA at
+    1, 2 and 4 steps, all on the same mimic."""
     from fixative.core.toy.atelier import SUBJECTS, caption
 
     data = args.data or Path("outputs") / "atelier"
@@ -113,25 +116,50 @@ def carry_over(args, lora: Path, judge: ToyJudge) -> None:
         log=lambda _: None,
     )
     prompts = [caption(subject, name) for subject in SUBJECTS for _ in range(config.mimic_samples_per_subject)]
-    shares = {}
-    for label, steps in (("DDIM", 25), ("LCM-LoRA", 2), ("LCM-LoRA", 4)):
-        model = lcm_sampler(mimic_model, lora) if label == "LCM-LoRA" else mimic_model
-        pixels = sample(
-            model,
-            prompts,
-            steps,
-            "ddim" if label == "DDIM" else "lcm",
-            args.guidance if label == "DDIM" else 1.0,
-            args.batch,
-        )
-        attributed, _ = judge.classify(pixels)
-        shares[label, steps] = sum(a == args.mimic for a in attributed) / len(prompts)
+
+    def share(model, steps: int, scheduler: str, guidance: float) -> float:
+        attributed, _ = judge.classify(sample(model, prompts, steps, scheduler, guidance, args.batch))
+        return sum(a == args.mimic for a in attributed) / len(prompts)
+
+    ddim = share(mimic_model, 25, "ddim", args.guidance)
     print(
         f"\nmimic of {args.mimic} as '{name}' ({seconds:.0f} s fine-tuning), {len(prompts)} samples attributed "
-        f"to {args.mimic}: DDIM 25 steps {shares['DDIM', 25]:.1%}; LCM-LoRA 2 steps {shares['LCM-LoRA', 2]:.1%} "
-        f"({shares['LCM-LoRA', 2] / max(shares['DDIM', 25], 1e-9):.2f} of DDIM), 4 steps "
-        f"{shares['LCM-LoRA', 4]:.1%} ({shares['LCM-LoRA', 4] / max(shares['DDIM', 25], 1e-9):.2f} of DDIM)"
+        f"to {args.mimic}: DDIM 25 steps {ddim:.1%}"
     )
+    for label, path in loras.items():
+        sampler = lcm_sampler(mimic_model, path)
+        cells = []
+        for steps in (1, 2, 4):
+            value = share(sampler, steps, "lcm", 1.0)
+            cells.append(f"{steps} step(s) {value:.1%} ({value / max(ddim, 1e-9):.2f} of DDIM)")
+        print(f"  {label} ({path}): " + ", ".join(cells))
+
+
+def print_table(rows: dict, distilled: list[str], reference_fid: float) -> None:
+    """The samplers side by side, a row per step count: FID, x = FID / the teacher's 25-step DDIM FID, and
+    attribution; the teacher's DDIM at 1, 2, 4 and 25 steps in the first column."""
+    names = ["teacher DDIM", *distilled]
+    cell = 24
+    print("\n" + f"{'steps':>5s} | " + " | ".join(f"{name:^{cell}s}" for name in names))
+    print(f"{'':5s} | " + " | ".join(f"{'FID':>8s} {'x':>6s} {'attr.':>8s}" for _ in names))
+    for steps in (1, 2, 4, 25):
+        cells = []
+        for name in names:
+            if (name, steps) in rows:
+                fid, attribution = rows[name, steps]
+                cells.append(f"{fid:8.3f} {fid / reference_fid:6.2f} {attribution:8.1%}")
+            else:
+                cells.append(f"{'-':>{cell}s}")
+        print(f"{steps:5d} | " + " | ".join(cells))
+
+
+def weights_id(path: Path) -> str:
+    """The path and a content hash of its weights (a file, or a model folder's .safetensors), so that cached
+    rows are not reused for other weights at the same path."""
+    from fixative.core.provenance import file_sha256
+
+    files = [path] if path.is_file() else sorted(path.rglob("*.safetensors"))
+    return f"{path}@" + "+".join(file_sha256(file)[:12] for file in files)
 
 
 def main() -> None:
@@ -146,6 +174,12 @@ def main() -> None:
         help="an LCM-LoRA file for the toy teacher (default: the shipped one, if any)",
     )
     parser.add_argument(
+        "--ict",
+        type=Path,
+        default=None,
+        help="a student folder trained without a teacher (fixative distill --method ict), sampled at guidance 1",
+    )
+    parser.add_argument(
         "--data", type=Path, default=None, help="a Toy Atelier folder (default: outputs/atelier, painted)"
     )
     parser.add_argument("--images", type=int, default=None, help="use N evenly spaced test images (default: all)")
@@ -156,6 +190,12 @@ def main() -> None:
         "--mimic",
         default=None,
         help="also measure the LCM-LoRA on the toy report's mimic of this held-out artist (zenji, tovik)",
+    )
+    parser.add_argument(
+        "--baseline-lora",
+        type=Path,
+        default=None,
+        help="with --mimic: another LCM-LoRA whose carry-over is measured on the same mimic (default: none)",
     )
     parser.add_argument("--speed-batch", type=int, default=16, help="images per timed batch (default: %(default)s)")
     parser.add_argument(
@@ -180,10 +220,19 @@ def main() -> None:
         samplers["LCD"] = (load_model(args.lcd), "lcm", args.guidance, (1, 2, 4))
     if lora.is_file():
         samplers["LCM-LoRA"] = (lcm_sampler(teacher, lora), "lcm", 1.0, (1, 2, 4))
+    if args.ict is not None:
+        samplers["iCT"] = (load_model(args.ict), "lcm", 1.0, (1, 2, 4))
 
     if args.only_teacher:
         samplers = {"teacher DDIM": samplers["teacher DDIM"]}
-    sources = {"teacher DDIM": "toy", "LCD": str(args.lcd), "LCM-LoRA": str(lora)}
+    sources = {"teacher DDIM": "toy"}
+    sources.update(
+        {
+            name: weights_id(path)
+            for name, path in (("LCD", args.lcd), ("LCM-LoRA", lora), ("iCT", args.ict))
+            if name in samplers
+        }
+    )
     cache = json.loads(args.cache.read_text()) if args.cache.is_file() else {}
 
     features = f"toy CLIP image features ({real_features.shape[1]}-d)"
@@ -214,19 +263,11 @@ def main() -> None:
         return
 
     reference_fid, reference_attribution = rows["teacher DDIM", 25]
-    print(
-        f"\n{'sampler':13s} {'steps':>5s} {'FID':>9s} {'FID / teacher-25':>17s} {'attribution':>12s} "
-        f"{'/ teacher-25':>13s}"
-    )
-    for (name, steps), (fid, attribution) in rows.items():
-        print(
-            f"{name:13s} {steps:5d} {fid:9.3f} {fid / reference_fid:17.2f} {attribution:12.1%} "
-            f"{attribution / reference_attribution:13.2f}"
-        )
+    print_table(rows, [name for name in samplers if name != "teacher DDIM"], reference_fid)
 
     print("\nissue-11 targets (x = distilled FID / teacher 25-step FID):")
-    for name in ("LCD", "LCM-LoRA"):
-        if (name, 1) not in rows:
+    for name in samplers:
+        if name == "teacher DDIM":
             continue
         for steps, bound in ((1, 1.5), (2, 1.2), (4, 1.2)):
             ratio = rows[name, steps][0] / reference_fid
@@ -243,7 +284,10 @@ def main() -> None:
         )
 
     if args.mimic and "LCM-LoRA" in samplers:
-        carry_over(args, lora, judge)
+        loras = {"LCM-LoRA": lora}
+        if args.baseline_lora is not None:
+            loras["baseline LCM-LoRA"] = args.baseline_lora
+        carry_over(args, loras, judge)
 
     fast = samplers.get("LCD") or samplers.get("LCM-LoRA")
     if fast is not None and args.repeats > 0:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fixative.core.cli.options import MODEL_HELP, add_device, add_quiet, add_seed, check_training_device
 
-METHODS = ("lcd", "lcm-lora")
+METHODS = ("lcd", "lcm-lora", "ict")
 
 
 def register(subparsers) -> None:
@@ -50,7 +50,8 @@ def register(subparsers) -> None:
         choices=METHODS,
         default="lcd",
         help="lcd: full student with a guidance embedding; lcm-lora: adapters on the frozen "
-        "teacher (default: %(default)s)",
+        "teacher; ict: consistency training without a teacher (Song & Dhariwal 2023), the teacher's "
+        "UNet trained on the data alone (default: %(default)s)",
     )
     parser.add_argument("--max-steps", type=int, default=1000, help="optimiser steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per step and process (default: %(default)s)")
@@ -61,9 +62,15 @@ def register(subparsers) -> None:
         "--lr",
         type=float,
         default=None,
-        help="learning rate (default: 1e-6 for lcd, 1e-4 for lcm-lora, as diffusers' LCM scripts)",
+        help="learning rate (default: 1e-6 for lcd, 1e-4 for lcm-lora, as diffusers' LCM scripts; 1e-5 for ict)",
     )
     parser.add_argument("--warmup", type=int, default=0, help="linear lr warm-up steps (default: %(default)s)")
+    parser.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        default="constant",
+        help="after the warm-up: constant, or cosine decay to 5%% of --lr (default: %(default)s)",
+    )
     parser.add_argument(
         "--num-ddim-timesteps",
         type=int,
@@ -83,7 +90,12 @@ def register(subparsers) -> None:
         default="huber",
         help="pseudo-Huber (c = --huber-c) or squared error (default: %(default)s)",
     )
-    parser.add_argument("--huber-c", type=float, default=0.001, help="pseudo-Huber c (default: %(default)s)")
+    parser.add_argument(
+        "--huber-c",
+        type=float,
+        default=None,
+        help="pseudo-Huber c (default: 0.001 for lcd and lcm-lora; 0.00054 sqrt(d), d the latent size, for ict)",
+    )
     parser.add_argument(
         "--ema-decay", type=float, default=0.95, help="lcd: decay of the EMA target network (default: %(default)s)"
     )
@@ -92,6 +104,27 @@ def register(subparsers) -> None:
         type=int,
         default=256,
         help="lcd: width of the guidance-scale embedding (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--p-mean", type=float, default=-1.1, help="ict: mean of ln(sigma) of the noise levels (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--p-std",
+        type=float,
+        default=2.0,
+        help="ict: deviation of ln(sigma) of the noise levels (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--curriculum-s0",
+        type=int,
+        default=10,
+        help="ict: noise levels at the start of the curriculum, minus one (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--curriculum-s1",
+        type=int,
+        default=1280,
+        help="ict: most noise levels of the curriculum, minus one (default: %(default)s)",
     )
     parser.add_argument("--rank", type=int, default=64, help="lcm-lora: adapter rank (default: %(default)s)")
     parser.add_argument("--alpha", type=float, default=None, help="lcm-lora: adapter alpha (default: the rank)")
@@ -119,12 +152,19 @@ def register(subparsers) -> None:
         "--validation-prompt",
         action="append",
         default=[],
-        help="rendered with the student at each checkpoint and at the end; repeatable (default: none)",
+        help="rendered with the student at 1, 2 and 4 steps at each checkpoint and at the end (validation/step-N/"
+        "grid.png: a row per prompt); repeatable (default: none)",
     )
     add_seed(parser, "seed of every random draw")
     add_device(parser)  # under accelerate launch, "auto" lets accelerate give each process its device
     add_quiet(parser)
     parser.set_defaults(func=run)
+
+
+def validation_guidance(settings) -> float:
+    """The guidance scale validation images use: the middle of the trained range for lcd (it embeds w = scale − 1),
+    1 (off) for the methods without a guidance embedding."""
+    return 1 + (settings.w_min + settings.w_max) / 2 if settings.method == "lcd" else 1.0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -152,24 +192,30 @@ def run(args: argparse.Namespace) -> int:
         time_cond_proj_dim=args.time_cond_proj_dim,
         rank=args.rank,
         alpha=args.alpha,
+        p_mean=args.p_mean,
+        p_std=args.p_std,
+        curriculum_s0=args.curriculum_s0,
+        curriculum_s1=args.curriculum_s1,
     )
     teacher = load_model(args.teacher, device="cpu", dtype=torch.float32)
     image = image_options_for(teacher, args.resolution)
     data = captioned_images(args.data, args.images, image, args.caption_column, log=log)
-    lr = args.lr if args.lr is not None else (1e-6 if args.method == "lcd" else 1e-4)
+    lr = args.lr if args.lr is not None else {"lcd": 1e-6, "lcm-lora": 1e-4, "ict": 1e-5}[args.method]
     config = FinetuneConfig(
         max_steps=args.max_steps,
         batch_size=args.batch_size,
         gradient_accumulation=args.gradient_accumulation,
         lr=lr,
         warmup=args.warmup,
+        lr_schedule=args.lr_schedule,
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
         cache_latents=True,
         cache_dir=str(args.out.parent / ".fixative-cache"),
         checkpoint_every=args.checkpoint_every,
         validation_prompts=tuple(args.validation_prompt),
-        validation_steps=4,
+        validation_steps=(1, 2, 4),
+        validation_guidance=validation_guidance(settings),
         seed=args.seed,
         seed_stream="distill",
         image=image,

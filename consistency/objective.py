@@ -12,8 +12,12 @@ schedule, clipping, processes, checkpoints and resume; this objective brings the
   optimiser step (LCM, Algorithm 1; μ = ``ema_decay``). The result is the target network (as diffusers'
   script keeps ``unet_target`` and the LCM paper samples with θ⁻), saved as a model folder with an LCM
   scheduler.
-- ``lcm-lora``: low-rank adapters (core's ``LoRALinear``) on a copy of the teacher UNet, the teacher itself
-  frozen; no guidance embedding and no separate target: the target is the adapted UNet under
+- ``ict``: consistency training without a teacher (improved CT, Song & Dhariwal 2023; ``ict.py``): the model's
+  own UNet, starting from the teacher's weights, trained in full on the data alone: the target is the student
+  itself under ``torch.no_grad`` (no EMA), the teacher is never called. Saved as a model folder with an LCM
+  scheduler, sampled with guidance 1 (it has no guidance embedding).
+- ``lcm-lora``: low-rank adapters (core's ``LoRALinear`` / ``LoRAConv2d``) on a copy of the teacher UNet,
+  the teacher itself frozen; no guidance embedding and no separate target: the target is the adapted UNet under
   ``torch.no_grad`` (μ = 0), as in LCM-LoRA (Luo et al. 2023b) and diffusers' train_lcm_distill_lora
   scripts. The result is ``pytorch_lora_weights.safetensors``.
 
@@ -47,12 +51,13 @@ from fixative.core.schedulers import NoiseSchedule
 from fixative.core.training import EMA
 
 from .export import lcm_scheduler_config
+from .ict import consistency_training_loss
 from .lcd import LCDSettings, SkippingSchedule, consistency_distillation_loss, student_from_teacher
 
-METHODS = ("lcd", "lcm-lora")
-# Every Linear layer of the UNet that LCM-LoRA adapts (diffusers' train_lcm_distill_lora list, its
-# convolutions left out: core's LoRALinear adapts Linear layers only). proj_in / proj_out are Linear in
-# SD 2.x UNets and 1x1 convolutions in SD 1.x ones.
+METHODS = ("lcd", "lcm-lora", "ict")
+# Every layer of the UNet that LCM-LoRA adapts: diffusers' train_lcm_distill_lora_sd_wds list, linear layers
+# (core's LoRALinear) and convolutions (LoRAConv2d). proj_in / proj_out are Linear in SD 2.x UNets and 1x1
+# convolutions in SD 1.x ones.
 LCM_LORA_TARGETS = (
     "to_q",
     "to_k",
@@ -62,6 +67,11 @@ LCM_LORA_TARGETS = (
     "proj_out",
     "ff.net.0.proj",
     "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
     "time_emb_proj",
 )
 
@@ -70,13 +80,20 @@ LCM_LORA_TARGETS = (
 class DistillSettings(LCDSettings):
     """What to distil and how (``LCDSettings``' schedule, guidance range and loss, plus the networks)."""
 
-    method: str = "lcd"  # lcd (full student with guidance embedding) | lcm-lora (adapters on the teacher)
+    method: str = "lcd"  # lcd (full student with guidance embedding) | lcm-lora (adapters on the teacher) | ict
+    huber_c: float | None = None  # pseudo-Huber c; None: 0.001 for lcd / lcm-lora (LCM), 0.00054 √d for ict
     time_cond_proj_dim: int = 256  # lcd: width of the guidance-scale embedding
     ema_decay: float = 0.95  # lcd: μ of the EMA target network
     rank: int = 64  # lcm-lora: adapter rank (LCM-LoRA's and diffusers' default)
     alpha: float | None = None  # lcm-lora: adapter α; None: α = rank
+    p_mean: float = -1.1  # ict: the lognormal noise-level distribution's mean and deviation of ln σ (Sec. 3.5)
+    p_std: float = 2.0
+    curriculum_s0: int = 10  # ict: the discretisation curriculum's first and last s (N(k) = min(s0 2^.., s1) + 1)
+    curriculum_s1: int = 1280
 
     def __post_init__(self) -> None:
+        if self.huber_c is None and self.method != "ict":
+            self.huber_c = 0.001
         super().__post_init__()
         if self.method not in METHODS:
             raise FixativeError(f"unknown distillation method {self.method!r}; use one of {', '.join(METHODS)}")
@@ -84,6 +101,16 @@ class DistillSettings(LCDSettings):
             raise FixativeError(f"the EMA decay must be within [0, 1), got {self.ema_decay}")
         if self.rank < 1:
             raise FixativeError("the LoRA rank must be at least 1")
+        if not 1 <= self.curriculum_s0 <= self.curriculum_s1:
+            raise FixativeError(
+                f"the iCT curriculum needs 1 <= s0 <= s1, got {self.curriculum_s0} and {self.curriculum_s1}"
+            )
+        if self.method == "ict" and self.loss != "huber":
+            raise FixativeError(
+                "ict trains with the pseudo-Huber loss (Song & Dhariwal 2023, Sec. 3.3); use --loss huber"
+            )
+        if self.p_std <= 0:
+            raise FixativeError(f"the noise-level deviation must be positive, got {self.p_std}")
 
 
 class ConsistencyDistillation:
@@ -94,11 +121,13 @@ class ConsistencyDistillation:
     def __init__(self, settings: DistillSettings = DistillSettings()):
         self.settings = settings
         self.ema: EMA | None = None
+        self.step = 0  # optimiser steps done (iCT's curriculum reads it)
 
     def setup(self, model, config: FinetuneConfig) -> None:
         settings = self.settings
         self.model, self.config = model, config
-        self.schedule = SkippingSchedule(NoiseSchedule.from_config(model.scheduler_config), settings.num_ddim_timesteps)
+        self.noise_schedule = NoiseSchedule.from_config(model.scheduler_config)
+        self.schedule = SkippingSchedule(self.noise_schedule, settings.num_ddim_timesteps)
         self.prediction_type = model.prediction_type
         teacher = model.unet
         if teacher.config.time_cond_proj_dim is not None:
@@ -113,6 +142,8 @@ class ConsistencyDistillation:
         if settings.method == "lcd":
             student = student_from_teacher(teacher, settings.time_cond_proj_dim).requires_grad_(True)
             self.ema = EMA(student, settings.ema_decay)
+        elif settings.method == "ict":  # no teacher: the UNet itself trains, from the teacher's weights
+            student, teacher = teacher.requires_grad_(True), None
         else:
             student = copy.deepcopy(teacher)
             inject_lora(student, settings.rank, settings.alpha, LCM_LORA_TARGETS)
@@ -138,6 +169,24 @@ class ConsistencyDistillation:
         latents = batch.latents
         precision = torch.autocast(latents.device.type, autocast_dtype) if autocast_dtype else contextlib.nullcontext()
         with precision:
+            if self.teacher is None:
+                settings = self.settings
+                return consistency_training_loss(
+                    self.student,
+                    latents,
+                    batch.text_embeddings,
+                    self.noise_schedule,
+                    self.step,
+                    self.config.max_steps,
+                    settings.boundary,
+                    self.prediction_type,
+                    settings.huber_c,
+                    settings.p_mean,
+                    settings.p_std,
+                    settings.curriculum_s0,
+                    settings.curriculum_s1,
+                    generator,
+                )
             return consistency_distillation_loss(
                 self.student,
                 self.teacher,
@@ -152,6 +201,7 @@ class ConsistencyDistillation:
             )
 
     def after_step(self) -> None:
+        self.step += 1
         if self.ema is not None:
             self.ema.update(self.student)
 
@@ -161,10 +211,19 @@ class ConsistencyDistillation:
         self.student.eval()
 
     def state_dict(self) -> dict:
-        return trained_state(self.student, self.ema)
+        return {**trained_state(self.student, self.ema), "step": self.step, "settings": asdict(self.settings)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Puts back a checkpoint's state; one written with other distillation settings is refused."""
+        saved, ours = state["settings"], asdict(self.settings)
+        differ = [f"{key} {saved.get(key)!r} (now {value!r})" for key, value in ours.items() if saved.get(key) != value]
+        if differ:
+            raise FixativeError(
+                f"--resume: the checkpoint was distilled with other settings: {', '.join(differ)}; "
+                "resume with the same options or choose another output folder"
+            )
         load_trained_state(self.student, self.ema, state)
+        self.step = state["step"]
 
     def save(self, out: Path) -> None:
         """The result (a model folder, or pytorch_lora_weights.safetensors) and distill_config.json."""

@@ -129,7 +129,8 @@ class FinetuneConfig:
     cache_dir: str | None = None  # with cache_latents: also keep them on disk here, keyed by content hash
     checkpoint_every: int = 0  # steps between checkpoints (needs ``out``); 0: none
     validation_prompts: tuple[str, ...] = ()  # rendered at each checkpoint and at the end (needs ``out``)
-    validation_steps: int = 25
+    validation_steps: int | tuple[int, ...] = 25  # sampling steps; several: each prompt at each, and grid.png
+    validation_guidance: float = 7.5  # guidance scale of the validation images
     seed: int = 0
     seed_stream: str = "finetune"  # names the random streams (see the module docstring)
     image: ImageOptions = field(default_factory=ImageOptions)  # resolution, bucketing, crops, flips (files)
@@ -722,18 +723,41 @@ def _write_checkpoint(out: Path, step: int, objective, optimizer, schedule, scal
 
 
 def _validate(model, config: FinetuneConfig, folder: Path) -> None:
-    """The validation prompts rendered with the model's default scheduler, seed ``config.seed``."""
+    """The validation prompts rendered with the model's default scheduler, seed ``config.seed``, at each of
+    ``config.validation_steps``: ``NN.png`` for one step count; ``NN-S-steps.png`` and ``grid.png`` (a row per
+    prompt, a column per step count) for several."""
     if not config.validation_prompts:
         return
+    from PIL import Image
+
     from .images import save_png
     from .pipelines import generate
 
+    steps = config.validation_steps
+    steps = (steps,) if isinstance(steps, int) else tuple(steps)
     was_training = model.unet.training
     model.unet.eval()
     folder.mkdir(parents=True, exist_ok=True)
+    rows = []
     for index, prompt in enumerate(config.validation_prompts):
-        image = generate(model, prompt, num_inference_steps=config.validation_steps, seed=config.seed, progress=False)[
-            0
-        ]
-        save_png(image, folder / f"{index:02d}.png", {"prompt": prompt, "seed": config.seed})
+        rows.append([])
+        for count in steps:
+            image = generate(
+                model,
+                prompt,
+                num_inference_steps=count,
+                guidance_scale=config.validation_guidance,
+                seed=config.seed,
+                progress=False,
+            )[0]
+            name = f"{index:02d}.png" if len(steps) == 1 else f"{index:02d}-{count}-steps.png"
+            save_png(image, folder / name, {"prompt": prompt, "seed": config.seed, "steps": count})
+            rows[-1].append(image)
+    if len(steps) > 1:
+        width, height = rows[0][0].size
+        grid = Image.new("RGB", (width * len(steps), height * len(rows)))
+        for row, images in enumerate(rows):
+            for column, image in enumerate(images):
+                grid.paste(image, (column * width, row * height))
+        save_png(grid, folder / "grid.png", {"steps": ", ".join(map(str, steps)), "seed": config.seed})
     model.unet.train(was_training)

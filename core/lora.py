@@ -30,48 +30,111 @@ UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
-class LoRALinear(nn.Linear):
-    """A Linear layer plus a low-rank update: W x + (α / r) B A x, B zero at start (LoRA, Hu et al. 2021, eq. 3).
+class _LoRA:
+    """What the adapted layers share: the frozen base ``weight`` / ``bias`` (same state-dict keys) plus
+    ``lora_down`` (A) and ``lora_up`` (B), B zero at start, output W x + (α / r) B A x (LoRA, Hu et al. 2021,
+    eq. 3)."""
 
-    It keeps the wrapped layer's ``weight`` / ``bias`` (same state-dict keys, frozen) and adds
-    ``lora_down`` (A, r x in) and ``lora_up`` (B, out x r).
-    """
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
+    def _init_adapter(self, base: nn.Module, down: nn.Module, up: nn.Module, rank: int, alpha: float | None) -> None:
         self.weight, self.bias = base.weight, base.bias
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        kwargs = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_down = nn.Linear(base.in_features, rank, bias=False, **kwargs)
-        self.lora_up = nn.Linear(rank, base.out_features, bias=False, **kwargs)
+        self.lora_down, self.lora_up = down, up
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
         self.scale = (alpha if alpha is not None else rank) / rank
 
+    def delta(self) -> torch.Tensor:
+        """(α / r) B A in the base weight's shape, float32 (for a convolution: B (out, r, 1, 1) after
+        A (r, in, k, k) is the single kernel (out, in, k, k))."""
+        update = self.lora_up.weight.float().flatten(1) @ self.lora_down.weight.float().flatten(1)
+        return self.scale * update.reshape(self.weight.shape)
+
+    def merged(self) -> nn.Module:
+        """The plain layer with W + (α / r) B A."""
+        plain = self._plain()
+        with torch.no_grad():
+            plain.weight.copy_(self.weight.float() + self.delta())
+            if self.bias is not None:
+                plain.bias.copy_(self.bias)
+        return plain
+
+
+class LoRALinear(_LoRA, nn.Linear):
+    """A Linear layer plus a low-rank update: A (r x in) and B (out x r) Linear layers."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        kwargs = {"device": base.weight.device, "dtype": base.weight.dtype}
+        down = nn.Linear(base.in_features, rank, bias=False, **kwargs)
+        up = nn.Linear(rank, base.out_features, bias=False, **kwargs)
+        self._init_adapter(base, down, up, rank, alpha)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias) + self.scale * self.lora_up(self.lora_down(x))
 
-    def delta(self) -> torch.Tensor:
-        """(α / r) B A, float32."""
-        return self.scale * (self.lora_up.weight.float() @ self.lora_down.weight.float())
+    def _plain(self) -> nn.Linear:
+        kwargs = {"device": self.weight.device, "dtype": self.weight.dtype}
+        return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, **kwargs)
 
-    def merged(self) -> nn.Linear:
-        """A plain Linear with W + (α / r) B A."""
-        linear = nn.Linear(
-            self.in_features,
-            self.out_features,
+
+class LoRAConv2d(_LoRA, nn.Conv2d):
+    """A Conv2d plus a low-rank update as peft adapts convolutions (and diffusers' ``load_lora_weights`` reads
+    them): A a convolution with the base layer's kernel size, stride, padding and dilation into r channels, B a
+    1x1 convolution from r channels; the two compose into one kernel, so the update merges exactly."""
+
+    def __init__(self, base: nn.Conv2d, rank: int, alpha: float | None = None):
+        nn.Module.__init__(self)
+        if base.groups != 1:
+            raise FixativeError("LoRA adapts ordinary convolutions only (groups = 1)")
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
+            setattr(self, name, getattr(base, name))
+        self.transposed, self.output_padding, self.padding_mode = False, base.output_padding, base.padding_mode
+        self._base_class = type(base)  # merged back into this class (e.g. core.layout's packing Conv2d)
+        self._reversed_padding_repeated_twice = base._reversed_padding_repeated_twice
+        kwargs = {"device": base.weight.device, "dtype": base.weight.dtype}
+        down = nn.Conv2d(
+            base.in_channels,
+            rank,
+            base.kernel_size,
+            base.stride,
+            base.padding,
+            base.dilation,
+            bias=False,
+            padding_mode=base.padding_mode,
+            **kwargs,
+        )
+        up = nn.Conv2d(rank, base.out_channels, 1, bias=False, **kwargs)
+        self._init_adapter(base, down, up, rank, alpha)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight, self.bias) + self.scale * self.lora_up(self.lora_down(x))
+
+    def _plain(self) -> nn.Conv2d:
+        return self._base_class(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
             bias=self.bias is not None,
+            padding_mode=self.padding_mode,
             device=self.weight.device,
             dtype=self.weight.dtype,
         )
-        with torch.no_grad():
-            linear.weight.copy_(self.weight.float() + self.delta())
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+
+
+def _adapter_for(module: nn.Module) -> type | None:
+    """The adapter class for a layer (subclasses included, e.g. core.layout's Conv2d), None for others and for
+    layers already adapted."""
+    if isinstance(module, _LoRA):
+        return None
+    if isinstance(module, nn.Conv2d):
+        return LoRAConv2d
+    return LoRALinear if isinstance(module, nn.Linear) else None
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -82,7 +145,8 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 def inject_lora(
     model: nn.Module, rank: int = 4, alpha: float | None = None, targets: Iterable[str] = UNET_TARGETS
 ) -> list[nn.Parameter]:
-    """Wrap every Linear whose name ends with one of ``targets`` (e.g. ``attn2.to_k``) in a LoRALinear.
+    """Wrap every Linear or Conv2d whose name ends with one of ``targets`` (e.g. ``attn2.to_k``,
+    ``resnets.0.conv1``) in a LoRALinear or LoRAConv2d.
 
     Returns the new trainable parameters (the model's other parameters are left as they were; freeze
     them with ``model.requires_grad_(False)`` before calling this to train the adapters only).
@@ -91,21 +155,23 @@ def inject_lora(
     chosen = [
         name
         for name, m in model.named_modules()
-        if type(m) is nn.Linear and any(name == t or name.endswith("." + t) for t in targets)
+        if _adapter_for(m) is not None and any(name == t or name.endswith("." + t) for t in targets)
     ]
     if not chosen:
-        raise FixativeError(f"no Linear layer named {targets} in the model: nothing to adapt with LoRA")
+        raise FixativeError(f"no Linear or Conv2d layer named {targets} in the model: nothing to adapt with LoRA")
     params = []
     for name in chosen:
-        lora = LoRALinear(model.get_submodule(name), rank, alpha)
+        base = model.get_submodule(name)
+        lora = _adapter_for(base)(base, rank, alpha)
         _replace(model, name, lora)
         params += [lora.lora_down.weight, lora.lora_up.weight]
     return params
 
 
 def merge_lora(model: nn.Module) -> int:
-    """Fold every LoRALinear back into a plain Linear (state-dict keys as before injection); returns the count."""
-    names = [name for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    """Fold every adapter back into a plain Linear / Conv2d (state-dict keys as before injection); returns the
+    count."""
+    names = [name for name, m in model.named_modules() if isinstance(m, _LoRA)]
     for name in names:
         _replace(model, name, model.get_submodule(name).merged())
     return len(names)
@@ -113,11 +179,11 @@ def merge_lora(model: nn.Module) -> int:
 
 def lora_state_dict(networks: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """The adapters of ``{"unet": unet, "text_encoder": text_encoder}`` in diffusers' (peft) keys, α/r folded
-    into B, float32, contiguous."""
+    into B, float32, contiguous (a convolution's A is (r, in, k, k) and B (out, r, 1, 1), as peft's)."""
     state = {}
     for prefix, network in networks.items():
         for name, module in network.named_modules():
-            if isinstance(module, LoRALinear):
+            if isinstance(module, _LoRA):
                 state[f"{prefix}.{name}.lora_A.weight"] = module.lora_down.weight.detach().float().contiguous()
                 state[f"{prefix}.{name}.lora_B.weight"] = (
                     module.scale * module.lora_up.weight.detach().float()

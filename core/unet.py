@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import UNetConfig, check_buildable, unet_problems
 from .layout import Conv2d, working_layout
+from .lora import LoRAConv2d
 from .upsampling import upsample_nearest2x_conv
 
 
@@ -190,6 +191,8 @@ class Transformer2DModel(nn.Module):
         # a 1x1 convolution is a Linear layer on the channels; apply it to tokens, with no layout change
         if self.use_linear_projection:
             return layer(tokens)
+        if isinstance(layer, LoRAConv2d):  # an adapted convolution computes more than its weight
+            return layer(tokens.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
         return F.linear(tokens, layer.weight.flatten(1), layer.bias)
 
     def forward(self, hidden: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layout import pack_conv2d, packs_weights, run_packed_conv2d, tensor_key
+from .lora import LoRAConv2d
 
 
 def _fold_for_upsampling(kernel: torch.Tensor, dim: int) -> torch.Tensor:
@@ -59,7 +60,7 @@ def _cached_phase_conv(conv: nn.Conv2d, x: torch.Tensor) -> Callable[[torch.Tens
 def upsample_nearest2x_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """conv(F.interpolate(x, scale_factor=2, mode="nearest")) for a 3x3, padding-1, stride-1 ``conv``, in
     x's memory format (channels-first or channels-last)."""
-    if torch.is_grad_enabled() and conv.weight.requires_grad:
+    if isinstance(conv, LoRAConv2d) or (torch.is_grad_enabled() and conv.weight.requires_grad):
         return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
     batch, _, height, width = x.shape
     channels = conv.weight.shape[0]

@@ -35,6 +35,7 @@ def setup(tmp_path_factory):
     [
         ("lcd", "model_index.json", ["--guidance", "4"]),
         ("lcm-lora", "pytorch_lora_weights.safetensors", ["--guidance", "1"]),
+        ("ict", "model_index.json", ["--guidance", "1"]),
     ],
 )
 def test_distill_then_generate(setup, method, result, generate_options, capsys):
@@ -53,6 +54,12 @@ def test_distill_then_generate(setup, method, result, generate_options, capsys):
             method,
             "--max-steps",
             "2",
+            "--checkpoint-every",
+            "1",
+            "--validation-prompt",
+            "a red square",
+            "--validation-prompt",
+            "a blue circle",
             "--batch-size",
             "2",
             "--num-ddim-timesteps",
@@ -75,8 +82,15 @@ def test_distill_then_generate(setup, method, result, generate_options, capsys):
     assert code == 0
     assert (out / result).is_file()
     assert json.loads((out / "distill_config.json").read_text())["method"] == method
-    model = out if method == "lcd" else teacher
-    extra = [] if method == "lcd" else ["--lora", str(out)]
+    for stage in ("step-1", "final"):  # the validation grid: a row per prompt, 1, 2 and 4 steps across
+        grid = Image.open(out / "validation" / stage / "grid.png")
+        assert grid.size == (3 * 16, 2 * 16)
+        assert (
+            np.asarray(grid)[:16, :16].tolist()
+            == np.asarray(Image.open(out / "validation" / stage / "00-1-steps.png")).tolist()
+        )
+    model = teacher if method == "lcm-lora" else out
+    extra = ["--lora", str(out)] if method == "lcm-lora" else []
     code = main(
         [
             "generate",

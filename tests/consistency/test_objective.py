@@ -3,6 +3,9 @@ rendered by diffusers as by fixative."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +15,7 @@ from fixative.consistency.objective import ConsistencyDistillation, DistillSetti
 from fixative.core.checkpoints import load_model, save_diffusers
 from fixative.core.errors import FixativeError
 from fixative.core.finetune import Batch, FinetuneConfig, fine_tune
-from fixative.core.lora import LoRALinear, apply_lora
+from fixative.core.lora import LoRAConv2d, LoRALinear, apply_lora, read_lora
 from fixative.core.pipelines import encode_prompt, generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -65,6 +68,9 @@ def test_one_lcm_lora_step_changes_only_the_adapters():
     )
     adapted = {n for n, m in student.named_modules() if isinstance(m, LoRALinear)}
     assert any(n.endswith("time_emb_proj") for n in adapted) and any(n.endswith("attn2.to_k") for n in adapted)
+    convolutions = {n for n, m in student.named_modules() if isinstance(m, LoRAConv2d)}
+    assert any(n.endswith("resnets.0.conv1") for n in convolutions)
+    assert any(n.endswith("upsamplers.0.conv") for n in convolutions)
     assert student.config.time_cond_proj_dim is None
 
 
@@ -116,7 +122,7 @@ class StopsAtStep3(ConsistencyDistillation):
         return super().loss(batch, generator)
 
 
-@pytest.mark.parametrize("method", ["lcd", "lcm-lora"])
+@pytest.mark.parametrize("method", ["lcd", "lcm-lora", "ict"])
 def test_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, method):
     run = config(max_steps=4, checkpoint_every=2)
     whole = fine_tune(
@@ -148,6 +154,17 @@ def test_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, method):
             progress=False,
             log=lambda _: None,
         )
+    with pytest.raises(FixativeError, match=r"other settings: num_ddim_timesteps 10 \(now 20\);"):
+        fine_tune(
+            tiny_teacher(),
+            toy_data(),
+            run,
+            ConsistencyDistillation(DistillSettings(**{**asdict(settings(method)), "num_ddim_timesteps": 20})),
+            out=tmp_path / "cut",
+            resume=True,
+            progress=False,
+            log=lambda _: None,
+        )
     resumed = fine_tune(
         tiny_teacher(),
         toy_data(),
@@ -158,12 +175,14 @@ def test_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, method):
         progress=False,
         log=lambda _: None,
     )
+    for folder in ("whole", "cut"):  # both results carry their settings
+        assert json.loads((tmp_path / folder / "distill_config.json").read_text()) == asdict(settings(method))
     ours, theirs = whole.unet.state_dict(), resumed.unet.state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[n], theirs[n]) for n in ours)
     untrained = ConsistencyDistillation(settings(method))
     untrained.setup(tiny_teacher(), run)
-    assert any("lora_up" in n or method == "lcd" for n in changed(snapshot(untrained.student), resumed.unet))
+    assert any("lora_up" in n or method != "lcm-lora" for n in changed(snapshot(untrained.student), resumed.unet))
 
 
 diffusers = pytest.importorskip("diffusers")
@@ -212,6 +231,8 @@ def test_lcm_lora_renders_as_in_diffusers(tmp_path):
     )
     lora_file = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
     assert lora_file.is_file()
+    kernels = [v for k, v in read_lora(lora_file).items() if k.endswith("lora_A.weight") and v.ndim == 4]
+    assert any(v.shape[-1] == 3 for v in kernels)  # 3x3 convolutions are adapted too
 
     model = load_model(teacher_folder)
     plain = generate(
