@@ -23,6 +23,7 @@ from fixative.core.errors import FixativeError
 from .rates import rate
 
 METHODS = ("full", "lora")
+SAMPLERS = ("ddim", "lcm")
 
 
 @dataclass
@@ -45,13 +46,25 @@ class MimicConfig:
     prior_images: int = 24  # ... this many
     seed: int = 0
     samples_per_prompt: int = 4  # M
-    num_inference_steps: int = 25  # DDIM
-    guidance_scale: float = 5.0
+    sampler: str = "ddim"  # ddim | lcm: the toy LCM-LoRA merged into the mimic (``consistency.toy.lcm_sampler``)
+    num_inference_steps: int = 25  # DDIM's steps
+    guidance_scale: float = 5.0  # DDIM's guidance (the LCM-LoRA was distilled with guidance: it samples at 1.0)
+    lcm_steps: int = 2  # the LCM sampler's steps (1-4)
     sample_batch: int = 64
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise FixativeError(f"mimic method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.sampler not in SAMPLERS:
+            raise FixativeError(f"mimic sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if not 1 <= self.lcm_steps <= 4:
+            raise FixativeError(f"the LCM sampler takes 1 to 4 steps, got {self.lcm_steps}")
+
+    def sampling(self, sampler: str | None = None) -> dict:
+        """``generate``'s scheduler, steps and guidance for ``sampler`` (default: this config's)."""
+        if (sampler or self.sampler) == "lcm":
+            return {"scheduler": "lcm", "num_inference_steps": self.lcm_steps, "guidance_scale": 1.0}
+        return {"scheduler": "ddim", "num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale}
 
     def finetune_config(self, with_prior_data: bool):
         from fixative.core.finetune import FinetuneConfig
@@ -117,18 +130,25 @@ def fine_tune_mimic(
     return mimic, time.time() - started
 
 
-def sample(model, prompts: list[str], seeds: list[int], config: MimicConfig) -> torch.Tensor:
-    """Generated pixels in [-1, 1], one per prompt: DDIM, ``config.num_inference_steps`` steps."""
+def sample(
+    model, prompts: list[str], seeds: list[int], config: MimicConfig, sampler: str | None = None
+) -> torch.Tensor:
+    """Generated pixels in [-1, 1], one per prompt, with ``sampler`` (default: ``config.sampler``): DDIM with
+    ``config.num_inference_steps`` steps at ``config.guidance_scale``, or the toy LCM-LoRA merged into a copy of
+    ``model`` with ``config.lcm_steps`` steps (the LoRA carries the guidance it was distilled with)."""
     from fixative.core.pipelines import generate
 
+    settings = config.sampling(sampler)
+    if settings["scheduler"] == "lcm":
+        from fixative.consistency.toy import lcm_sampler
+
+        model = lcm_sampler(model)
     out = []
     for start in range(0, len(prompts), config.sample_batch):
         images = generate(
             model,
             prompts[start : start + config.sample_batch],
-            scheduler="ddim",
-            num_inference_steps=config.num_inference_steps,
-            guidance_scale=config.guidance_scale,
+            **settings,
             seed=seeds[start : start + config.sample_batch],
             output="images",
             progress=False,
