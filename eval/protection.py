@@ -69,7 +69,7 @@ def _option(key: str, text: str, where: str):
     try:
         return OPTION_TYPES[key](text)
     except ValueError:
-        raise FixativeError(f"{where}: {key}={text!r} is not a {OPTION_TYPES[key].__name__}") from None
+        raise FixativeError(f"{where}: {key}={text!r} is not a number") from None
 
 
 def parse_cell(spec: str) -> Cell:
