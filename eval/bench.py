@@ -353,7 +353,7 @@ def run_guidance(config: dict, stages: Stages, device) -> tuple[dict, list[tuple
 
 def _grids(settings: dict) -> list[tuple[list[str], list[str]]]:
     """The (cells, adversaries) grids: ``[[protection.grid]]`` tables in order, or ``cells`` x ``adversaries``."""
-    if "grid" in settings:
+    if settings.get("grid"):
         if "cells" in settings:
             raise FixativeError("[protection]: give either cells and adversaries or [[protection.grid]] tables")
         grids = [(list(g.get("cells", [])), list(g.get("adversaries", ["none"]))) for g in settings["grid"]]
@@ -405,6 +405,10 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
                 [parse_adversary(a) for a in attack.split("+")]
     cloak_defaults = check_defaults(settings.get("cloak", {}))
     images_per_artist = int(settings.get("images", 24))
+    known = {f.name for f in dataclasses.fields(MimicConfig)} - {"seed"}
+    unknown = sorted(set(settings.get("mimic", {})) - known)
+    if unknown:
+        raise FixativeError(f"[protection.mimic]: unknown setting(s) {', '.join(unknown)}; use {', '.join(known)}")
     mimic = MimicConfig(**settings.get("mimic", {}), seed=seed)
     check_sampler = "ddim" if mimic.sampler == "lcm" and settings.get("check_sampler", True) else None
     model_hash = folder_sha256(model_folder())
@@ -539,10 +543,11 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
                     cloaked, outcome = mimic_stage(artist, spec, attack, mimic_config, check)
                     low, high = outcome["protection_interval"]
                     sampler = _sampler_label(outcome["sampler"])
+                    applied = parse_cell(spec).attack(attack)  # what the mimic's images went through
                     record = {
                         "artist": artist,
                         "cell": spec,
-                        "adversary": attack,
+                        "adversary": applied,
                         **cloaked["values"],
                         **{k: v for k, v in outcome.items() if k not in ("images", "trained_on")},
                     }
@@ -556,7 +561,7 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
                         [
                             artist,
                             spec,
-                            attack,
+                            applied,
                             f"{values['psnr']:.1f}" if "psnr" in values else "-",
                             f"{values['ssim']:.3f}" if "ssim" in values else "-",
                             f"{values['linf'] * 255:.1f}/255" if "linf" in values else "-",
@@ -678,14 +683,24 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
     return figures, sections, "\n\n".join(markdown)
 
 
-def bench(config_path: str | Path, out: str | Path, device="cpu", log=print, seed: int | None = None) -> dict:
+def bench(
+    config_path: str | Path,
+    out: str | Path,
+    device="cpu",
+    log=print,
+    seed: int | None = None,
+    overrides: dict | None = None,
+) -> dict:
     """Run the experiment of ``config_path`` into ``out``; returns results.json's content. ``seed`` replaces the
-    config's ``[experiment] seed`` when given."""
+    config's ``[experiment] seed`` when given; ``overrides`` ({table: {key: value}}) replace settings of its tables
+    (results.json records the config as run)."""
     from .features import file_sha256
 
     config = load_config(config_path)
     if seed is not None:
         config["experiment"]["seed"] = seed
+    for table, values in (overrides or {}).items():
+        config.setdefault(table, {}).update(values)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(out / "stages", log)
