@@ -106,7 +106,7 @@ def main(argv=None) -> int:
                 args.config,
                 out,
                 seed=args.seed,
-                log=(lambda _: None) if args.quiet else print,
+                log=(lambda _: None) if args.quiet else (lambda line: print(line, flush=True)),
                 overrides={"protection": changes},
             )
         except FixativeError as error:

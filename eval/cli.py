@@ -122,7 +122,7 @@ def _bench(args: argparse.Namespace) -> int:
         args.config,
         args.out,
         device=_device(args.device),
-        log=(lambda _: None) if args.quiet else print,
+        log=(lambda _: None) if args.quiet else (lambda line: print(line, flush=True)),
         seed=args.seed,
     )
     print(f"report: {args.out}/report.html ({results['seconds']} s; stages: {results['stages']})")
