@@ -78,15 +78,25 @@ def test_mimic_command_writes_results_and_does_not_redo_a_finished_run(tmp_path,
         str(held_out),
         "--adversary",
         "jpeg:75",
+        "--check-sampler",
         "--device",
         "cpu",
         "--quiet",
     ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "protection rate" in printed and "not attributed to zenji" in printed
+    assert "protection rate" in printed and "not attributed to zenji" in printed and "sampler check: LCM" in printed
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["generations"] == 8 and sum(results["attributed_to"].values()) == 8
+    # the toy world's default sampler: the LCM-LoRA, checked against DDIM on the same prompts and seeds
+    assert results["sampler"] == {"scheduler": "lcm", "num_inference_steps": 2, "guidance_scale": 1.0}
+    check = results["sampler_check"]
+    assert check["reference"]["scheduler"] == "ddim" and check["reference_attributed"]["trials"] == 8
+    assert check["agrees"] == (
+        check["reference_attributed"]["low"]
+        <= check["distilled_attributed"]["value"]
+        <= check["reference_attributed"]["high"]
+    )
     assert len(results["attributed_to"]) == 10  # every Atelier artist is a candidate
     low, high = results["protection_interval"]
     assert 0 <= low <= results["protection_rate"] <= high <= 1
