@@ -103,8 +103,8 @@ class Stages:
             for kind, left in self.planned.items()
         )
 
-    def _finished(self, name: str, seconds: float | None) -> None:
-        kind = _kind(name)
+    def _finished(self, name: str, seconds: float | None, kind: str | None) -> None:
+        kind = kind or _kind(name)
         self.calls += 1
         if self.planned.get(kind):
             self.planned[kind] -= 1
@@ -120,15 +120,16 @@ class Stages:
         remaining = "ETA unknown" if eta is None else f"ETA {_duration(eta)}"
         self.log(f"{place} stage {name}: {took} (elapsed {_duration(self.clock() - self.started)}, {remaining})")
 
-    def run(self, name: str, inputs: dict, compute: Callable[[], dict]) -> tuple[dict, str]:
-        """(result, key); ``compute`` returns a dict of tensors, numbers, strings and lists."""
+    def run(self, name: str, inputs: dict, compute: Callable[[], dict], kind: str | None = None) -> tuple[dict, str]:
+        """(result, key); ``compute`` returns a dict of tensors, numbers, strings and lists. ``kind``: the stage's kind
+        for the ETA when it is not the name's first word."""
         key = _digest({"stage": name, **inputs})[:20]
         path = self.folder / f"{name.replace('/', '_')}-{key}.pt"
         if self.started is None:
             self.started = self.clock()
         if path.is_file():
             self.done[name] = "cached"
-            self._finished(name, None)
+            self._finished(name, None, kind)
             return torch.load(path, weights_only=False), key
         started = self.clock()
         self.log(f"stage {name} ...")
@@ -144,7 +145,7 @@ class Stages:
             raise
         seconds = self.clock() - started
         self.done[name] = round(seconds, 1)
-        self._finished(name, seconds)
+        self._finished(name, seconds, kind)
         return result, key
 
 
@@ -420,8 +421,8 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
 
         lcm_hash = folder_sha256(toy_lcm_lora().parent)
     cloak_specs = {parse_cell(spec).cloak_spec for cells, _ in grids for spec in cells}
-    mimics = sum(len(cells) * len(attacks) for cells, attacks in grids) + (1 if check_sampler else 0)
-    stages.expect((["cloak"] * len(cloak_specs) + ["mimic"] * mimics) * len(artists))
+    mimics = sum(len(cells) * len(attacks) for cells, attacks in grids)
+    stages.expect((["cloak"] * len(cloak_specs) + ["mimic"] * mimics + ["check"] * bool(check_sampler)) * len(artists))
     judge = ToyJudge(clip_folder(), device)
     scorer = CLIPScorer(clip_folder(), device)
     features = CLIPFeatures(clip_folder(), device)
@@ -470,7 +471,9 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
         )
         return cloaks[artist, cell.cloak_spec]
 
-    def mimic_stage(artist: str, spec: str, adversary: str, mimic_config: MimicConfig, check: str | None):
+    def mimic_stage(
+        artist: str, spec: str, adversary: str, mimic_config: MimicConfig, check: str | None, kind: str | None = None
+    ):
         cell = parse_cell(spec)
         cloaked, cloak_key = cloak_stage(artist, spec)
         attack = cell.attack(adversary)
@@ -513,14 +516,14 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
             "lcm_lora": lcm_hash if "lcm" in (mimic_config.sampler, check) else None,
             "check": check,
         }
-        outcome, _ = stages.run(f"mimic-{artist}-{spec}-{adversary}", inputs, compute)
+        outcome, _ = stages.run(f"mimic-{artist}-{spec}-{adversary}", inputs, compute, kind)
         return cloaked, outcome
 
     sampler_of, checks = {}, []
     for artist in artists:
         sampler_of[artist] = mimic
         if check_sampler:
-            _, outcome = mimic_stage(artist, "clean", "none", mimic, check_sampler)
+            _, outcome = mimic_stage(artist, "clean", "none", mimic, check_sampler, kind="check")
             check = outcome["sampler_check"]
             checks.append({"artist": artist, **check})
             if not check["agrees"]:
@@ -528,14 +531,14 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
 
     results, table_rows, grids_shown, resolved_best = [], [], [], []
     for cells, attacks in grids:
-        best = best_method(results)
+        best = {a: best_method([r for r in results if r["artist"] == a]) for a in artists}  # each artist's own
         for artist in artists:
             mimic_config = sampler_of[artist]
             for raw in cells:
-                spec = resolve(raw, best)
+                spec = resolve(raw, best[artist])
                 if spec != raw:
-                    if (raw, spec) not in resolved_best:
-                        resolved_best.append((raw, spec))
+                    if (artist, raw, spec) not in resolved_best:
+                        resolved_best.append((artist, raw, spec))
                     if (artist, parse_cell(spec).cloak_spec) in cloaks:  # planned as a cloak of its own
                         stages.unexpect("cloak")
                 for attack in attacks:
@@ -622,8 +625,10 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
         markdown.append(f"### {title}\n\n{check_table}")
         sections.append((title, check_table))
     if resolved_best:
-        note = _markdown_table(["cell as written", "run as"], [list(pair) for pair in resolved_best])
-        markdown.append(f"### 'best': the method with the highest mean protection without an adversary\n\n{note}")
+        note = _markdown_table(["artist", "cell as written", "run as"], [list(row) for row in resolved_best])
+        markdown.append(
+            f"### 'best': for each artist, the method with the highest mean protection without an adversary\n\n{note}"
+        )
         sections.append(("'best' cells", note))
     figure, axis = plt.subplots(figsize=(6, 4))
     for artist in artists:
@@ -674,7 +679,7 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
         "rows": results,
         "sampler_checks": checks,
         "samplers": {a: sampler_of[a].sampling() for a in artists},
-        "best": dict(resolved_best),
+        "best": [{"artist": a, "cell": raw, "run_as": spec} for a, raw, spec in resolved_best],
         "model_sha256": model_hash,
         "judge_sha256": judge_hash,
         "lcm_lora_sha256": lcm_hash,
@@ -690,10 +695,13 @@ def bench(
     log=print,
     seed: int | None = None,
     overrides: dict | None = None,
+    jobs: int = 1,
 ) -> dict:
     """Run the experiment of ``config_path`` into ``out``; returns results.json's content. ``seed`` replaces the
     config's ``[experiment] seed`` when given; ``overrides`` ({table: {key: value}}) replace settings of its tables
-    (results.json records the config as run)."""
+    (results.json records the config as run). ``jobs`` > 1 (protection): the artists' stages run first in that many
+    processes at once, each with its share of torch's threads (the artists' stages are independent), then this
+    process writes the results and report from the cached stages."""
     from .features import file_sha256
 
     config = load_config(config_path)
@@ -701,6 +709,9 @@ def bench(
         config["experiment"]["seed"] = seed
     for table, values in (overrides or {}).items():
         config.setdefault(table, {}).update(values)
+    artists = config.get("protection", {}).get("artists", ["zenji", "tovik"])
+    if jobs > 1 and config["experiment"]["kind"] == "protection" and len(artists) > 1:
+        _per_artist(config_path, out, device, log, config["experiment"].get("seed", 0), overrides or {}, artists, jobs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(out / "stages", log)
@@ -723,6 +734,46 @@ def bench(
     _write(out / "report.md", f"# {title}\n\n{table}\n\nConfig: `{config_path}`; details in results.json.\n")
     _write(out / "report.html", _html(title, sections))
     return results
+
+
+def _artist_worker(config_path, out, device, seed, overrides, artist, threads, log_queue) -> None:
+    torch.set_num_threads(threads)
+    changed = {**overrides, "protection": {**overrides.get("protection", {}), "artists": [artist]}}
+    bench(config_path, out, device, lambda line: log_queue.put(f"[{artist}] {line}"), seed, changed)
+
+
+def _per_artist(config_path, out, device, log, seed, overrides, artists, jobs) -> None:
+    """Each artist's stages in its own process, ``jobs`` at a time, their progress lines passed on to ``log``."""
+    import multiprocessing
+    import queue
+
+    _toy_rows("train")  # the Toy Atelier is painted once, here, not by every process at once
+    context = multiprocessing.get_context("spawn")
+    log_queue = context.Queue()
+    threads = max(1, torch.get_num_threads() // jobs)
+    waiting, running, failed = list(artists), [], []
+    while waiting or running:
+        while waiting and len(running) < jobs:
+            artist = waiting.pop(0)
+            process = context.Process(
+                target=_artist_worker,
+                args=(str(config_path), str(out), str(device), seed, overrides, artist, threads, log_queue),
+            )
+            process.start()
+            running.append((artist, process))
+        try:
+            log(log_queue.get(timeout=1.0))
+        except queue.Empty:
+            pass
+        for artist, process in list(running):
+            if not process.is_alive():
+                running.remove((artist, process))
+                if process.exitcode:
+                    failed.append(artist)
+    while not log_queue.empty():
+        log(log_queue.get())
+    if failed:
+        raise FixativeError(f"the stages of {', '.join(failed)} failed (see the lines above); run again to resume")
 
 
 def _flatten(value, prefix: str = "") -> dict:

@@ -101,6 +101,13 @@ def register(subparsers) -> None:
     )
     bench.add_argument("runs", nargs="*", help="with 'compare': the two run folders")
     bench.add_argument("--out", help="run folder (created; reused to resume); required to run a config")
+    bench.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="protection: run the artists' stages in this many processes at once, sharing torch's threads "
+        "(default: %(default)s)",
+    )
     _common(bench)
     bench.set_defaults(func=_bench, seed=None)
 
@@ -124,6 +131,7 @@ def _bench(args: argparse.Namespace) -> int:
         device=_device(args.device),
         log=(lambda _: None) if args.quiet else (lambda line: print(line, flush=True)),
         seed=args.seed,
+        jobs=args.jobs,
     )
     print(f"report: {args.out}/report.html ({results['seconds']} s; stages: {results['stages']})")
     return 0

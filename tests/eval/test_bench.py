@@ -226,3 +226,18 @@ def test_an_artist_whose_lcm_check_fails_falls_back_to_ddim(tmp_path, shipped, m
     assert "fall back to DDIM" in report and "| ddim-25 |" not in report and "| ddim-2 |" in report
     # 7 announced (3 cloaks, 4 mimics); the best cell reused the cloak of the grid before
     assert any(line.startswith("[6/6] stage mimic-zenji-photoguard:psnr=30:steps=2-jpeg:75") for line in lines)
+
+
+@pytest.mark.slow
+def test_artists_run_in_parallel_processes_then_the_report_comes_from_their_stages(tmp_path, shipped, monkeypatch):
+    monkeypatch.setenv("FIXATIVE_HOME", str(tmp_path / "home"))
+    config = PROTECTION.replace('artists = ["zenji"]', 'artists = ["zenji", "tovik"]')
+    config = config.replace('cells = ["clean", "glaze:psnr=30:steps=2"]', 'cells = ["clean"]')
+    config = config.replace('adversaries = ["none", "jpeg:75"]', 'adversaries = ["none"]')
+    (tmp_path / "two.toml").write_text(config)
+    lines = []
+    results = bench(tmp_path / "two.toml", tmp_path / "run", log=lines.append, jobs=2)
+    assert [(r["artist"], r["cell"]) for r in results["figures"]["rows"]] == [("zenji", "clean"), ("tovik", "clean")]
+    assert set(results["stages"].values()) == {"cached"}  # every stage was computed by the artists' processes
+    assert any(line.startswith("[zenji] [2/2] stage mimic-zenji-clean-none") for line in lines)
+    assert any(line.startswith("[tovik] ") for line in lines)
