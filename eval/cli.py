@@ -262,7 +262,7 @@ def _register_mimic(subparsers) -> None:
         "(`fixative bench benchmarks/toy_protection.toml` checks on the clean controls that LCM's attribution agrees "
         "with DDIM's; --check-sampler checks it on these images) (default: %(default)s)",
     )
-    mimic.add_argument("--lcm-steps", type=int, default=2, help="steps of the LCM sampler, 1-4 (default: %(default)s)")
+    mimic.add_argument("--lcm-steps", type=int, default=3, help="steps of the LCM sampler, 1-4 (default: %(default)s)")
     mimic.add_argument(
         "--check-sampler",
         action="store_true",

@@ -49,7 +49,7 @@ class MimicConfig:
     sampler: str = "ddim"  # ddim | lcm: the toy LCM-LoRA merged into the mimic (``consistency.toy.lcm_sampler``)
     num_inference_steps: int = 25  # DDIM's steps
     guidance_scale: float = 5.0  # DDIM's guidance (the LCM-LoRA was distilled with guidance: it samples at 1.0)
-    lcm_steps: int = 2  # the LCM sampler's steps (1-4)
+    lcm_steps: int = 3  # the LCM sampler's steps (1-4)
     sample_batch: int = 64
 
     def __post_init__(self) -> None:

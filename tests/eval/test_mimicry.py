@@ -89,7 +89,7 @@ def test_mimic_command_writes_results_and_does_not_redo_a_finished_run(tmp_path,
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["generations"] == 8 and sum(results["attributed_to"].values()) == 8
     # the toy world's default sampler: the LCM-LoRA, checked against DDIM on the same prompts and seeds
-    assert results["sampler"] == {"scheduler": "lcm", "num_inference_steps": 2, "guidance_scale": 1.0}
+    assert results["sampler"] == {"scheduler": "lcm", "num_inference_steps": 3, "guidance_scale": 1.0}
     check = results["sampler_check"]
     assert check["reference"]["scheduler"] == "ddim" and check["reference_attributed"]["trials"] == 8
     assert check["agrees"] == (
