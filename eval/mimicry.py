@@ -48,7 +48,7 @@ class MimicConfig:
     samples_per_prompt: int = 4  # M
     sampler: str = "ddim"  # ddim | lcm: the toy LCM-LoRA merged into the mimic (``consistency.toy.lcm_sampler``)
     num_inference_steps: int = 25  # DDIM's steps
-    guidance_scale: float = 5.0  # DDIM's guidance (the LCM-LoRA was distilled with guidance: it samples at 1.0)
+    guidance_scale: float = 5.0  # DDIM's guidance (the LCM-LoRA has guidance 4 distilled in: it samples at 1.0)
     lcm_steps: int = 3  # the LCM sampler's steps (1-4)
     sample_batch: int = 64
 
