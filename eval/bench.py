@@ -390,7 +390,15 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
     from .features import CLIPFeatures, folder_sha256
     from .fid import fid
     from .mimicry import MimicConfig, apply_adversaries, mimicry
-    from .protection import best_method, check_defaults, cloak_cell, cloak_code_sha256, parse_cell, resolve
+    from .protection import (
+        best_method,
+        check_defaults,
+        cloak_cell,
+        cloak_code_sha256,
+        method_of,
+        parse_cell,
+        resolve,
+    )
     from .toy_report import MIMIC_NAMES, pixels_of
 
     settings = config["protection"]
@@ -632,7 +640,7 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
         sections.append(("'best' cells", note))
     figure, axis = plt.subplots(figsize=(6, 4))
     for artist in artists:
-        for method in dict.fromkeys(r["cell"].partition(":")[0] for r in results if "psnr" in r):
+        for method in dict.fromkeys(method_of(r["cell"]) for r in results if "psnr" in r):
             for attack in dict.fromkeys(r["adversary"] for r in results):
                 points = [
                     r
@@ -640,7 +648,7 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
                     if r["artist"] == artist
                     and r["adversary"] == attack
                     and "psnr" in r
-                    and r["cell"].partition(":")[0] == method
+                    and method_of(r["cell"]) == method
                 ]
                 if len(points) < 2:
                     continue

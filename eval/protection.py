@@ -7,11 +7,15 @@ A cell spec is ``METHOD[:ITEM]...``:
              img2img target at strength 0.6, 100 Adam steps at lr 0.01), glaze, mist, photoguard, anti-dreambooth,
              or best (the cloak method with the highest mean protection without an adversary in the grids before)
     budget   METRIC=VALUE, repeatable: psnr=32, linf=16/255, ssim=0.95, lpips=0.07 (default psnr=32)
-    options  steps=N, lr=X, pgd (signed steps instead of Adam), strength=S (glaze's img2img target),
+    options  steps=N, lr=X, pgd or optimiser=pgd|adam, alpha=A (the soft budget penalty's weight),
+             strength=S (glaze's img2img target),
              target=STYLE (glaze's target style; default the benchmark's per-artist target), eot (expectation over
              jpeg, resize, blur and noise), robust=T,T (those transforms of your choice), weight=W (mist's
              semantic weight), every=N, slr=X (anti-dreambooth's surrogate updates), jpeg (the published images go
              through JPEG-75 before mimicry: adversary jpeg:75 before each of the cell's adversaries)
+
+Items may also be joined with '+', and the cloak lab's short names work: t=STYLE, st=S, opt=pgd, adb
+(``adb+t=lumo+psnr=24+steps=100`` is ``anti-dreambooth:target=lumo:psnr=24:steps=100``).
 
 Options not given come from the benchmark's ``[protection.cloak]`` table, then from ``cloak.CloakConfig``'s defaults
 (plain's recipe overrides the table; the cell's own options override both).
@@ -20,6 +24,7 @@ Options not given come from the benchmark's ``[protection.cloak]`` table, then f
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +37,8 @@ PLAIN = {"steps": 100, "lr": 0.01, "strength": 0.6}  # issue 10's reference reci
 OPTION_TYPES = {
     "steps": int,
     "lr": float,
+    "alpha": float,
+    "optimiser": str,
     "strength": float,
     "weight": float,
     "every": int,
@@ -40,6 +47,7 @@ OPTION_TYPES = {
     "robust": lambda text: tuple(t for t in text.split(",") if t),
 }
 FLAGS = {"pgd": ("optimiser", "pgd"), "eot": ("robust", ("jpeg", "resize", "blur", "noise"))}
+ALIASES = {"t": "target", "st": "strength", "opt": "optimiser", "adb": "anti-dreambooth"}  # the cloak lab's names
 JPEG_BEFORE_MIMICRY = "jpeg:75"
 
 
@@ -56,13 +64,19 @@ class Cell:
     @property
     def cloak_spec(self) -> str:
         """The spec without ``jpeg``: what the cloak stage depends on."""
-        return ":".join(part for part in self.spec.split(":") if part != "jpeg")
+        return ":".join(part for part in re.split(r"[:+]", self.spec) if part != "jpeg")
 
     def attack(self, adversary: str) -> str:
         """The adversary spec applied before mimicry: ``adversary`` ("none" or "a+b"), after JPEG-75 for ``jpeg``."""
         if not self.jpeg:
             return adversary
         return JPEG_BEFORE_MIMICRY if adversary == "none" else f"{JPEG_BEFORE_MIMICRY}+{adversary}"
+
+
+def method_of(spec: str) -> str:
+    """A cell spec's method (short names resolved)."""
+    method = re.split(r"[:+]", spec.strip())[0]
+    return ALIASES.get(method, method)
 
 
 def _option(key: str, text: str, where: str):
@@ -76,12 +90,13 @@ def parse_cell(spec: str) -> Cell:
     """``glaze:psnr=32:steps=50:pgd`` -> Cell; a bad spec is a one-line FixativeError naming it."""
     from fixative.cloak import parse_budget
 
-    method, _, rest = spec.strip().partition(":")
+    method, parts = method_of(spec), re.split(r"[:+]", spec.strip())[1:]
     if method not in METHODS:
         raise FixativeError(f"cell {spec!r}: the method must be one of {', '.join(METHODS)}, got {method!r}")
     budget, options, jpeg = [], {}, False
-    for part in filter(None, rest.split(":")):
+    for part in filter(None, parts):
         key, sep, text = part.partition("=")
+        key = ALIASES.get(key, key)
         if part == "jpeg":
             jpeg = True
         elif part in FLAGS:
@@ -102,10 +117,10 @@ def parse_cell(spec: str) -> Cell:
 
 def check_defaults(defaults: dict) -> dict:
     """The ``[protection.cloak]`` table: the cell options, as TOML values."""
-    unknown = sorted(set(defaults) - set(OPTION_TYPES) - {"optimiser"})
+    unknown = sorted(set(defaults) - set(OPTION_TYPES))
     if unknown:
         raise FixativeError(
-            f"[protection.cloak]: unknown setting(s) {', '.join(unknown)}; use {', '.join(OPTION_TYPES)}, optimiser"
+            f"[protection.cloak]: unknown setting(s) {', '.join(unknown)}; use {', '.join(OPTION_TYPES)}"
         )
     return {k: tuple(v) if k == "robust" else v for k, v in defaults.items()}
 
@@ -119,9 +134,9 @@ def cloak_config(cell: Cell, seed: int, defaults: dict | None = None):
         raise FixativeError(f"cell {cell.spec!r} has no cloak of its own")
     options = {**check_defaults(defaults or {}), **(PLAIN if cell.method == "plain" else {}), **cell.options}
     optimiser = OptimiserConfig()
-    for key, name in (("steps", "steps"), ("lr", "lr"), ("optimiser", "optimiser")):
+    for key in ("steps", "lr", "optimiser", "alpha"):
         if key in options:
-            setattr(optimiser, name, options[key])
+            setattr(optimiser, key, options[key])
     style_target = StyleTargetConfig()
     if "strength" in options:
         style_target.strength = options["strength"]
@@ -176,7 +191,7 @@ def best_method(rows: list[dict]) -> str | None:
     without an adversary, across artists and budgets; the first such method on a tie; None without cloaked rows."""
     means: dict[str, list[float]] = {}
     for row in rows:
-        method = row["cell"].partition(":")[0]
+        method = method_of(row["cell"])
         if method not in ("clean", "best") and row["adversary"] == "none":
             means.setdefault(method, []).append(row["protection_rate"])
     if not means:
@@ -186,11 +201,10 @@ def best_method(rows: list[dict]) -> str | None:
 
 def resolve(spec: str, best: str | None) -> str:
     """A "best:..." spec with the best method put in; other specs unchanged."""
-    method, sep, rest = spec.partition(":")
-    if method != "best":
+    if method_of(spec) != "best":
         return spec
     if best is None:
         raise FixativeError(
             f"cell {spec!r}: 'best' needs an earlier grid with cloaked cells run without an adversary ('none')"
         )
-    return f"{best}{sep}{rest}"
+    return best + spec.strip()[len("best") :]

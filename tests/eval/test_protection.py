@@ -90,3 +90,14 @@ def test_best_is_the_highest_mean_protection_without_an_adversary():
     assert best_method(rows[:1]) is None
     with pytest.raises(FixativeError, match="needs an earlier grid"):
         resolve("best:psnr=24", None)
+
+
+def test_the_cloak_labs_plus_syntax_and_short_names_mean_the_same_cell():
+    lab = parse_cell("adb+t=lumo+psnr=24+steps=100+slr=0.001")
+    assert lab.method == "anti-dreambooth" and lab.budget == ("psnr=24",)
+    assert lab.options == {"target": "lumo", "steps": 100, "slr": 0.001}
+    assert lab.cloak_spec == "adb:t=lumo:psnr=24:steps=100:slr=0.001"
+    glaze = cloak_config(parse_cell("glaze+t=kovra+st=0.4+opt=pgd+alpha=10+psnr=28"), 0)
+    assert glaze.style_target.strength == 0.4 and glaze.optimiser.optimiser == "pgd" and glaze.optimiser.alpha == 10
+    assert resolve("best+psnr=24", "mist") == "mist+psnr=24"
+    assert best_method([{"cell": "adb+psnr=24", "adversary": "none", "protection_rate": 0.5}]) == "anti-dreambooth"
