@@ -389,7 +389,7 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
     from .clip_score import CLIPScorer
     from .features import CLIPFeatures, folder_sha256
     from .fid import fid
-    from .mimicry import MimicConfig, apply_adversaries, mimicry
+    from .mimicry import MimicConfig, apply_adversaries, mimicry, shares_agree
     from .protection import (
         best_method,
         check_defaults,
@@ -532,7 +532,8 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
         sampler_of[artist] = mimic
         if check_sampler:
             _, outcome = mimic_stage(artist, "clean", "none", mimic, check_sampler, kind="check")
-            check = outcome["sampler_check"]
+            check = dict(outcome["sampler_check"])  # decided here from the cached counts, not frozen in the cache
+            check["agrees"] = shares_agree(check["distilled_attributed"], check["reference_attributed"])
             checks.append({"artist": artist, **check})
             if not check["agrees"]:
                 sampler_of[artist] = dataclasses.replace(mimic, sampler=check_sampler)

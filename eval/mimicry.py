@@ -20,7 +20,7 @@ import torch
 from fixative.core.datasets import ImageCaptions
 from fixative.core.errors import FixativeError
 
-from .rates import rate
+from .rates import rate, wilson_interval
 
 METHODS = ("full", "lora")
 SAMPLERS = ("ddim", "lcm")
@@ -179,19 +179,21 @@ def protection(predicted: list[str], artist: str, candidates: list[str]) -> dict
     }
 
 
+def shares_agree(distilled: dict, reference: dict) -> bool:
+    """Whether the distilled sampler's share (``successes`` / ``trials``) lies in the 95% Wilson interval of the
+    reference sampler's (25-step DDIM) share: the check on the clean control that lets the LCM sampler stand in for
+    DDIM."""
+    low, high = wilson_interval(reference["successes"], reference["trials"])
+    return bool(low <= distilled["successes"] / distilled["trials"] <= high)
+
+
 def samplers_agree(distilled: dict, reference: dict, artist: str) -> dict:
-    """Whether the distilled sampler's share of generations attributed to ``artist`` lies in the 95% Wilson
-    interval of the reference sampler's (25-step DDIM) share, from the two ``attributed_to`` counts (the check on
-    the clean control that lets the LCM sampler stand in for DDIM)."""
-    shares = {}
-    for sampler, counts in (("distilled", distilled), ("reference", reference)):
-        shares[sampler] = rate(counts.get(artist, 0), sum(counts.values()))
-    low, high = shares["reference"].low, shares["reference"].high
-    return {
-        "agrees": bool(low <= shares["distilled"].value <= high),
-        "distilled_attributed": shares["distilled"].as_dict(),
-        "reference_attributed": shares["reference"].as_dict(),
+    """``shares_agree`` on the shares attributed to ``artist`` in two ``attributed_to`` counts, with the shares."""
+    shares = {
+        "distilled_attributed": rate(distilled.get(artist, 0), sum(distilled.values())).as_dict(),
+        "reference_attributed": rate(reference.get(artist, 0), sum(reference.values())).as_dict(),
     }
+    return {"agrees": shares_agree(shares["distilled_attributed"], shares["reference_attributed"]), **shares}
 
 
 @torch.no_grad()

@@ -116,6 +116,8 @@ def test_lcm_agrees_with_ddim_when_its_share_lies_in_ddims_interval():
     check = samplers_agree({"zenji": 383, "kovra": 1}, {"zenji": 384, "kovra": 0}, "zenji")
     assert check["agrees"] and check["reference_attributed"]["low"] == pytest.approx(0.99010, abs=1e-4)
     assert check["distilled_attributed"]["value"] == pytest.approx(383 / 384)
+    # both at 100% (tovik's control): agrees (DDIM's interval reaches exactly 1)
+    assert samplers_agree({"tovik": 384}, {"tovik": 384, "tazu": 0}, "tovik")["agrees"]
     # the weak LoRA mimic: DDIM 75%, LCM-2 95% -> disagrees
     assert not samplers_agree({"zenji": 365, "lumo": 19}, {"zenji": 288, "lumo": 96}, "zenji")["agrees"]
     # just inside and just outside DDIM's interval at 300/384 (Wilson 95%: [73.7, 82.0])
