@@ -210,7 +210,7 @@ def test_an_artist_whose_lcm_check_fails_falls_back_to_ddim(tmp_path, shipped, m
     lines = []
     results = bench(tmp_path / "lcm.toml", tmp_path / "run", log=lines.append)
     figures = results["figures"]
-    assert checked == [(8, 8)] and figures["sampler_checks"][0]["artist"] == "zenji"
+    assert set(checked) == {(8, 8)} and figures["sampler_checks"][0]["artist"] == "zenji"
     assert figures["samplers"]["zenji"]["scheduler"] == "ddim"
     rows = figures["rows"]
     assert [(r["cell"], r["adversary"]) for r in rows] == [
