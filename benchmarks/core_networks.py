@@ -6,13 +6,15 @@ for bf16 the relative error of each implementation against its own fp32 output, 
 the machine's limit: the FLOPs of one call (torch.utils.flop_counter, counted on the reference) per second,
 beside the peak FLOP/s of a large matmul in the same dtype measured at the start.
 
-Cases: forward passes (UNet, VAE decode, text encoder) and, marked "+grad", a forward and backward pass:
-the VAE encoder to the input pixels at 512 px (a cloaking step) and the UNet to its weights at 64x64
-latents (a fine-tuning / distillation step).
+Cases: forward passes (UNet batch 2, as with classifier-free guidance; VAE decode at 512 px; text encoder)
+and, marked "+grad", a forward and backward pass: the VAE encoder to the input pixels at 512 px (a cloaking
+step) and the UNet to its weights at 64x64 latents, batch 1 (a fine-tuning / distillation step).
 
-    .venv/bin/python benchmarks/core_networks.py            # full run (tens of minutes on 2 CPU cores)
-    .venv/bin/python benchmarks/core_networks.py --quick    # one repeat, small cases only
-    .venv/bin/python benchmarks/core_networks.py --only unet --compile   # + our UNet under torch.compile
+    .venv/bin/python benchmarks/core_networks.py            # every row (about an hour at 1 thread)
+    .venv/bin/python benchmarks/core_networks.py --quick    # one repeat, small cases only (minutes)
+    .venv/bin/python benchmarks/core_networks.py --full     # the 512 px / 64x64-latent rows only
+    .venv/bin/python benchmarks/core_networks.py --only unet --full --compile   # + our UNet compiled, frozen
+    .venv/bin/python benchmarks/core_networks.py --full --profile   # one profiled call each, operator tables
 """
 
 from __future__ import annotations
@@ -82,15 +84,6 @@ def timed(fn, device: torch.device, grad: bool = False) -> tuple[float, float, t
     return seconds, memory.peak_mib, out
 
 
-def counted_flops(fn, grad: bool) -> tuple[int, torch.Tensor]:
-    """FLOPs of one call (matmuls, convolutions, attention; forward and backward) and its output."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter, torch.inference_mode(not grad):
-        out = fn()
-    return counter.get_total_flops(), out
-
-
 @functools.cache
 def peak_flops(dtype: torch.dtype, device: torch.device, size: int = 3072, repeats: int = 5) -> float:
     """FLOP/s of the fastest of ``repeats`` (size x size) @ (size x size) matmuls: what the machine can do."""
@@ -106,26 +99,69 @@ def peak_flops(dtype: torch.dtype, device: torch.device, size: int = 3072, repea
     return 2 * size**3 / best
 
 
+PROFILE_ROWS = 0  # with --profile: operator-table rows printed per call instead of timing (0: time)
+
+
+def profiled(name: str, ours, theirs, grad: bool):
+    """One call of each under torch.profiler (after a warm-up call for the UNet rows, whose up-sampling
+    fold is cached on the first call): the operators by self CPU time. Returns both outputs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    outputs = []
+    for label, fn in (("fixative", ours), ("reference", theirs)):
+        if name.startswith("unet"):
+            timed(fn, torch.device("cpu"), grad)
+        gc.collect()
+        with profile(activities=[ProfilerActivity.CPU]) as prof, torch.inference_mode(not grad):
+            start = time.perf_counter()
+            outputs.append(fn())
+            seconds = time.perf_counter() - start
+        table = prof.key_averages().table(
+            sort_by="self_cpu_time_total", row_limit=PROFILE_ROWS, max_name_column_width=48
+        )
+        print(f"=== {name}: {label}, one call {seconds:.2f} s (profiled)\n{table}", flush=True)
+    return outputs
+
+
 def compare(name: str, ours, theirs, device: torch.device, repeats: int, reference_outputs=None, grad=False):
-    """Interleaved timing after one warm-up call each (the reference's counts the FLOPs); ``grad``: the
-    calls run a backward pass. Returns the printed row and both outputs."""
-    ours_out = timed(ours, device, grad)[2]
-    flops, theirs_out = counted_flops(theirs, grad)
-    ours_t, theirs_t, ours_m, theirs_m = [], [], [], []
+    """Interleaved timing, the median of ``repeats`` calls each; ``grad``: the calls run a backward pass.
+    From 3 repeats on there is no separate warm-up call: at these sizes a first call's extra cost (oneDNN
+    primitives, our packed weights) is the one outlier the median drops, and the reference's first call also
+    counts the FLOPs. Peak memory is the largest over all calls, first included, so that memory kept between
+    calls (packed weights) shows. Returns the printed row and both outputs."""
+    if PROFILE_ROWS:
+        return {}, *profiled(name, ours, theirs, grad)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    times, memory, outputs = {"ours": [], "theirs": []}, {"ours": [], "theirs": []}, {}
+
+    def run(label: str) -> float:
+        fn = ours if label == "ours" else theirs
+        if label == "theirs" and "theirs" not in outputs:  # the reference's first call counts the FLOPs
+
+            def fn():
+                with counter:
+                    return theirs()
+
+        seconds, memory_mib, outputs[label] = timed(fn, device, grad)
+        memory[label].append(memory_mib)
+        return seconds
+
+    if repeats < 3:  # warm-up calls, not timed
+        run("ours"), run("theirs")
     for i in range(repeats):
-        pair = [(ours, ours_t, ours_m), (theirs, theirs_t, theirs_m)]
-        for fn, times, mems in pair if i % 2 == 0 else reversed(pair):
-            seconds, mib, _ = timed(fn, device, grad)
-            times.append(seconds)
-            mems.append(mib)
+        for label in ("ours", "theirs") if i % 2 == 0 else ("theirs", "ours"):
+            times[label].append(run(label))
+    ours_out, theirs_out = outputs["ours"], outputs["theirs"]
     row = {
         "case": name,
-        "ours_s": statistics.median(ours_t),
-        "ref_s": statistics.median(theirs_t),
-        "ours_mib": max(ours_m),
-        "ref_mib": max(theirs_m),
+        "ours_s": statistics.median(times["ours"]),
+        "ref_s": statistics.median(times["theirs"]),
+        "ours_mib": max(memory["ours"]),
+        "ref_mib": max(memory["theirs"]),
         "parity": relative_error(ours_out, theirs_out),
-        "gflop": flops / 1e9,
+        "gflop": counter.get_total_flops() / 1e9,
         "peak_gflops": peak_flops(theirs_out.dtype, device) / 1e9,
     }
     if reference_outputs is not None:
@@ -171,21 +207,29 @@ def unet_pair(device: torch.device):
 
 
 def compiled_rows(args, device, name: str, ours, theirs, inputs) -> list[dict]:
-    """With --compile: our UNet under torch.compile (fixative.core.compilation) against diffusers' eager one."""
+    """With --compile: our UNet under torch.compile with Inductor's freezing (fixative.core.compilation,
+    weights as constants) against diffusers' eager one; the first call's time, compiling included, is printed."""
     if not args.compile:
         return []
     from fixative.core.compilation import compile_network
 
-    compile_network(ours, "unet", report=lambda message: print(f"  {message}", flush=True))
-    rows = [compare(f"{name} compiled", lambda: ours(*inputs), lambda: theirs(*inputs).sample, device, args.repeats)[0]]
+    compile_network(ours, "unet", report=lambda message: print(f"  {message}", flush=True), freeze=True)
+    with torch.inference_mode():
+        ours(*inputs)  # compiles, before the timed calls
+    rows = [
+        compare(f"{name} compiled+frozen", lambda: ours(*inputs), lambda: theirs(*inputs).sample, device, args.repeats)[
+            0
+        ]
+    ]
     del ours.forward  # back to eager
+    torch._dynamo.reset()
     return rows
 
 
 def unet_cases(args, device) -> list[dict]:
     ours, theirs, config = unet_pair(device)
     rows = []
-    sizes = [32] if args.quick else [32, 64]
+    sizes = [32] if args.quick else [64] if args.full else [32, 64]
     fp32_outputs = {}
     for size in sizes:
         latents = torch.randn(2, 4, size, size, device=device)
@@ -201,7 +245,6 @@ def unet_cases(args, device) -> list[dict]:
         )
         fp32_outputs[size] = (ours_out, theirs_out, latents, text_embeddings, t)
         rows.append(row)
-        rows += compiled_rows(args, device, name, ours, theirs, (latents, t, text_embeddings))
     ours.to(torch.bfloat16)
     theirs.to(torch.bfloat16)
     for size in sizes:
@@ -218,7 +261,8 @@ def unet_cases(args, device) -> list[dict]:
                 reference_outputs=(ours_fp32, theirs_fp32),
             )[0]
         )
-        rows += compiled_rows(args, device, name, ours, theirs, (latents, t, text_embeddings))
+        if size == sizes[-1]:  # one compilation: the largest latents
+            rows += compiled_rows(args, device, name, ours, theirs, (latents, t, text_embeddings))
     return rows
 
 
@@ -275,9 +319,10 @@ def vae_pair(device: torch.device):
 
 def vae_cases(args, device) -> list[dict]:
     ours, theirs = vae_pair(device)
-    latents = torch.randn(1, 4, 32, 32, device=device)  # 256x256 pixels
+    size = 256 if args.quick else 512
+    latents = torch.randn(1, 4, size // 8, size // 8, device=device)
     row, ours_out, theirs_out = compare(
-        "vae decode 256x256 fp32",
+        f"vae decode {size}x{size} fp32",
         lambda: ours.decode(latents),
         lambda: theirs.decode(latents).sample,
         device,
@@ -290,7 +335,7 @@ def vae_cases(args, device) -> list[dict]:
     latents_bf16 = latents.bfloat16()
     rows.append(
         compare(
-            "vae decode 256x256 bf16",
+            f"vae decode {size}x{size} bf16",
             lambda: ours.decode(latents_bf16),
             lambda: theirs.decode(latents_bf16).sample,
             device,
@@ -386,6 +431,20 @@ def main() -> int:
         action="store_true",
         help="small cases only (UNet 32x32, VAE encoder 256 px), one repeat unless --repeats",
     )
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="the full-size rows only: UNet at 64x64 latents, VAE at 512 px (default: also the 32x32 UNet and text)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        nargs="?",
+        const=15,
+        default=0,
+        help="instead of timing, profile one call of each implementation and print the top N operators "
+        "by self CPU time (N default 15; default: off)",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed runs of each implementation (default 3)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -393,21 +452,26 @@ def main() -> int:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="also time our UNet forward under torch.compile (minutes of compiling; default: off)",
+        help="also time our bf16 UNet forward at the largest latents under torch.compile with freezing "
+        "(minutes of compiling; default: off)",
     )
     args = parser.parse_args()
+    global PROFILE_ROWS
+    PROFILE_ROWS = args.profile
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, repeats {args.repeats}")
-    rows = []
     for dtype in (torch.float32, torch.bfloat16):
-        print(f"peak {dtype}: {peak_flops(dtype, device) / 1e9:.0f} GFLOP/s (a 3072^3 matmul, fastest of 5)")
+        if not PROFILE_ROWS:
+            print(f"peak {dtype}: {peak_flops(dtype, device) / 1e9:.0f} GFLOP/s (a 3072^3 matmul, fastest of 5)")
     rows = []
     for name, cases in GROUPS.items():
-        if args.only is None or name in args.only:
+        if (args.only is None or name in args.only) and not (args.full and name == "text"):
             rows += cases(args, device)
+    if PROFILE_ROWS:
+        return 0
     worst = max(row["ours_s"] / row["ref_s"] for row in rows)
     print(f"worst ratio {worst:.2f} (target <= 0.80)")
     return 0

@@ -9,9 +9,13 @@ plain up-sample and conv are used: folding inside the autograd graph kept ~0.5 G
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .layout import pack_conv2d, packs_weights, run_packed_conv2d, tensor_key
 
 
 def _fold_for_upsampling(kernel: torch.Tensor, dim: int) -> torch.Tensor:
@@ -29,20 +33,27 @@ def _phase_weight(weight: torch.Tensor) -> torch.Tensor:
     return phase_weight.reshape(4 * weight.shape[0], -1, 2, 2).to(weight.dtype)
 
 
-def _cached_phase_weight(conv: nn.Conv2d) -> torch.Tensor:
-    """The folded weight, kept on the module while the weight is unchanged (same storage, version and dtype):
-    folding the SD UNet's 1280-channel kernels at every call costs more than the multiply-adds it saves at
-    small latents."""
-    weight = conv.weight
+def _cached_phase_conv(conv: nn.Conv2d, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The four phases' 2x2 convolution (padding 1), its folded weight kept on the module while the weight and
+    bias are unchanged (same storage, version and dtype): folding the SD UNet's 1280-channel kernels at every
+    call costs more than the multiply-adds it saves at small latents. In channels-last inference on the CPU
+    the folded weight is also packed once for oneDNN (layout.pack_conv2d)."""
+    weight, bias = conv.weight, conv.bias
     if torch.compiler.is_compiling():
-        return _phase_weight(weight)
-    key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        phase_weight, phase_bias = _phase_weight(weight), bias.repeat(4)
+        return lambda x: F.conv2d(x, phase_weight, phase_bias, padding=1)
+    key = (tensor_key(weight), tensor_key(bias), weight.device)
     cached = getattr(conv, "_phase_weight_cache", None)
-    if cached is None or cached[0] != key:
-        with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable outside inference mode too
-            cached = (key, _phase_weight(weight))
+    if cached is None or cached["key"] != key:
+        conv._phase_weight_cache = None  # release the old copies first
+        with torch.inference_mode(False), torch.no_grad():  # normal tensors, usable outside inference mode too
+            cached = {"key": key, "weight": _phase_weight(weight), "bias": bias.repeat(4), "packed": None}
         conv._phase_weight_cache = cached
-    return cached[1]
+    if not getattr(conv, "pack_weight", False) or not packs_weights(x, weight):
+        return lambda x: F.conv2d(x, cached["weight"], cached["bias"], padding=1)
+    if cached["packed"] is None:
+        cached["packed"] = pack_conv2d(cached["weight"], cached["bias"], (1, 1), (1, 1), (1, 1), 1, x.shape)
+    return lambda x: run_packed_conv2d(x, cached["packed"])
 
 
 def upsample_nearest2x_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -52,7 +63,7 @@ def upsample_nearest2x_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
         return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
     batch, _, height, width = x.shape
     channels = conv.weight.shape[0]
-    phases = F.conv2d(F.pad(x, (1, 1, 1, 1)), _cached_phase_weight(conv), conv.bias.repeat(4))
+    phases = _cached_phase_conv(conv, x)(x)  # output pixel (i, j) of phase (a, b) is at (i + a, j + b)
     phases = phases.view(batch, 2, 2, channels, height + 1, width + 1)  # (batch, a, b, out, h + 1, w + 1)
     layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
     out = torch.empty(batch, channels, 2 * height, 2 * width, dtype=x.dtype, device=x.device, memory_format=layout)

@@ -19,22 +19,11 @@ from torch import nn
 
 from .config import AutoencoderKLConfig, check_buildable, vae_problems
 from .errors import FixativeError
+from .layout import Conv2d, working_layout
 from .noise import randn_tensor
 from .upsampling import upsample_nearest2x_conv
 
 NORM_EPS = 1e-6  # every GroupNorm of the SD autoencoder (LDM's Normalize uses eps=1e-6)
-
-
-def _working_layout(x: torch.Tensor, network: nn.Module) -> torch.Tensor:
-    """Channels-last activations on the CPU when autograd records nothing: oneDNN convolves NHWC without
-    reordering input and output at every layer (about twice as fast in bf16). When gradients flow (to the
-    pixels of a cloak, to the weights in training) channels-first: ATen's channels-last GroupNorm backward
-    is tens of times slower in bf16 and its convolution backward slower too. Other devices keep the layout
-    they were given."""
-    if x.device.type != "cpu":
-        return x
-    records_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in network.parameters()))
-    return x.contiguous() if records_grad else x.contiguous(memory_format=torch.channels_last)
 
 
 class DiagonalGaussian:
@@ -66,10 +55,10 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, groups: int):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=NORM_EPS)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=NORM_EPS)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.conv1(F.silu(self.norm1(x), inplace=True))
@@ -83,7 +72,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+        self.conv = Conv2d(channels, channels, 3, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
@@ -95,7 +84,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return upsample_nearest2x_conv(x, self.conv)
@@ -179,14 +168,14 @@ class Encoder(nn.Module):
     def __init__(self, config: AutoencoderKLConfig):
         super().__init__()
         widths, groups = config.block_out_channels, config.norm_num_groups
-        self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, widths[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
             EncoderBlock(widths[max(i - 1, 0)], width, config.layers_per_block, groups, downsample=i < len(widths) - 1)
             for i, width in enumerate(widths)
         )
         self.mid_block = MidBlock(widths[-1], groups, config.mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=NORM_EPS)
-        self.conv_out = nn.Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)
+        self.conv_out = Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(pixels)
@@ -202,7 +191,7 @@ class Decoder(nn.Module):
     def __init__(self, config: AutoencoderKLConfig):
         super().__init__()
         widths, groups = tuple(reversed(config.block_out_channels)), config.norm_num_groups
-        self.conv_in = nn.Conv2d(config.latent_channels, widths[0], 3, padding=1)
+        self.conv_in = Conv2d(config.latent_channels, widths[0], 3, padding=1)
         self.mid_block = MidBlock(widths[0], groups, config.mid_block_add_attention)
         # the decoder has one more ResNet per block than the encoder (LDM: num_res_blocks + 1)
         self.up_blocks = nn.ModuleList(
@@ -212,7 +201,7 @@ class Decoder(nn.Module):
             for i, width in enumerate(widths)
         )
         self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=NORM_EPS)
-        self.conv_out = nn.Conv2d(widths[-1], config.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(widths[-1], config.out_channels, 3, padding=1)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         x = self.mid_block(self.conv_in(latents))
@@ -274,8 +263,8 @@ class AutoencoderKL(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
-        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+        self.quant_conv = Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
+        self.post_quant_conv = Conv2d(config.latent_channels, config.latent_channels, 1)
         self.use_slicing = False
         self.use_tiling = False
         self.tile_size = config.sample_size  # pixels
@@ -320,10 +309,10 @@ class AutoencoderKL(nn.Module):
         return self._encode_tile(pixels)
 
     def _encode_tile(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.quant_conv(self.encoder(_working_layout(pixels, self))).contiguous()
+        return self.quant_conv(self.encoder(working_layout(pixels, self))).contiguous()
 
     def _decode_tile(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(_working_layout(latents, self))).contiguous()
+        return self.decoder(self.post_quant_conv(working_layout(latents, self))).contiguous()
 
     def _pixels(self, latents: torch.Tensor) -> torch.Tensor:
         if self.use_tiling and max(latents.shape[-2:]) > self.latent_tile_size:

@@ -11,7 +11,7 @@ from fixative.core.config import UNetConfig
 from fixative.core.errors import FixativeError
 from fixative.core.model import StableDiffusionModel
 from fixative.core.presets import get_preset
-from fixative.core.unet import UNet2DConditionModel
+from fixative.core.unet import ResnetBlock2D, Transformer2DModel, UNet2DConditionModel
 
 # the smallest UNet with every kind of block (down and up ResNets, a transformer, mid block, up-sampling):
 # compiling takes seconds per graph node, so the graph is kept short
@@ -51,6 +51,34 @@ def test_compiled_unet_matches_eager_and_reports_the_compile_time_once():
     assert set(unet.state_dict()) == set(UNet2DConditionModel(TINY).state_dict())  # keys unchanged
     del unet.forward
     assert "forward" not in vars(unet)
+
+
+class _ResnetAndTransformer(torch.nn.Module):
+    """One ResNet and one transformer of TINY: the convolutions, GroupNorm, Linear layers and attention that
+    freezing packs and fuses, in a graph that compiles in seconds."""
+
+    def __init__(self):
+        super().__init__()
+        self.resnet = ResnetBlock2D(16, 32, 64, groups=8, eps=1e-5)
+        self.transformer = Transformer2DModel(32, heads=2, config=TINY)
+
+    def forward(self, hidden, time_features, text_embeddings):
+        return self.transformer(self.resnet(hidden, time_features), text_embeddings)
+
+
+@pytest.mark.slow
+def test_frozen_compilation_matches_eager_in_channels_last_inference():
+    torch.manual_seed(0)
+    network = _ResnetAndTransformer().eval()
+    hidden = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)  # as the UNet infers on the CPU
+    time_features, text_embeddings = torch.randn(2, 64), torch.randn(2, 77, 16)
+    with torch.no_grad():
+        eager = network(hidden, time_features, text_embeddings)
+        reports = []
+        compile_network(network, "block", report=reports.append, freeze=True)
+        frozen = network(hidden, time_features, text_embeddings)
+    assert len(reports) == 1
+    assert_parity(frozen, eager)
 
 
 def test_load_model_compiles_the_unet_only_when_asked(tmp_path):
