@@ -47,22 +47,91 @@ def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def _kind(name: str) -> str:
+    """A stage's kind: its name up to the first '-' (cloak, mimic, generate, ...)."""
+    return name.partition("-")[0]
+
+
 @dataclass
 class Stages:
-    """Stage results cached in ``folder`` by the hash of (name, inputs)."""
+    """Stage results cached in ``folder`` by the hash of (name, inputs). With the stages to come announced
+    (``expect``), each finished stage logs its place, the time so far and an ETA: the mean seconds of the stages
+    of each kind computed so far (or of all computed stages, for a kind not yet computed) times those still to
+    come; cached stages take no time."""
 
     folder: Path
     log: Callable[[str], None] = print
     done: dict = field(default_factory=dict)  # name -> "cached" | seconds
+    clock: Callable[[], float] = time.time
+    planned: dict = field(default_factory=dict)  # kind -> stages of that kind still to come
+    total: int = 0
+    calls: int = 0
+    started: float | None = None
+    computed: dict = field(default_factory=dict)  # kind -> seconds of each computed stage
 
-    def run(self, name: str, inputs: dict, compute: Callable[[], dict]) -> tuple[dict, str]:
-        """(result, key); ``compute`` returns a dict of tensors, numbers, strings and lists."""
+    def expect(self, names: list[str]) -> None:
+        """Announce the stages this run will ask for (names, or just their kinds)."""
+        for name in names:
+            self.planned[_kind(name)] = self.planned.get(_kind(name), 0) + 1
+        self.total += len(names)
+        if self.started is None:
+            self.started = self.clock()
+
+    def unexpect(self, name: str) -> None:
+        """One announced stage of ``name``'s kind will not be asked for after all."""
+        if self.planned.get(_kind(name)):
+            self.planned[_kind(name)] -= 1
+            self.total -= 1
+
+    def eta(self) -> float | None:
+        """Seconds still to go, from the stages computed so far; None before any was computed."""
+        every = [s for seconds in self.computed.values() for s in seconds]
+        if not every:
+            return None
+        mean = sum(every) / len(every)
+        return sum(
+            left * (sum(self.computed[kind]) / len(self.computed[kind]) if self.computed.get(kind) else mean)
+            for kind, left in self.planned.items()
+        )
+
+    def _finished(self, name: str, seconds: float | None, kind: str | None) -> None:
+        kind = kind or _kind(name)
+        self.calls += 1
+        if self.planned.get(kind):
+            self.planned[kind] -= 1
+        if seconds is not None:
+            self.computed.setdefault(kind, []).append(seconds)
+        if not self.total:
+            if seconds is not None:
+                self.log(f"stage {name}: {self.done[name]} s")
+            return
+        place = f"[{self.calls}/{max(self.total, self.calls)}]"
+        took = "cached" if seconds is None else _duration(seconds)
+        eta = self.eta()
+        remaining = "ETA unknown" if eta is None else f"ETA {_duration(eta)}"
+        self.log(f"{place} stage {name}: {took} (elapsed {_duration(self.clock() - self.started)}, {remaining})")
+
+    def run(self, name: str, inputs: dict, compute: Callable[[], dict], kind: str | None = None) -> tuple[dict, str]:
+        """(result, key); ``compute`` returns a dict of tensors, numbers, strings and lists. ``kind``: the stage's kind
+        for the ETA when it is not the name's first word."""
         key = _digest({"stage": name, **inputs})[:20]
-        path = self.folder / f"{name}-{key}.pt"
+        path = self.folder / f"{name.replace('/', '_')}-{key}.pt"
+        if self.started is None:
+            self.started = self.clock()
         if path.is_file():
             self.done[name] = "cached"
+            self._finished(name, None, kind)
             return torch.load(path, weights_only=False), key
-        started = time.time()
+        started = self.clock()
         self.log(f"stage {name} ...")
         result = compute()
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -74,8 +143,9 @@ class Stages:
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
-        self.done[name] = round(time.time() - started, 1)
-        self.log(f"stage {name}: {self.done[name]} s")
+        seconds = self.clock() - started
+        self.done[name] = round(seconds, 1)
+        self._finished(name, seconds, kind)
         return result, key
 
 
@@ -282,26 +352,29 @@ def run_guidance(config: dict, stages: Stages, device) -> tuple[dict, list[tuple
 # ---------------------------------------------------------------- protection
 
 
-def _cloak_config(spec: str, seed: int):
-    """``METHOD:budget;budget...[:steps=N]``, e.g. ``glaze:psnr=32`` or ``glaze:psnr=28:steps=50``."""
-    from fixative.cloak import Budget, CloakConfig, OptimiserConfig, parse_budget
+def _grids(settings: dict) -> list[tuple[list[str], list[str]]]:
+    """The (cells, adversaries) grids: ``[[protection.grid]]`` tables in order, or ``cells`` x ``adversaries``."""
+    if settings.get("grid"):
+        if "cells" in settings:
+            raise FixativeError("[protection]: give either cells and adversaries or [[protection.grid]] tables")
+        grids = [(list(g.get("cells", [])), list(g.get("adversaries", ["none"]))) for g in settings["grid"]]
+    else:
+        grids = [(list(settings.get("cells", ["clean"])), list(settings.get("adversaries", ["none"])))]
+    if not all(cells and adversaries for cells, adversaries in grids):
+        raise FixativeError("[protection]: every grid needs at least one cell and one adversary")
+    return grids
 
-    method, _, rest = spec.partition(":")
-    budgets, steps = [], 100
-    for part in filter(None, rest.split(":")):
-        if part.startswith("steps="):
-            steps = int(part.split("=")[1])
-        else:
-            budgets.append(part)
-    return CloakConfig(
-        method=method,
-        budget=parse_budget(budgets) if budgets else Budget(psnr=32),
-        optimiser=OptimiserConfig(steps=steps),
-        seed=seed,
-    )
+
+def _sampler_label(sampling: dict) -> str:
+    return f"{sampling['scheduler']}-{sampling['num_inference_steps']}"
 
 
 def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tuple[str, str]], str]:
+    """Mimicry of each artist from clean and cloaked images under adversaries. With ``[protection.mimic] sampler
+    = "lcm"``, each artist's clean control is first also sampled with DDIM: where the two attributions disagree
+    (``mimicry.samplers_agree``), that artist's cells sample with DDIM instead."""
+    import dataclasses
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -316,18 +389,48 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
     from .clip_score import CLIPScorer
     from .features import CLIPFeatures, folder_sha256
     from .fid import fid
-    from .mimicry import MimicConfig, fine_tune_mimic, protection, sample, similarity_to
+    from .mimicry import MimicConfig, apply_adversaries, mimicry, shares_agree
+    from .protection import (
+        best_method,
+        check_defaults,
+        cloak_cell,
+        cloak_code_sha256,
+        method_of,
+        parse_cell,
+        resolve,
+    )
     from .toy_report import MIMIC_NAMES, pixels_of
 
     settings = config["protection"]
     seed = config["experiment"].get("seed", 0)
     artists = settings.get("artists", ["zenji", "tovik"])
     targets = settings.get("targets", {"zenji": "lumo", "tovik": "dervo"})
-    cells = settings.get("cells", ["clean"])
-    attacks = settings.get("adversaries", ["none"])
+    grids = _grids(settings)
+    for cells, attacks in grids:  # every spec is checked before anything runs
+        for spec in cells:
+            parse_cell(spec)
+        for attack in attacks:
+            if attack != "none":
+                [parse_adversary(a) for a in attack.split("+")]
+    cloak_defaults = check_defaults(settings.get("cloak", {}))
     images_per_artist = int(settings.get("images", 24))
+    known = {f.name for f in dataclasses.fields(MimicConfig)} - {"seed"}
+    unknown = sorted(set(settings.get("mimic", {})) - known)
+    if unknown:
+        raise FixativeError(f"[protection.mimic]: unknown setting(s) {', '.join(unknown)}; use {', '.join(known)}")
     mimic = MimicConfig(**settings.get("mimic", {}), seed=seed)
+    check_sampler = "ddim" if mimic.sampler == "lcm" and settings.get("check_sampler", True) else None
     model_hash = folder_sha256(model_folder())
+    judge_hash = folder_sha256(clip_folder())
+    cloak_code = cloak_code_sha256()
+    lcm_hash = None
+    if mimic.sampler == "lcm":
+        from fixative.consistency.toy import toy_lcm_lora
+
+        lcm_hash = folder_sha256(toy_lcm_lora().parent)
+    cloak_specs = {parse_cell(spec).cloak_spec for cells, _ in grids for spec in cells}
+    mimics = sum(len(cells) * len(attacks) for cells, attacks in grids)
+    stages.expect((["cloak"] * len(cloak_specs) + ["mimic"] * mimics + ["check"] * bool(check_sampler)) * len(artists))
     judge = ToyJudge(clip_folder(), device)
     scorer = CLIPScorer(clip_folder(), device)
     features = CLIPFeatures(clip_folder(), device)
@@ -341,133 +444,229 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
             by_artist.setdefault(row["artist"], []).append(row)
         prior_rows = [row for rows in by_artist.values() for row in rows[:per_artist]]
     prior = ImageCaptions(pixels_of(prior_rows), [r["text"] for r in prior_rows])
-    results, table_rows, grids = [], [], []
+    data = {}
     for artist in artists:
         name = MIMIC_NAMES.get(artist, f"{artist}x")
         rows = [r for r in train_rows if r["artist"] == artist][:images_per_artist]
-        clean = pixels_of(rows)
-        captions = [atelier.caption(r["subject"], name) for r in rows]
         held_out = pixels_of([r for r in test_rows if r["artist"] == artist])
-        held_features = features(_uint8(held_out))
-        prompts = [atelier.caption(s, name) for s in atelier.SUBJECTS]
-        all_prompts = [p for p in prompts for _ in range(mimic.samples_per_prompt)]
-        for cell in cells:
+        data[artist] = {
+            "clean": pixels_of(rows),
+            "captions": [atelier.caption(r["subject"], name) for r in rows],
+            "held_out": held_out,
+            "held_features": features(_uint8(held_out)),
+            "prompts": [atelier.caption(s, name) for s in atelier.SUBJECTS],
+        }
 
-            def cloak_stage(cell=cell, clean=clean, artist=artist):
-                if cell == "clean":
-                    return {"pixels": clean, "values": {}}
-                from fixative.cloak.protect import cloak_pixels
+    cloaks: dict[tuple[str, str], tuple[dict, str]] = {}  # (artist, cloak spec) -> the stage's (result, key)
 
-                cloak_config = _cloak_config(cell, seed)
-                stored, records = cloak_pixels(model, (clean + 1) / 2, cloak_config, style=targets.get(artist))
-                values = {k: sum(r["values"][k] for r in records) / len(records) for k in ("psnr", "ssim", "linf")}
-                return {"pixels": stored * 2 - 1, "values": values}
+    def cloak_stage(artist: str, spec: str) -> tuple[dict, str]:
+        cell = parse_cell(spec)
+        if (artist, cell.cloak_spec) in cloaks:
+            return cloaks[artist, cell.cloak_spec]
+        inputs = {"model": model_hash, "artist": artist, "images": images_per_artist, "seed": seed}
+        if cell.method != "clean":
+            from .protection import cloak_config
 
-            cloaked, cloak_key = stages.run(
-                f"cloak-{artist}-{cell}",
-                {"model": model_hash, "artist": artist, "cell": cell, "images": images_per_artist, "seed": seed},
-                cloak_stage,
+            inputs.update(
+                settings=cloak_config(cell, seed, cloak_defaults).settings(),
+                style=cell.options.get("target", targets.get(artist)),
+                code=cloak_code,
             )
-            for attack in attacks:
+        cloaks[artist, cell.cloak_spec] = stages.run(
+            f"cloak-{artist}-{cell.cloak_spec}",
+            inputs,
+            lambda: cloak_cell(model, data[artist]["clean"], cell, seed, targets.get(artist), cloak_defaults),
+        )
+        return cloaks[artist, cell.cloak_spec]
 
-                def mimic_stage(
-                    cloaked=cloaked,
-                    attack=attack,
-                    artist=artist,
-                    captions=captions,
-                    all_prompts=all_prompts,
-                    held_out=held_out,
-                    held_features=held_features,
-                ):
-                    adversaries = [] if attack == "none" else [parse_adversary(a) for a in attack.split("+")]
-                    pixels = cloaked["pixels"]
-                    for index, adversary in enumerate(adversaries):
-                        pixels = adversary((pixels + 1) / 2, seed=seed + index, model=model) * 2 - 1
-                    mimic_model, seconds = fine_tune_mimic(model, pixels, captions, mimic, prior, log=lambda _: None)
-                    seeds = [seed * 100_000 + 50_000 + i for i in range(len(all_prompts))]
-                    generations = sample(mimic_model, all_prompts, seeds, mimic)
-                    predicted, _ = judge.classify(generations)
-                    images = _uint8(generations)
-                    return {
-                        **protection(predicted, artist, list(judge.artists)),
-                        "seconds": seconds,
-                        "similarity_to_held_out": similarity_to(judge, generations, held_out),
-                        "fid_to_held_out": fid(held_features, features(images)),
-                        "clip_score": scorer(list(images), all_prompts).value,
-                        "images": images[:8],
-                        "trained_on": _uint8(pixels[:8]),
+    def mimic_stage(
+        artist: str, spec: str, adversary: str, mimic_config: MimicConfig, check: str | None, kind: str | None = None
+    ):
+        cell = parse_cell(spec)
+        cloaked, cloak_key = cloak_stage(artist, spec)
+        attack = cell.attack(adversary)
+        own = data[artist]
+
+        def compute():
+            adversaries = [] if attack == "none" else [parse_adversary(a) for a in attack.split("+")]
+            trained_on = apply_adversaries(cloaked["pixels"], adversaries, model, seed)
+            results, generations = mimicry(
+                model,
+                trained_on,
+                own["captions"],
+                artist,
+                own["prompts"],
+                judge,
+                mimic_config,
+                prior,
+                own["held_out"],
+                check_sampler=check,
+                log=lambda _: None,
+            )
+            images = _uint8(generations)
+            all_prompts = [p for p in own["prompts"] for _ in range(mimic_config.samples_per_prompt)]
+            return {
+                **{k: v for k, v in results.items() if k not in ("prompts", "config", "adversaries")},
+                "seconds": results["fine_tune_seconds"],
+                "fid_to_held_out": fid(own["held_features"], features(images)),
+                "clip_score": scorer(list(images), all_prompts).value,
+                "images": images[:8],
+                "trained_on": _uint8(trained_on[:8]),
+            }
+
+        inputs = {
+            "cloak": cloak_key,
+            "attack": attack,
+            "mimic": dataclasses.asdict(mimic_config),
+            "prompts": own["prompts"],
+            "prior": len(prior_rows),
+            "judge": judge_hash,
+            "lcm_lora": lcm_hash if "lcm" in (mimic_config.sampler, check) else None,
+            "check": check,
+        }
+        outcome, _ = stages.run(f"mimic-{artist}-{spec}-{adversary}", inputs, compute, kind)
+        return cloaked, outcome
+
+    sampler_of, checks = {}, []
+    for artist in artists:
+        sampler_of[artist] = mimic
+        if check_sampler:
+            _, outcome = mimic_stage(artist, "clean", "none", mimic, check_sampler, kind="check")
+            check = dict(outcome["sampler_check"])  # decided here from the cached counts, not frozen in the cache
+            check["agrees"] = shares_agree(check["distilled_attributed"], check["reference_attributed"])
+            checks.append({"artist": artist, **check})
+            if not check["agrees"]:
+                sampler_of[artist] = dataclasses.replace(mimic, sampler=check_sampler)
+
+    results, table_rows, grids_shown, resolved_best = [], [], [], []
+    for cells, attacks in grids:
+        best = {a: best_method([r for r in results if r["artist"] == a]) for a in artists}  # each artist's own
+        for artist in artists:
+            mimic_config = sampler_of[artist]
+            for raw in cells:
+                spec = resolve(raw, best[artist])
+                if spec != raw:
+                    if (artist, raw, spec) not in resolved_best:
+                        resolved_best.append((artist, raw, spec))
+                    if (artist, parse_cell(spec).cloak_spec) in cloaks:  # planned as a cloak of its own
+                        stages.unexpect("cloak")
+                for attack in attacks:
+                    check = check_sampler if (spec, attack, mimic_config) == ("clean", "none", mimic) else None
+                    cloaked, outcome = mimic_stage(artist, spec, attack, mimic_config, check)
+                    low, high = outcome["protection_interval"]
+                    sampler = _sampler_label(outcome["sampler"])
+                    applied = parse_cell(spec).attack(attack)  # what the mimic's images went through
+                    record = {
+                        "artist": artist,
+                        "cell": spec,
+                        "adversary": applied,
+                        **cloaked["values"],
+                        **{k: v for k, v in outcome.items() if k not in ("images", "trained_on")},
                     }
-
-                outcome, _ = stages.run(
-                    f"mimic-{artist}-{cell}-{attack}",
-                    {
-                        "cloak": cloak_key,
-                        "attack": attack,
-                        "mimic": vars(mimic),
-                        "prompts": all_prompts,
-                        "prior": len(prior_rows),
-                        "judge": folder_sha256(clip_folder()),
-                    },
-                    mimic_stage,
-                )
-                low, high = outcome["protection_interval"]
-                record = {
-                    "artist": artist,
-                    "cell": cell,
-                    "adversary": attack,
-                    **cloaked["values"],
-                    **{k: v for k, v in outcome.items() if k not in ("images", "trained_on")},
-                }
-                results.append(record)
-                went = ", ".join(f"{a} {n}" for a, n in outcome["attributed_to"].items() if n)
-                table_rows.append(
-                    [
-                        artist,
-                        cell,
-                        attack,
-                        f"{cloaked['values'].get('psnr', float('nan')):.1f}",
-                        f"{100 * outcome['protection_rate']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]",
-                        went,
-                        f"{outcome['fid_to_held_out']:.2f}",
-                        f"{outcome['clip_score']:.2f}",
-                    ]
-                )
-                if attack == attacks[0]:
-                    difference = ((cloaked["pixels"][:8] - clean[:8]) * 10).clamp(-1, 1)
-                    grids.append(
-                        (
-                            f"{artist} {cell}",
-                            [_uint8(clean[:8]), _uint8(cloaked["pixels"][:8]), _uint8(difference), outcome["images"]],
-                        )
+                    if spec != raw:
+                        record["cell_as_written"] = raw
+                    results.append(record)
+                    went = ", ".join(f"{a} {n}" for a, n in outcome["attributed_to"].items() if n)
+                    values = cloaked["values"]
+                    reduced = values.get("latent_distance_reduced")
+                    table_rows.append(
+                        [
+                            artist,
+                            spec,
+                            applied,
+                            f"{values['psnr']:.1f}" if "psnr" in values else "-",
+                            f"{values['ssim']:.3f}" if "ssim" in values else "-",
+                            f"{values['linf'] * 255:.1f}/255" if "linf" in values else "-",
+                            "-" if reduced is None else f"{100 * reduced:.0f}%",
+                            f"{100 * outcome['protection_rate']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]",
+                            went,
+                            f"{outcome['fid_to_held_out']:.2f}",
+                            f"{outcome['clip_score']:.2f}",
+                            sampler,
+                        ]
                     )
-    table = _markdown_table(
-        [
-            "artist",
-            "cloak",
-            "adversary",
-            "PSNR dB",
-            "protection [95% CI]",
-            "generations went to",
-            "FID to held-out",
-            "CLIP score",
-        ],
-        table_rows,
-    )
+                    if attack == attacks[0] and not any(label == f"{artist} {spec}" for label, _ in grids_shown):
+                        difference = ((cloaked["pixels"][:8] - data[artist]["clean"][:8]) * 10).clamp(-1, 1)
+                        grids_shown.append(
+                            (
+                                f"{artist} {spec}",
+                                [
+                                    _uint8(data[artist]["clean"][:8]),
+                                    _uint8(cloaked["pixels"][:8]),
+                                    _uint8(difference),
+                                    outcome["images"],
+                                ],
+                            )
+                        )
+    header = [
+        "artist",
+        "cloak",
+        "adversary",
+        "PSNR dB",
+        "SSIM",
+        "L-inf",
+        "latent dist. reduced",
+        "protection [95% CI]",
+        "generations went to",
+        "FID to held-out",
+        "CLIP score",
+        "sampler",
+    ]
+    table = _markdown_table(header, table_rows)
+    markdown = [table]
+    sections = [("protection", table)]
+    if checks:
+        check_table = _markdown_table(
+            ["artist", "LCM: attributed to the artist", "DDIM: attributed [95% CI]", "agree", "cells sampled with"],
+            [
+                [
+                    c["artist"],
+                    f"{100 * c['distilled_attributed']['value']:.1f}%",
+                    f"{100 * c['reference_attributed']['value']:.1f}% "
+                    f"[{100 * c['reference_attributed']['low']:.1f}, {100 * c['reference_attributed']['high']:.1f}]",
+                    "yes" if c["agrees"] else "NO: this artist's cells fall back to DDIM",
+                    _sampler_label(sampler_of[c["artist"]].sampling()),
+                ]
+                for c in checks
+            ],
+        )
+        title = "the LCM sampler against 25-step DDIM on the clean control (same mimic, prompts and seeds)"
+        markdown.append(f"### {title}\n\n{check_table}")
+        sections.append((title, check_table))
+    if resolved_best:
+        note = _markdown_table(["artist", "cell as written", "run as"], [list(row) for row in resolved_best])
+        markdown.append(
+            f"### 'best': for each artist, the method with the highest mean protection without an adversary\n\n{note}"
+        )
+        sections.append(("'best' cells", note))
     figure, axis = plt.subplots(figsize=(6, 4))
     for artist in artists:
-        for attack in attacks:
-            points = [r for r in results if r["artist"] == artist and r["adversary"] == attack and "psnr" in r]
-            if not points:
-                continue
-            points.sort(key=lambda r: -r["psnr"])
-            values = [100 * r["protection_rate"] for r in points]
-            errors = [
-                [100 * (r["protection_rate"] - r["protection_interval"][0]) for r in points],
-                [100 * (r["protection_interval"][1] - r["protection_rate"]) for r in points],
-            ]
-            axis.errorbar(
-                [r["psnr"] for r in points], values, yerr=errors, marker="o", capsize=3, label=f"{artist}, {attack}"
-            )
+        for method in dict.fromkeys(method_of(r["cell"]) for r in results if "psnr" in r):
+            for attack in dict.fromkeys(r["adversary"] for r in results):
+                points = [
+                    r
+                    for r in results
+                    if r["artist"] == artist
+                    and r["adversary"] == attack
+                    and "psnr" in r
+                    and method_of(r["cell"]) == method
+                ]
+                if len(points) < 2:
+                    continue
+                points.sort(key=lambda r: -r["psnr"])
+                values = [100 * r["protection_rate"] for r in points]
+                errors = [
+                    [100 * (r["protection_rate"] - r["protection_interval"][0]) for r in points],
+                    [100 * (r["protection_interval"][1] - r["protection_rate"]) for r in points],
+                ]
+                axis.errorbar(
+                    [r["psnr"] for r in points],
+                    values,
+                    yerr=errors,
+                    marker="o",
+                    capsize=3,
+                    label=f"{artist}, {method}, {attack}",
+                )
     axis.set(
         xlabel="cloak budget (PSNR dB, lower = more visible)",
         ylabel="protection rate (%)",
@@ -475,27 +674,53 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
     )
     axis.invert_xaxis()
     if axis.lines:
-        axis.legend(fontsize=7)
-    sections = [("protection", table), ("protection against budget", "png:" + _png(figure))]
+        axis.legend(fontsize=6)
+    sections.append(("protection against budget", "png:" + _png(figure)))
     plt.close(figure)
-    for label, rows in grids:
+    for label, rows in grids_shown:
         sections.append(
             (
                 f"{label}: original / cloaked / difference x10 / mimicked",
                 "png:" + _grid_png(rows, ["original", "cloaked", "difference x10", "mimicked"]),
             )
         )
-    return {"rows": results, "model_sha256": model_hash}, sections, table
+    figures = {
+        "rows": results,
+        "sampler_checks": checks,
+        "samplers": {a: sampler_of[a].sampling() for a in artists},
+        "best": [{"artist": a, "cell": raw, "run_as": spec} for a, raw, spec in resolved_best],
+        "model_sha256": model_hash,
+        "judge_sha256": judge_hash,
+        "lcm_lora_sha256": lcm_hash,
+        "cloak_code_sha256": cloak_code,
+    }
+    return figures, sections, "\n\n".join(markdown)
 
 
-def bench(config_path: str | Path, out: str | Path, device="cpu", log=print, seed: int | None = None) -> dict:
+def bench(
+    config_path: str | Path,
+    out: str | Path,
+    device="cpu",
+    log=print,
+    seed: int | None = None,
+    overrides: dict | None = None,
+    jobs: int = 1,
+) -> dict:
     """Run the experiment of ``config_path`` into ``out``; returns results.json's content. ``seed`` replaces the
-    config's ``[experiment] seed`` when given."""
+    config's ``[experiment] seed`` when given; ``overrides`` ({table: {key: value}}) replace settings of its tables
+    (results.json records the config as run). ``jobs`` > 1 (protection): the artists' stages run first in that many
+    processes at once, each with its share of torch's threads (the artists' stages are independent), then this
+    process writes the results and report from the cached stages."""
     from .features import file_sha256
 
     config = load_config(config_path)
     if seed is not None:
         config["experiment"]["seed"] = seed
+    for table, values in (overrides or {}).items():
+        config.setdefault(table, {}).update(values)
+    artists = config.get("protection", {}).get("artists", ["zenji", "tovik"])
+    if jobs > 1 and config["experiment"]["kind"] == "protection" and len(artists) > 1:
+        _per_artist(config_path, out, device, log, config["experiment"].get("seed", 0), overrides or {}, artists, jobs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(out / "stages", log)
@@ -518,6 +743,46 @@ def bench(config_path: str | Path, out: str | Path, device="cpu", log=print, see
     _write(out / "report.md", f"# {title}\n\n{table}\n\nConfig: `{config_path}`; details in results.json.\n")
     _write(out / "report.html", _html(title, sections))
     return results
+
+
+def _artist_worker(config_path, out, device, seed, overrides, artist, threads, log_queue) -> None:
+    torch.set_num_threads(threads)
+    changed = {**overrides, "protection": {**overrides.get("protection", {}), "artists": [artist]}}
+    bench(config_path, out, device, lambda line: log_queue.put(f"[{artist}] {line}"), seed, changed)
+
+
+def _per_artist(config_path, out, device, log, seed, overrides, artists, jobs) -> None:
+    """Each artist's stages in its own process, ``jobs`` at a time, their progress lines passed on to ``log``."""
+    import multiprocessing
+    import queue
+
+    _toy_rows("train")  # the Toy Atelier is painted once, here, not by every process at once
+    context = multiprocessing.get_context("spawn")
+    log_queue = context.Queue()
+    threads = max(1, torch.get_num_threads() // jobs)
+    waiting, running, failed = list(artists), [], []
+    while waiting or running:
+        while waiting and len(running) < jobs:
+            artist = waiting.pop(0)
+            process = context.Process(
+                target=_artist_worker,
+                args=(str(config_path), str(out), str(device), seed, overrides, artist, threads, log_queue),
+            )
+            process.start()
+            running.append((artist, process))
+        try:
+            log(log_queue.get(timeout=1.0))
+        except queue.Empty:
+            pass
+        for artist, process in list(running):
+            if not process.is_alive():
+                running.remove((artist, process))
+                if process.exitcode:
+                    failed.append(artist)
+    while not log_queue.empty():
+        log(log_queue.get())
+    if failed:
+        raise FixativeError(f"the stages of {', '.join(failed)} failed (see the lines above); run again to resume")
 
 
 def _flatten(value, prefix: str = "") -> dict:

@@ -101,6 +101,13 @@ def register(subparsers) -> None:
     )
     bench.add_argument("runs", nargs="*", help="with 'compare': the two run folders")
     bench.add_argument("--out", help="run folder (created; reused to resume); required to run a config")
+    bench.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="protection: run the artists' stages in this many processes at once, sharing torch's threads "
+        "(default: %(default)s)",
+    )
     _common(bench)
     bench.set_defaults(func=_bench, seed=None)
 
@@ -122,8 +129,9 @@ def _bench(args: argparse.Namespace) -> int:
         args.config,
         args.out,
         device=_device(args.device),
-        log=(lambda _: None) if args.quiet else print,
+        log=(lambda _: None) if args.quiet else (lambda line: print(line, flush=True)),
         seed=args.seed,
+        jobs=args.jobs,
     )
     print(f"report: {args.out}/report.html ({results['seconds']} s; stages: {results['stages']})")
     return 0
@@ -246,6 +254,22 @@ def _register_mimic(subparsers) -> None:
     mimic.add_argument("--lr", type=float, help="learning rate (default: 1e-3 full, 5e-3 lora)")
     mimic.add_argument("--rank", type=int, default=8, help="LoRA rank (default: %(default)s)")
     mimic.add_argument(
+        "--sampler",
+        choices=("auto", "lcm", "ddim"),
+        default="auto",
+        help="lcm: the toy LCM-LoRA merged into the mimic, --lcm-steps steps at guidance 1 (toy world only); ddim: "
+        "--sampling-steps steps at --guidance; auto: lcm on the toy world when its LCM-LoRA is shipped, else ddim "
+        "(`fixative bench benchmarks/toy_protection.toml` checks on the clean controls that LCM's attribution agrees "
+        "with DDIM's; --check-sampler checks it on these images) (default: %(default)s)",
+    )
+    mimic.add_argument("--lcm-steps", type=int, default=3, help="steps of the LCM sampler, 1-4 (default: %(default)s)")
+    mimic.add_argument(
+        "--check-sampler",
+        action="store_true",
+        help="with --sampler lcm: also sample with DDIM and record in results.json (sampler_check) whether the "
+        "share attributed to the artist lies in DDIM's 95%% interval (default: off)",
+    )
+    mimic.add_argument(
         "--sampling-steps", type=int, default=25, help="DDIM steps per generation (default: %(default)s)"
     )
     mimic.add_argument(
@@ -258,7 +282,14 @@ def _register_mimic(subparsers) -> None:
 def _mimic(args: argparse.Namespace) -> int:
     from .mimicry import MimicConfig, run
 
+    sampler = args.sampler
+    if sampler == "auto":
+        from fixative.consistency.toy import TOY_LCM_LORA
+
+        sampler = "lcm" if args.model == "toy" and any(TOY_LCM_LORA.glob("*.safetensors")) else "ddim"
     config = MimicConfig(
+        sampler=sampler,
+        lcm_steps=args.lcm_steps,
         method=args.method,
         steps=args.steps,
         lr=args.lr,
@@ -283,6 +314,7 @@ def _mimic(args: argparse.Namespace) -> int:
         template=args.template,
         prior_folder=args.prior,
         held_out_folder=args.held_out,
+        check_sampler="ddim" if args.check_sampler and sampler == "lcm" else None,
         device=device,
         progress=not args.quiet,
         provenance=provenance(args, device),
@@ -293,6 +325,15 @@ def _mimic(args: argparse.Namespace) -> int:
         f"({results['protected']}/{results['generations']} generations not attributed to {results['artist']}); "
         f"attributed to: {', '.join(f'{k} {v}' for k, v in results['attributed_to'].items() if v)}"
     )
+    check = results.get("sampler_check")
+    if check:
+        verdict = "agrees with" if check["agrees"] else "DISAGREES with"
+        print(
+            f"sampler check: LCM's share attributed to {results['artist']} "
+            f"{100 * check['distilled_attributed']['value']:.1f}% {verdict} DDIM's "
+            f"{100 * check['reference_attributed']['value']:.1f}% "
+            f"[{100 * check['reference_attributed']['low']:.1f}, {100 * check['reference_attributed']['high']:.1f}]"
+        )
     print(f"results: {args.out}/results.json")
     return 0
 

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from fixative.core.errors import FixativeError
-from fixative.core.provenance import file_sha256
+from fixative.core.provenance import WEIGHT_SUFFIXES, file_sha256, sha256
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -32,10 +32,13 @@ class FeatureExtractor(Protocol):
 
 
 def folder_sha256(folder: str | Path, suffixes: tuple[str, ...] = (".safetensors", ".bin", ".pth", ".json")) -> str:
-    """One hash over a model folder's weight and config files (names and bytes)."""
+    """One hash over a folder's files with ``suffixes`` (names and bytes): by default a model folder's weight and
+    config files. Weight files are hashed through core's cache (by path, size and modification time: read once);
+    everything else (configs, images) is read each time."""
     digest = hashlib.sha256()
     for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix in suffixes):
-        digest.update(f"{path.relative_to(folder)}:{file_sha256(path)}\n".encode())
+        file_hash = sha256(path) if path.suffix in WEIGHT_SUFFIXES else file_sha256(path)
+        digest.update(f"{path.relative_to(folder)}:{file_hash}\n".encode())
     return digest.hexdigest()
 
 

@@ -20,9 +20,10 @@ import torch
 from fixative.core.datasets import ImageCaptions
 from fixative.core.errors import FixativeError
 
-from .rates import rate
+from .rates import rate, wilson_interval
 
 METHODS = ("full", "lora")
+SAMPLERS = ("ddim", "lcm")
 
 
 @dataclass
@@ -45,13 +46,29 @@ class MimicConfig:
     prior_images: int = 24  # ... this many
     seed: int = 0
     samples_per_prompt: int = 4  # M
-    num_inference_steps: int = 25  # DDIM
-    guidance_scale: float = 5.0
+    sampler: str = "ddim"  # ddim | lcm: the toy LCM-LoRA merged into the mimic (``consistency.toy.lcm_sampler``)
+    num_inference_steps: int = 25  # DDIM's steps
+    guidance_scale: float = 5.0  # DDIM's guidance (the LCM-LoRA has guidance 4 distilled in: it samples at 1.0)
+    lcm_steps: int = 3  # the LCM sampler's steps (1-4)
     sample_batch: int = 64
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise FixativeError(f"mimic method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.sampler not in SAMPLERS:
+            raise FixativeError(f"mimic sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if not 1 <= self.lcm_steps <= 4:
+            raise FixativeError(f"the LCM sampler takes 1 to 4 steps, got {self.lcm_steps}")
+
+    def sampling(self, sampler: str | None = None) -> dict:
+        """``generate``'s scheduler, steps and guidance for ``sampler`` (default: this config's)."""
+        if (sampler or self.sampler) == "lcm":
+            return {"scheduler": "lcm", "num_inference_steps": self.lcm_steps, "guidance_scale": 1.0}
+        return {
+            "scheduler": "ddim",
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+        }
 
     def finetune_config(self, with_prior_data: bool):
         from fixative.core.finetune import FinetuneConfig
@@ -117,24 +134,36 @@ def fine_tune_mimic(
     return mimic, time.time() - started
 
 
-def sample(model, prompts: list[str], seeds: list[int], config: MimicConfig) -> torch.Tensor:
-    """Generated pixels in [-1, 1], one per prompt: DDIM, ``config.num_inference_steps`` steps."""
+def sample(
+    model, prompts: list[str], seeds: list[int], config: MimicConfig, sampler: str | None = None
+) -> torch.Tensor:
+    """Generated pixels in [-1, 1], one per prompt, with ``sampler`` (default: ``config.sampler``): DDIM with
+    ``config.num_inference_steps`` steps at ``config.guidance_scale``, or the toy LCM-LoRA merged into a copy of
+    ``model`` with ``config.lcm_steps`` steps (the LoRA carries the guidance it was distilled with)."""
     from fixative.core.pipelines import generate
 
+    settings = config.sampling(sampler)
+    if settings["scheduler"] == "lcm":
+        from fixative.consistency.toy import lcm_sampler
+
+        model = lcm_sampler(model)
     out = []
     for start in range(0, len(prompts), config.sample_batch):
         images = generate(
             model,
             prompts[start : start + config.sample_batch],
-            scheduler="ddim",
-            num_inference_steps=config.num_inference_steps,
-            guidance_scale=config.guidance_scale,
+            **settings,
             seed=seeds[start : start + config.sample_batch],
             output="images",
             progress=False,
         )
         out.append(images * 2 - 1)
     return torch.cat(out)
+
+
+def sample_seeds(seed: int, count: int) -> list[int]:
+    """The generations' seeds: one per generation, apart from the fine-tune's and the cloaks' seeds."""
+    return [seed * 100_000 + 50_000 + i for i in range(count)]
 
 
 def protection(predicted: list[str], artist: str, candidates: list[str]) -> dict:
@@ -148,6 +177,23 @@ def protection(predicted: list[str], artist: str, candidates: list[str]) -> dict
         "generations": len(predicted),
         "attributed_to": {c: predicted.count(c) for c in candidates},
     }
+
+
+def shares_agree(distilled: dict, reference: dict) -> bool:
+    """Whether the distilled sampler's share (``successes`` / ``trials``) lies in the 95% Wilson interval of the
+    reference sampler's (25-step DDIM) share: the check on the clean control that lets the LCM sampler stand in for
+    DDIM."""
+    low, high = wilson_interval(reference["successes"], reference["trials"])
+    return bool(low <= distilled["successes"] / distilled["trials"] <= high)
+
+
+def samplers_agree(distilled: dict, reference: dict, artist: str) -> dict:
+    """``shares_agree`` on the shares attributed to ``artist`` in two ``attributed_to`` counts, with the shares."""
+    shares = {
+        "distilled_attributed": rate(distilled.get(artist, 0), sum(distilled.values())).as_dict(),
+        "reference_attributed": rate(reference.get(artist, 0), sum(reference.values())).as_dict(),
+    }
+    return {"agrees": shares_agree(shares["distilled_attributed"], shares["reference_attributed"]), **shares}
 
 
 @torch.no_grad()
@@ -177,27 +223,40 @@ def mimicry(
     prior: ImageCaptions | None = None,
     held_out: torch.Tensor | None = None,
     adversaries: list = (),
+    check_sampler: str | None = None,
     progress: bool = False,
     log=print,
 ) -> tuple[dict, torch.Tensor]:
     """The whole attack on ``artist``'s images (``pixels`` in [-1, 1], ``captions`` naming the new name); returns
-    (results, generations). ``prompts``: the K prompts, each sampled ``config.samples_per_prompt`` times."""
+    (results, generations). ``prompts``: the K prompts, each sampled ``config.samples_per_prompt`` times.
+    ``check_sampler`` (e.g. "ddim" when sampling with "lcm"): also sample the same prompts and seeds with it and
+    record in ``sampler_check`` whether the two attributions agree (``samplers_agree``)."""
     from .adversaries import describe
 
     trained_on = apply_adversaries(pixels, list(adversaries), model, config.seed) if adversaries else pixels
     mimic, seconds = fine_tune_mimic(model, trained_on, captions, config, prior, progress, log)
     all_prompts = [p for p in prompts for _ in range(config.samples_per_prompt)]
-    seeds = [config.seed * 100_000 + 50_000 + i for i in range(len(all_prompts))]
+    seeds = sample_seeds(config.seed, len(all_prompts))
     generations = sample(mimic, all_prompts, seeds, config)
     predicted, _ = judge.classify(generations)
     results = {
         "artist": artist,
         **protection(predicted, artist, list(judge.artists)),
+        "sampler": config.sampling(),
         "fine_tune_seconds": seconds,
         "adversaries": [describe(a) for a in adversaries],
         "prompts": list(prompts),
         "config": asdict(config),
     }
+    if check_sampler and check_sampler != config.sampler:
+        reference = protection(
+            judge.classify(sample(mimic, all_prompts, seeds, config, check_sampler))[0], artist, list(judge.artists)
+        )
+        results["sampler_check"] = {
+            "reference": config.sampling(check_sampler),
+            "reference_protection_rate": reference["protection_rate"],
+            **samplers_agree(results["attributed_to"], reference["attributed_to"], artist),
+        }
     if held_out is not None and len(held_out):
         results["similarity_to_held_out"] = similarity_to(judge, generations, held_out)
         results["similarity_of_training_images_to_held_out"] = similarity_to(judge, trained_on, held_out)
@@ -273,18 +332,21 @@ def run(
     template: str = "a painting by {artist}",
     prior_folder=None,
     held_out_folder=None,
+    check_sampler: str | None = None,
     device="cpu",
     progress: bool = True,
     provenance: dict | None = None,
 ) -> dict:
     """``fixative mimic``: the attack on a folder of an artist's images; writes ``out``/results.json (and the
-    generations as PNGs in ``out``/samples/). A finished run with the same inputs and settings is not redone."""
+    generations as PNGs in ``out``/samples/). A finished run with the same inputs and settings is not redone.
+    ``check_sampler``: see ``mimicry``."""
     import hashlib
     import json
     import os
     import tempfile
     from pathlib import Path
 
+    from fixative.consistency.toy import toy_lcm_lora
     from fixative.core.checkpoints import load_model
     from fixative.core.images import pixels_to_images, save_png
     from fixative.core.toy import atelier, clip_folder, model_folder, toy_folder
@@ -296,6 +358,8 @@ def run(
 
     out = Path(out)
     toy = model_source == "toy"
+    if not toy and "lcm" in (config.sampler, check_sampler):
+        raise FixativeError("the LCM sampler is the toy teacher's LCM-LoRA: only for --model toy; use --sampler ddim")
     attacks = [parse_adversary(spec) for spec in adversaries]
     if not toy and (judge_folder is None or not candidates):
         raise FixativeError(
@@ -316,6 +380,8 @@ def run(
         "template": template,
         "prior": folder_sha256(prior_folder, (".png", ".jpg", ".jpeg", ".jsonl")) if prior_folder else None,
         "config": asdict(config),
+        "check_sampler": check_sampler,
+        "lcm_lora": folder_sha256(toy_lcm_lora().parent) if "lcm" in (config.sampler, check_sampler) else None,
     }
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
     if (out / "results.json").is_file():
@@ -370,6 +436,7 @@ def run(
         prior,
         held_out,
         attacks,
+        check_sampler=check_sampler,
         progress=progress,
         log=lambda line: None if not progress else print(line),
     )

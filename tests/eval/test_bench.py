@@ -130,3 +130,113 @@ def test_compare_shows_changed_settings_and_figures(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "versions.torch: '2.14.1' -> '2.15.0'" in out and "guidance 5: fid 2 -> 1.5 (-0.5)" in out
     assert main(["bench", "compare", str(tmp_path / "a")]) == 2
+
+
+def test_each_stage_logs_its_place_the_time_so_far_and_an_eta(tmp_path):
+    from fixative.eval.bench import Stages
+
+    now = {"t": 1000.0}
+    lines = []
+    stages = Stages(tmp_path / "stages", lines.append, clock=lambda: now["t"])
+    stages.expect(["cloak-a", "mimic-a-x", "mimic-a-y", "cloak-b", "mimic-b-x"])
+
+    def taking(seconds):
+        def compute():
+            now["t"] += seconds
+            return {"value": seconds}
+
+        return compute
+
+    assert stages.eta() is None
+    stages.run("cloak-a", {}, taking(10))
+    assert lines[-1] == "[1/5] stage cloak-a: 10 s (elapsed 10 s, ETA 40 s)"  # 4 to come x the mean 10 s
+    stages.run("mimic-a-x", {}, taking(60))
+    # per kind: 1 cloak x 10 s + 2 mimics x 60 s
+    assert lines[-1] == "[2/5] stage mimic-a-x: 1 min 00 s (elapsed 1 min 10 s, ETA 2 min 10 s)"
+    resumed = []
+    again = Stages(tmp_path / "stages", resumed.append, clock=lambda: now["t"])
+    again.expect(["cloak-a", "mimic-a-x", "mimic-a-y"])
+    assert again.run("cloak-a", {}, taking(10))[0] == {"value": 10}
+    assert resumed == ["[1/3] stage cloak-a: cached (elapsed 0 s, ETA unknown)"]  # cached: no time, no ETA yet
+    again.unexpect("mimic")
+    assert again.total == 2 and again.planned == {"cloak": 0, "mimic": 1}
+
+
+LCM_PROTECTION = """
+[experiment]
+kind = "protection"
+seed = 0
+
+[protection]
+artists = ["zenji"]
+images = 4
+prior_per_artist = 1
+
+[[protection.grid]]
+cells = ["clean", "photoguard:psnr=30:steps=2"]
+adversaries = ["none"]
+
+[[protection.grid]]
+cells = ["best:psnr=30:steps=2"]
+adversaries = ["jpeg:75"]
+
+[protection.mimic]
+method = "lora"
+steps = 2
+batch_size = 2
+prior_batch_size = 2
+samples_per_prompt = 1
+num_inference_steps = 2
+sampler = "lcm"
+lcm_steps = 1
+"""
+
+
+@pytest.mark.slow
+def test_an_artist_whose_lcm_check_fails_falls_back_to_ddim(tmp_path, shipped, monkeypatch):
+    """Mechanics only: the clean control is sampled with LCM and DDIM; a disagreement (forced here) makes the
+    artist's cells sample with DDIM, and the report says so; a 'best' grid runs the best method of the grid before."""
+    from fixative.eval import mimicry
+
+    monkeypatch.setenv("FIXATIVE_HOME", str(tmp_path / "home"))
+    checked = []
+
+    def disagree(distilled, reference):
+        checked.append((distilled["trials"], reference["trials"]))
+        return False
+
+    monkeypatch.setattr(mimicry, "shares_agree", disagree)
+    (tmp_path / "lcm.toml").write_text(LCM_PROTECTION)
+    lines = []
+    results = bench(tmp_path / "lcm.toml", tmp_path / "run", log=lines.append)
+    figures = results["figures"]
+    assert set(checked) == {(8, 8)} and figures["sampler_checks"][0]["artist"] == "zenji"
+    assert figures["samplers"]["zenji"]["scheduler"] == "ddim"
+    rows = figures["rows"]
+    assert [(r["cell"], r["adversary"]) for r in rows] == [
+        ("clean", "none"),
+        ("photoguard:psnr=30:steps=2", "none"),
+        ("photoguard:psnr=30:steps=2", "jpeg:75"),
+    ]
+    assert (
+        all(r["sampler"]["scheduler"] == "ddim" for r in rows) and rows[2]["cell_as_written"] == "best:psnr=30:steps=2"
+    )
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "fall back to DDIM" in report and "| ddim-25 |" not in report and "| ddim-2 |" in report
+    # 7 announced (3 cloaks, 4 mimics); the best cell reused the cloak of the grid before
+    assert any(line.startswith("[6/6] stage mimic-zenji-photoguard:psnr=30:steps=2-jpeg:75") for line in lines)
+
+
+@pytest.mark.slow
+def test_artists_run_in_parallel_processes_then_the_report_comes_from_their_stages(tmp_path, shipped, monkeypatch):
+    monkeypatch.setenv("FIXATIVE_HOME", str(tmp_path / "home"))
+    config = PROTECTION.replace('artists = ["zenji"]', 'artists = ["zenji", "tovik"]')
+    config = config.replace('cells = ["clean", "glaze:psnr=30:steps=2"]', 'cells = ["clean"]')
+    config = config.replace('adversaries = ["none", "jpeg:75"]', 'adversaries = ["none"]')
+    (tmp_path / "two.toml").write_text(config)
+    lines = []
+    results = bench(tmp_path / "two.toml", tmp_path / "run", log=lines.append, jobs=2)
+    assert [(r["artist"], r["cell"]) for r in results["figures"]["rows"]] == [("zenji", "clean"), ("tovik", "clean")]
+    assert set(results["stages"].values()) == {"cached"}  # every stage was computed by the artists' processes
+    assert any(line.startswith("[zenji] [2/2] stage mimic-zenji-clean-none") for line in lines)
+    assert any(line.startswith("[tovik] ") for line in lines)

@@ -69,3 +69,33 @@ def test_unknown_extractor_and_empty_folder_are_one_line_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FixativeError, match="no images"):
         folder_features(tmp_path / "empty", CountingExtractor())
+
+
+def test_folder_sha256_reads_weight_files_once_through_the_cache(tmp_path, monkeypatch):
+    import os
+
+    from fixative.core import provenance
+    from fixative.eval import features
+
+    monkeypatch.setenv("FIXATIVE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(provenance, "_memory", {})
+    read = []
+    real = provenance.file_sha256
+
+    def counting(path):
+        read.append(os.path.basename(path))
+        return real(path)
+
+    monkeypatch.setattr(provenance, "file_sha256", counting)
+    monkeypatch.setattr(features, "file_sha256", counting)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "unet.safetensors").write_bytes(b"weights")
+    (model / "config.json").write_text("{}")
+    first = features.folder_sha256(model)
+    assert sorted(read) == ["config.json", "unet.safetensors"]
+    read.clear()
+    assert features.folder_sha256(model) == first
+    assert read == ["config.json"]  # the weight file's hash came from the cache; the config is read again
+    (model / "unet.safetensors").write_bytes(b"other weights")  # a changed weight file (size and time) is re-read
+    assert features.folder_sha256(model) != first and "unet.safetensors" in read

@@ -4,9 +4,11 @@ import json
 import math
 
 import pytest
+import torch
 from PIL import Image
 
 from fixative.cli import main
+from fixative.core.errors import FixativeError
 from fixative.eval.mimicry import protection, read_artist_folder
 
 
@@ -76,15 +78,25 @@ def test_mimic_command_writes_results_and_does_not_redo_a_finished_run(tmp_path,
         str(held_out),
         "--adversary",
         "jpeg:75",
+        "--check-sampler",
         "--device",
         "cpu",
         "--quiet",
     ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "protection rate" in printed and "not attributed to zenji" in printed
+    assert "protection rate" in printed and "not attributed to zenji" in printed and "sampler check: LCM" in printed
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["generations"] == 8 and sum(results["attributed_to"].values()) == 8
+    # the toy world's default sampler: the LCM-LoRA, checked against DDIM on the same prompts and seeds
+    assert results["sampler"] == {"scheduler": "lcm", "num_inference_steps": 3, "guidance_scale": 1.0}
+    check = results["sampler_check"]
+    assert check["reference"]["scheduler"] == "ddim" and check["reference_attributed"]["trials"] == 8
+    assert check["agrees"] == (
+        check["reference_attributed"]["low"]
+        <= check["distilled_attributed"]["value"]
+        <= check["reference_attributed"]["high"]
+    )
     assert len(results["attributed_to"]) == 10  # every Atelier artist is a candidate
     low, high = results["protection_interval"]
     assert 0 <= low <= results["protection_rate"] <= high <= 1
@@ -95,3 +107,55 @@ def test_mimic_command_writes_results_and_does_not_redo_a_finished_run(tmp_path,
     assert main(argv) == 0 and (tmp_path / "run" / "results.json").stat().st_mtime_ns == stamp
     assert main([*argv[:-3], "--seed", "1", "--device", "cpu", "--quiet"]) == 2  # other settings, same folder
     assert "other inputs or settings" in capsys.readouterr().err
+
+
+def test_lcm_agrees_with_ddim_when_its_share_lies_in_ddims_interval():
+    from fixative.eval.mimicry import samplers_agree
+
+    # the lead's zenji control: DDIM 384/384, LCM-2 383/384 -> agrees (DDIM's interval reaches down to 99.0%)
+    check = samplers_agree({"zenji": 383, "kovra": 1}, {"zenji": 384, "kovra": 0}, "zenji")
+    assert check["agrees"] and check["reference_attributed"]["low"] == pytest.approx(0.99010, abs=1e-4)
+    assert check["distilled_attributed"]["value"] == pytest.approx(383 / 384)
+    # both at 100% (tovik's control): agrees (DDIM's interval reaches exactly 1)
+    assert samplers_agree({"tovik": 384}, {"tovik": 384, "tazu": 0}, "tovik")["agrees"]
+    # the weak LoRA mimic: DDIM 75%, LCM-2 95% -> disagrees
+    assert not samplers_agree({"zenji": 365, "lumo": 19}, {"zenji": 288, "lumo": 96}, "zenji")["agrees"]
+    # just inside and just outside DDIM's interval at 300/384 (Wilson 95%: [73.7, 82.0])
+    assert samplers_agree({"zenji": 285, "x": 99}, {"zenji": 300, "x": 84}, "zenji")["agrees"]  # 74.2%
+    assert not samplers_agree({"zenji": 281, "x": 103}, {"zenji": 300, "x": 84}, "zenji")["agrees"]  # 73.2%
+
+
+def test_the_sampler_setting_reaches_generate(shipped, monkeypatch):
+    from fixative.core import pipelines
+    from fixative.core.checkpoints import load_model
+    from fixative.eval.mimicry import MimicConfig, sample
+
+    model = load_model("toy")
+    calls = []
+
+    def fake_generate(model, prompts, **kwargs):
+        calls.append((model, kwargs))
+        return torch.zeros(len(prompts), 3, 64, 64)
+
+    monkeypatch.setattr(pipelines, "generate", fake_generate)
+    config = MimicConfig(sampler="lcm", lcm_steps=2, sample_batch=3)
+    pixels = sample(model, ["a", "b", "c", "d"], [1, 2, 3, 4], config)
+    assert pixels.shape == (4, 3, 64, 64) and float(pixels.min()) == -1.0  # [0, 1] images -> [-1, 1]
+    assert [kwargs["seed"] for _, kwargs in calls] == [[1, 2, 3], [4]]
+    sampler, kwargs = calls[0]
+    assert (kwargs["scheduler"], kwargs["num_inference_steps"], kwargs["guidance_scale"]) == ("lcm", 2, 1.0)
+    assert sampler is not model and sampler.scheduler_config["_class_name"] == "LCMScheduler"
+    lora_unet, teacher_unet = sampler.unet.state_dict(), model.unet.state_dict()
+    assert any(not torch.equal(lora_unet[k], teacher_unet[k]) for k in teacher_unet)  # the LCM-LoRA is merged in
+    calls.clear()
+    sample(model, ["a"], [1], config, sampler="ddim")  # the check's reference, from the same config
+    sampler, kwargs = calls[0]
+    assert sampler is model and (kwargs["scheduler"], kwargs["num_inference_steps"], kwargs["guidance_scale"]) == (
+        "ddim",
+        25,
+        5.0,
+    )
+    with pytest.raises(FixativeError, match="sampler must be one of"):
+        MimicConfig(sampler="euler")
+    with pytest.raises(FixativeError, match="1 to 4 steps"):
+        MimicConfig(sampler="lcm", lcm_steps=8)

@@ -30,3 +30,8 @@ def test_wilson_interval_edges():
 def test_rate_record():
     r = rate(3, 4)
     assert r.value == 0.75 and r.low < 0.75 < r.high and "75.0%" in str(r)
+
+
+def test_an_all_or_nothing_share_has_an_interval_that_reaches_exactly_one_or_zero():
+    assert wilson_interval(384, 384)[1] == 1.0 and wilson_interval(0, 384)[0] == 0.0
+    assert wilson_interval(384, 384)[0] == pytest.approx(0.990095, abs=1e-6)
