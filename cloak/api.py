@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fixative.core.errors import FixativeError
-from fixative.core.provenance import file_sha256
+from fixative.core.provenance import file_sha256, model_record
 
 from . import files, targets
 from .bounds import measure
@@ -220,11 +220,12 @@ def cloak(
     return results
 
 
-def settings_hash(config: CloakConfig, model_source: str, style: str | None, output_format: str, tile_size: int) -> str:
+def settings_hash(config: CloakConfig, model: dict, style: str | None, output_format: str, tile_size: int) -> str:
+    """The resume key: settings, the model's source and weight-file hashes (``model_record``), style, format."""
     text = json.dumps(
         {
             "config": config.settings(),
-            "model": str(model_source),
+            "model": model,
             "style": style,
             "format": output_format,
             "tile_size": tile_size,
@@ -272,7 +273,8 @@ def cloak_files(
                 pass
         style, style_info = resolve_style(model, config, readable, clip_folder)
         log(f"target style (auto): {style}")
-    digest = settings_hash(config, model.source, style, output_format, tile_size)
+    weights = model_record(model.source)  # weight-file hashes, cached by (path, size, mtime): cheap on a rerun
+    digest = settings_hash(config, weights, style, output_format, tile_size)
     lpips_metric = lpips_for(config, model.vae.device)
     provenance = {
         "fixative": version("fixative"),
@@ -280,7 +282,7 @@ def cloak_files(
         "python": platform.python_version(),
         "device": str(model.vae.device),
         "dtype": str(model.vae.dtype).removeprefix("torch."),
-        "model": str(model.source),
+        "model": weights,
         "settings_hash": digest,
     }
     rows, failures, skipped = [], [], 0
