@@ -43,9 +43,10 @@ class CloakConfig:
 
 
 def make_objective(
-    model, pixels: torch.Tensor, config: CloakConfig, style: str | None
+    model, pixels: torch.Tensor, config: CloakConfig, style: str | None, surrogate: objectives.Surrogate | None = None
 ) -> tuple[objectives.Objective, dict]:
-    """The method's objective for pixels (batch, 3, H, W) in [0, 1], and what it aimed at (for the record)."""
+    """The method's objective for pixels (batch, 3, H, W) in [0, 1], and what it aimed at (for the record).
+    surrogate: anti-dreambooth's batch-wide surrogate, warmed up (default: a new one for these pixels)."""
     method = config.method
     if method == "glaze":
         if not style:
@@ -67,7 +68,7 @@ def make_objective(
             {"target": "stripe pattern"},
         )
     if method == "anti-dreambooth":
-        return objectives.anti_dreambooth(model, pixels, config.aspl, config.seed), {}
+        return objectives.anti_dreambooth(model, pixels, config.aspl, config.seed, surrogate), {}
     raise FixativeError(f"unknown method {method!r}; choose from {', '.join(objectives.METHODS)}")
 
 

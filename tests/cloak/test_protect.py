@@ -83,6 +83,49 @@ def test_anti_dreambooth_alternates_with_surrogate_fine_tuning(tiny_model, artwo
     assert all(torch.equal(v, tiny_model.unet.state_dict()[k]) for k, v in unet_before.items())  # model untouched
 
 
+def test_the_batch_wide_surrogate_changes_only_the_surrogate(tiny_model, artwork_pixels, monkeypatch):
+    from fixative.cloak import objectives
+
+    calls = []
+    real_train_step = objectives.train_step
+    monkeypatch.setattr(
+        objectives,
+        "train_step",
+        lambda unet, o, latents, *a, **k: calls.append(latents.shape) or real_train_step(unet, o, latents, *a, **k),
+    )
+    unet_before = {k: v.clone() for k, v in tiny_model.unet.state_dict().items()}
+    surrogate = objectives.Surrogate(tiny_model, ASPLConfig(warmup_steps=3, warmup_batch=1), seed=0)
+    small = artwork_pixels[:, :, :16, :16]
+    surrogate.warm_up([artwork_pixels, small])  # two sizes: chunks of one image, in turn
+    assert [tuple(shape) for shape in calls] == [(1, 4, 12, 16), (1, 4, 12, 16), (1, 4, 8, 8)]
+    assert len(surrogate.warmup_losses) == 3
+    assert any(not torch.equal(v, surrogate.unet.state_dict()[k]) for k, v in unet_before.items())
+    assert all(torch.equal(v, tiny_model.unet.state_dict()[k]) for k, v in unet_before.items())  # model untouched
+    # every = 0: the warmed-up surrogate is attacked as it is (FSMG); no fine-tuning during the attack
+    calls.clear()
+    fork_before = {k: v.clone() for k, v in surrogate.unet.state_dict().items()}
+    config = _config("anti-dreambooth", steps=3, aspl=ASPLConfig(every=0, warmup_steps=3))
+    stored, records = cloak_pixels(tiny_model, artwork_pixels, config)
+    assert len(calls) == 3 and records[0]["surrogate_warmup_steps"] == 3 and len(records[0]["surrogate_warmup_loss"])
+    objective = objectives.anti_dreambooth(tiny_model, artwork_pixels, ASPLConfig(every=1), 0, surrogate)
+    objective.loss(artwork_pixels, 0)
+    objective.after_step(artwork_pixels, 0)
+    assert all(torch.equal(v, surrogate.unet.state_dict()[k]) for k, v in fork_before.items())  # attacks fork it
+
+
+def test_a_batch_wide_surrogate_gives_each_image_the_same_cloak_in_any_order(tiny_model):
+    from fixative.cloak import cloak
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray((rng.random((20, 24, 3)) * 255).astype(np.uint8)) for _ in range(2)]
+    config = _config("anti-dreambooth", steps=2, aspl=ASPLConfig(every=1, surrogate_steps=1, warmup_steps=2))
+    forward = cloak(images, tiny_model, config)
+    backward = cloak(images[::-1], tiny_model, config)
+    assert np.array_equal(np.asarray(forward[0].image), np.asarray(backward[1].image))
+    assert np.array_equal(np.asarray(forward[1].image), np.asarray(backward[0].image))
+    assert not np.array_equal(np.asarray(forward[0].image), np.asarray(images[0]))
+
+
 def test_signed_pgd_with_momentum_and_eot_keep_the_budget(tiny_model, artwork_pixels):
     budget = Budget(linf=8 / 255)
     config = CloakConfig(
