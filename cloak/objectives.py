@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from fixative.core.errors import FixativeError
 from fixative.core.pipelines import encode_images, encode_prompt
@@ -50,12 +51,38 @@ def encoder_attack(model, target_latents: torch.Tensor, details: dict) -> Object
     return Objective(loss=lambda pixels, step: distance(pixels), target_distance=distance, details=details)
 
 
-def glaze(model, pixels: torch.Tensor, target_pixels: torch.Tensor, style: str) -> Objective:
+def glaze(
+    model, pixels: torch.Tensor, target_pixels: torch.Tensor, style: str, pool: int = 1, push: float = 1.0
+) -> Objective:
     """Glaze (Shan et al. 2023, Sec. 5.2, eq. 2): min_δ ||E(x + δ) − E(Ω(x, T))||² with Ω the style-transferred
-    target (``targets.style_target``); the budget penalty is added by the loop."""
+    target (``targets.style_target``); the budget penalty is added by the loop.
+
+    pool > 1 (our variant, not the paper's): the distance between k x k averages of the latents,
+        min_δ ||P_k E(x + δ) − [P_k E(x) + κ (P_k E(Ω) − P_k E(x))]||²,   P_k: k x k average pooling, κ = push
+    (k at least the latent size: the per-channel mean). It spends the budget on the coarse latent content (colour
+    and layout) a fine-tuned mimic learns most readily, not on matching Ω's detail; κ > 1 aims past Ω along the
+    same direction so the whole budget is used."""
     with torch.no_grad():
         target_latents = encode_mean(model, target_pixels)
-    return encoder_attack(model, target_latents, {"target_style": style})
+    if pool <= 1 and push == 1.0:
+        return encoder_attack(model, target_latents, {"target_style": style})
+
+    def pooled(latents: torch.Tensor) -> torch.Tensor:  # a ceil(h / k) x ceil(w / k) grid of averages
+        height, width = latents.shape[-2:]
+        return F.adaptive_avg_pool2d(latents, (-(-height // pool), -(-width // pool)))
+
+    with torch.no_grad():
+        clean = pooled(encode_mean(model, pixels))
+        aim = clean + push * (pooled(target_latents) - clean)
+
+    def distance(adv_pixels: torch.Tensor) -> torch.Tensor:
+        return latent_distance(pooled(encode_mean(model, adv_pixels)), aim)
+
+    return Objective(
+        loss=lambda adv_pixels, step: distance(adv_pixels),
+        target_distance=distance,
+        details={"target_style": style, "latent_pool": pool, "target_push": push},
+    )
 
 
 def photoguard(model, pixels: torch.Tensor, target_pixels: torch.Tensor) -> Objective:

@@ -25,6 +25,8 @@ class CloakConfig:
     optimiser: OptimiserConfig = field(default_factory=OptimiserConfig)
     target_style: str | None = None  # glaze: a style text, "auto", or None (required then)
     style_target: StyleTargetConfig = field(default_factory=StyleTargetConfig)
+    latent_pool: int = 1  # glaze: compare k x k averages of the latents (1: Glaze's own distance)
+    target_push: float = 1.0  # glaze: aim this far along the way to the target (> 1: past it)
     robust: tuple[str, ...] = ()  # EOT transforms (robust.TRANSFORMS)
     mist_semantic_weight: float = 1.0
     mist_prompt: str = "a painting"
@@ -52,7 +54,8 @@ def make_objective(
         if not style:
             raise FixativeError("glaze needs a target style: --target-style TEXT or --target-style auto")
         target_pixels = targets.style_target(model, pixels, style, config.style_target, config.seed)
-        return objectives.glaze(model, pixels, target_pixels, style), {"target_style": style}
+        objective = objectives.glaze(model, pixels, target_pixels, style, config.latent_pool, config.target_push)
+        return objective, {"target_style": style}
     if method == "photoguard":
         return objectives.photoguard(model, pixels, targets.fixed_target(pixels)), {"target": "grey image"}
     if method == "mist":

@@ -47,6 +47,25 @@ def test_glaze_aims_at_an_img2img_target_and_records_the_style(tiny_model, artwo
     assert all(r["latent_distance_after"] < r["latent_distance_before"] for r in records)
 
 
+def test_pooled_glaze_moves_the_pooled_latents_toward_and_past_the_target(tiny_model, artwork_pixels):
+    from fixative.cloak.objectives import encode_mean, glaze
+
+    target = artwork_pixels.flip(-1)
+    pooled = glaze(tiny_model, artwork_pixels, target, "cubism", pool=64)  # wider than the latents: channel means
+    assert pooled.details["latent_pool"] == 64
+    means = encode_mean(tiny_model, artwork_pixels).mean((2, 3))
+    expected = (means - encode_mean(tiny_model, target).mean((2, 3))).pow(2).mean(1)
+    torch.testing.assert_close(pooled.target_distance(artwork_pixels), expected, rtol=1e-5, atol=1e-8)
+    past = glaze(tiny_model, artwork_pixels, target, "cubism", pool=64, push=3.0)
+    torch.testing.assert_close(past.target_distance(artwork_pixels), 9 * expected, rtol=1e-4, atol=1e-8)
+    config = _config("glaze", budget=Budget(psnr=28), steps=30, latent_pool=64)
+    config.style_target.steps = 4
+    stored, records = cloak_pixels(tiny_model, artwork_pixels, config, style="cubism")
+    _assert_on_8_bit_grid_within(stored, artwork_pixels, config.budget)
+    assert all(r["latent_distance_after"] < 0.5 * r["latent_distance_before"] for r in records)
+    assert records[0]["latent_pool"] == 64 and records[0]["target_push"] == 1.0
+
+
 def test_glaze_without_a_style_is_a_clear_error(tiny_model, artwork_pixels):
     with pytest.raises(FixativeError, match="target style"):
         cloak_pixels(tiny_model, artwork_pixels, _config("glaze"))
