@@ -115,6 +115,13 @@ def register(subparsers) -> None:
         "target (default: %(default)s)",
     )
     parser.add_argument(
+        "--semantic-weight",
+        type=float,
+        default=0.0,
+        help="glaze: add this weight times the UNet's denoising loss under the target style's prompt, so that the "
+        "model explains the cloaked image as the target style (default: %(default)s, off)",
+    )
+    parser.add_argument(
         "--surrogate-warmup",
         type=int,
         default=0,
@@ -190,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
         ),
         latent_pool=args.latent_pool,
         target_push=args.target_push,
+        semantic_weight=args.semantic_weight,
         aspl=ASPLConfig(every=args.surrogate_every, warmup_steps=args.surrogate_warmup),
         robust=parse_robust(args.robust),
         lpips_net=args.lpips_net,

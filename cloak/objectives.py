@@ -52,7 +52,15 @@ def encoder_attack(model, target_latents: torch.Tensor, details: dict) -> Object
 
 
 def glaze(
-    model, pixels: torch.Tensor, target_pixels: torch.Tensor, style: str, pool: int = 1, push: float = 1.0
+    model,
+    pixels: torch.Tensor,
+    target_pixels: torch.Tensor,
+    style: str,
+    pool: int = 1,
+    push: float = 1.0,
+    semantic_weight: float = 0.0,
+    prompt: str | None = None,
+    seed: int = 0,
 ) -> Objective:
     """Glaze (Shan et al. 2023, Sec. 5.2, eq. 2): min_δ ||E(x + δ) − E(Ω(x, T))||² with Ω the style-transferred
     target (``targets.style_target``); the budget penalty is added by the loop.
@@ -61,11 +69,22 @@ def glaze(
         min_δ ||P_k E(x + δ) − [P_k E(x) + κ (P_k E(Ω) − P_k E(x))]||²,   P_k: k x k average pooling, κ = push
     (k at least the latent size: the per-channel mean). It spends the budget on the coarse latent content (colour
     and layout) a fine-tuned mimic learns most readily, not on matching Ω's detail; κ > 1 aims past Ω along the
-    same direction so the whole budget is used."""
+    same direction so the whole budget is used.
+
+    semantic_weight w > 0 (our variant): adds w · L_θ(E(x + δ), c_T), the frozen UNet's denoising loss on the
+    perturbed latents conditioned on the target style's ``prompt`` — Mist's / AdvDM's semantic term (Liang et al.
+    2023, eq. 5) with the sign reversed and a target prompt, so that the model the mimic starts from already
+    explains x + δ as the target style (the loss as a diffusion classifier's score: Li et al. 2023, "Your Diffusion
+    Model is Secretly a Zero-Shot Classifier", eq. 3)."""
     with torch.no_grad():
         target_latents = encode_mean(model, target_pixels)
-    if pool <= 1 and push == 1.0:
+    if pool <= 1 and push == 1.0 and not semantic_weight:
         return encoder_attack(model, target_latents, {"target_style": style})
+    details = {"target_style": style, "latent_pool": pool, "target_push": push}
+    if semantic_weight:
+        text_embeddings = _text_embeddings(model, prompt or style, pixels.shape[0])
+        schedule = NoiseSchedule.from_config(model.scheduler_config)
+        details.update(semantic_weight=semantic_weight, semantic_prompt=prompt or style)
 
     def pooled(latents: torch.Tensor) -> torch.Tensor:  # a ceil(h / k) x ceil(w / k) grid of averages
         height, width = latents.shape[-2:]
@@ -78,11 +97,18 @@ def glaze(
     def distance(adv_pixels: torch.Tensor) -> torch.Tensor:
         return latent_distance(pooled(encode_mean(model, adv_pixels)), aim)
 
-    return Objective(
-        loss=lambda adv_pixels, step: distance(adv_pixels),
-        target_distance=distance,
-        details={"target_style": style, "latent_pool": pool, "target_push": push},
-    )
+    def loss(adv_pixels: torch.Tensor, step: int) -> torch.Tensor:
+        latents = encode_mean(model, adv_pixels)
+        value = latent_distance(pooled(latents), aim)
+        if semantic_weight:
+            generator = torch.Generator().manual_seed(seed * 100_003 + step)
+            batch_embeddings = text_embeddings[: latents.shape[0]]
+            value = value + semantic_weight * denoising_losses(
+                model.unet, latents, batch_embeddings, schedule, model.prediction_type, generator
+            )
+        return value
+
+    return Objective(loss=loss, target_distance=distance, details=details)
 
 
 def photoguard(model, pixels: torch.Tensor, target_pixels: torch.Tensor) -> Objective:

@@ -27,6 +27,7 @@ class CloakConfig:
     style_target: StyleTargetConfig = field(default_factory=StyleTargetConfig)
     latent_pool: int = 1  # glaze: compare k x k averages of the latents (1: Glaze's own distance)
     target_push: float = 1.0  # glaze: aim this far along the way to the target (> 1: past it)
+    semantic_weight: float = 0.0  # glaze: weight of the frozen UNet's denoising loss under the target style's prompt
     robust: tuple[str, ...] = ()  # EOT transforms (robust.TRANSFORMS)
     mist_semantic_weight: float = 1.0
     mist_prompt: str = "a painting"
@@ -54,7 +55,17 @@ def make_objective(
         if not style:
             raise FixativeError("glaze needs a target style: --target-style TEXT or --target-style auto")
         target_pixels = targets.style_target(model, pixels, style, config.style_target, config.seed)
-        objective = objectives.glaze(model, pixels, target_pixels, style, config.latent_pool, config.target_push)
+        objective = objectives.glaze(
+            model,
+            pixels,
+            target_pixels,
+            style,
+            config.latent_pool,
+            config.target_push,
+            config.semantic_weight,
+            config.style_target.prompt.format(style=style),
+            config.seed,
+        )
         return objective, {"target_style": style}
     if method == "photoguard":
         return objectives.photoguard(model, pixels, targets.fixed_target(pixels)), {"target": "grey image"}

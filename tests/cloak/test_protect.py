@@ -66,6 +66,35 @@ def test_pooled_glaze_moves_the_pooled_latents_toward_and_past_the_target(tiny_m
     assert records[0]["latent_pool"] == 64 and records[0]["target_push"] == 1.0
 
 
+def test_the_semantic_term_lowers_the_denoising_loss_under_the_target_prompt(tiny_model, artwork_pixels):
+    from fixative.cloak.objectives import _text_embeddings, encode_mean, glaze
+    from fixative.core.schedulers import NoiseSchedule
+    from fixative.core.training import denoising_losses
+
+    prompt = "a painting by cubism"
+    objective = glaze(tiny_model, artwork_pixels, artwork_pixels, "cubism", 64, 1.0, 1.0, prompt)
+
+    def semantic(pixels: torch.Tensor, step: int) -> torch.Tensor:  # the objective less its latent distance
+        return objective.loss(pixels, step) - objective.target_distance(pixels)
+
+    with torch.no_grad():  # the term is the UNet's denoising loss under the prompt, step 0's noise
+        latents = encode_mean(tiny_model, artwork_pixels)
+        embeddings = _text_embeddings(tiny_model, prompt, latents.shape[0])
+        schedule = NoiseSchedule.from_config(tiny_model.scheduler_config)
+        generator = torch.Generator().manual_seed(0)
+        direct = denoising_losses(tiny_model.unet, latents, embeddings, schedule, tiny_model.prediction_type, generator)
+        torch.testing.assert_close(semantic(artwork_pixels, 0), direct)
+    config = _config("glaze", budget=Budget(psnr=26), steps=25, latent_pool=64, semantic_weight=1.0)
+    config.style_target.steps = 4
+    stored, records = cloak_pixels(tiny_model, artwork_pixels, config, style="cubism")
+    _assert_on_8_bit_grid_within(stored, artwork_pixels, config.budget)
+    assert records[0]["semantic_weight"] == 1.0 and records[0]["semantic_prompt"] == prompt
+    with torch.no_grad():  # over 8 fixed noise draws, the cloak lowered it
+        before = torch.stack([semantic(artwork_pixels, step) for step in range(8)]).mean()
+        after = torch.stack([semantic(stored, step) for step in range(8)]).mean()
+    assert after < before
+
+
 def test_glaze_without_a_style_is_a_clear_error(tiny_model, artwork_pixels):
     with pytest.raises(FixativeError, match="target style"):
         cloak_pixels(tiny_model, artwork_pixels, _config("glaze"))
