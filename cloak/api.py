@@ -19,12 +19,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fixative.core.errors import FixativeError
-from fixative.core.provenance import file_sha256
+from fixative.core.provenance import file_sha256, model_record
 
 from . import files, targets
 from .bounds import measure
 from .budget import load_lpips
 from .finalize import finalize, quantize
+from .objectives import Surrogate
 from .optimise import optimise
 from .protect import CloakConfig, image_record, make_objective
 from .robust import RandomTransform
@@ -63,6 +64,39 @@ def _ramp(tile: int, overlap: int, device) -> torch.Tensor:
     return weights
 
 
+def _tiles(pixels: torch.Tensor, multiple: int, tile_size: int):
+    """(padded image, its overlapping tiles (T, 3, h, w), (row starts, column starts, h, w, overlap))."""
+    padded = _padded(pixels, multiple)
+    tile = max(multiple, tile_size - tile_size % multiple)
+    overlap = (tile // 4) - (tile // 4) % multiple
+    rows, columns = _tile_starts(padded.shape[-2], tile, overlap), _tile_starts(padded.shape[-1], tile, overlap)
+    tile_h, tile_w = min(tile, padded.shape[-2]), min(tile, padded.shape[-1])
+    crops = torch.cat([padded[..., y : y + tile_h, x : x + tile_w] for y in rows for x in columns])
+    return padded, crops, (rows, columns, tile_h, tile_w, overlap)
+
+
+def batch_surrogate(model, config: CloakConfig, artworks: list, tile_size: int) -> Surrogate | None:
+    """Anti-DreamBooth's one surrogate for the whole batch (``ASPLConfig.batch``), warmed up on every readable
+    artwork's tiles, grouped by size; None for other methods or per-image surrogates."""
+    if config.method != "anti-dreambooth" or not config.aspl.batch:
+        return None
+    multiple = model.vae.config.downsampling_factor
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for artwork in artworks:
+        if isinstance(artwork, files.Artwork):
+            _, crops, _ = _tiles(artwork.pixels.to(model.vae.device), multiple, tile_size)
+            groups.setdefault(tuple(crops.shape[-2:]), []).extend(crops)
+    # tiles in the order of their content hashes: the surrogate is the same whatever order the files come in
+    ordered = [
+        torch.stack(sorted(group, key=lambda crop: hashlib.sha256(crop.cpu().numpy().tobytes()).hexdigest()))
+        for _, group in sorted(groups.items())
+    ]
+    torch.manual_seed(config.seed)
+    surrogate = Surrogate(model, config.aspl, config.seed)
+    surrogate.warm_up(ordered)
+    return surrogate
+
+
 def image_delta(
     model,
     pixels: torch.Tensor,
@@ -72,17 +106,13 @@ def image_delta(
     tied_channels: bool,
     tile_size: int,
     progress: bool,
+    surrogate: Surrogate | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """δ for one image (1, 3, H, W) in [0, 1] at its native size, and what the record needs of the run."""
     multiple = model.vae.config.downsampling_factor
     height, width = pixels.shape[-2:]
-    padded = _padded(pixels, multiple)
-    tile = max(multiple, tile_size - tile_size % multiple)
-    overlap = (tile // 4) - (tile // 4) % multiple
-    rows, columns = _tile_starts(padded.shape[-2], tile, overlap), _tile_starts(padded.shape[-1], tile, overlap)
-    tile_h, tile_w = min(tile, padded.shape[-2]), min(tile, padded.shape[-1])
-    crops = torch.cat([padded[..., y : y + tile_h, x : x + tile_w] for y in rows for x in columns])
-    objective, aimed = make_objective(model, crops, config, style)
+    padded, crops, (rows, columns, tile_h, tile_w, overlap) = _tiles(pixels, multiple, tile_size)
+    objective, aimed = make_objective(model, crops, config, style, surrogate)
     transform = RandomTransform(config.robust, config.seed) if config.robust else None
     delta_tiles, run = optimise(
         crops, objective, config.budget, config.optimiser, lpips_metric, transform, tied_channels, progress
@@ -127,15 +157,16 @@ def cloak_artwork(
     output_format: str = "png",
     tile_size: int = 1024,
     progress: bool = False,
+    surrogate: Surrogate | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """Stored pixels (1, 3, H, W) of the cloaked artwork and its record."""
+    """Stored pixels (1, 3, H, W) of the cloaked artwork and its record (surrogate: ``batch_surrogate``'s)."""
     started = time.time()
     torch.manual_seed(config.seed)
     pixels = artwork.pixels.to(model.vae.device)
     # an RGB PNG stores exactly the 8-bit rounding; every other output is encoded and read back
     exact = artwork.mode == "RGB" and output_format == "png"
     restore = quantize if exact else files.restorer(artwork, output_format)
-    delta, info = image_delta(model, pixels, config, style, lpips_metric, artwork.grey, tile_size, progress)
+    delta, info = image_delta(model, pixels, config, style, lpips_metric, artwork.grey, tile_size, progress, surrogate)
     stored, scale, met = finalize(pixels, delta, config.budget, lpips_metric, restore)
     with torch.no_grad():
         values = measure(config.budget, stored, pixels, lpips_metric)
@@ -211,20 +242,33 @@ def cloak(
     if style is None and readable:
         style, _ = resolve_style(model, config, readable, None)
     lpips_metric = lpips_for(config, model.vae.device)
+    surrogate = batch_surrogate(model, config, readable, tile_size)
     for artwork in artworks:
         if isinstance(artwork, FixativeError):
             results.append(CloakResult(None, {"error": str(artwork)}))
             continue
-        stored, record = cloak_artwork(model, artwork, config, style, lpips_metric, output_format, tile_size, progress)
+        stored, record = cloak_artwork(
+            model, artwork, config, style, lpips_metric, output_format, tile_size, progress, surrogate
+        )
         results.append(CloakResult(files.to_image(artwork, stored), record))
     return results
 
 
-def settings_hash(config: CloakConfig, model_source: str, style: str | None, output_format: str, tile_size: int) -> str:
+def settings_hash(
+    config: CloakConfig,
+    model: dict,
+    style: str | None,
+    output_format: str,
+    tile_size: int,
+    batch_inputs: list[str] | None = None,
+) -> str:
+    """The resume key: settings, the model's source and weight-file hashes (``model_record``), style, format, and
+    (batch_inputs) the hashes of every input when each output depends on the whole batch."""
     text = json.dumps(
         {
             "config": config.settings(),
-            "model": str(model_source),
+            "batch_inputs": batch_inputs,
+            "model": model,
             "style": style,
             "format": output_format,
             "tile_size": tile_size,
@@ -262,17 +306,21 @@ def cloak_files(
     found = files.find_images(inputs)
     if not found:
         raise FixativeError(f"no image files in {', '.join(map(str, inputs))}")
-    style, style_info = config.target_style, {}
-    if config.method == "glaze" and config.target_style == "auto":
-        readable = []
+    style, style_info, readable = config.target_style, {}, []
+    whole_batch = config.method == "anti-dreambooth" and config.aspl.batch  # every image depends on all of them
+    if (config.method == "glaze" and config.target_style == "auto") or whole_batch:
         for path, _ in found:
             try:
                 readable.append(files.read_artwork(path))
             except FixativeError:
                 pass
+    if config.method == "glaze" and config.target_style == "auto":
         style, style_info = resolve_style(model, config, readable, clip_folder)
         log(f"target style (auto): {style}")
-    digest = settings_hash(config, model.source, style, output_format, tile_size)
+    weights = model_record(model.source)  # weight-file hashes, cached by (path, size, mtime): cheap on a rerun
+    batch_inputs = sorted(file_sha256(a.path) for a in readable) if whole_batch else None
+    digest = settings_hash(config, weights, style, output_format, tile_size, batch_inputs)
+    surrogate = None  # anti-dreambooth's batch-wide surrogate, warmed up when the first image needs it
     lpips_metric = lpips_for(config, model.vae.device)
     provenance = {
         "fixative": version("fixative"),
@@ -280,7 +328,7 @@ def cloak_files(
         "python": platform.python_version(),
         "device": str(model.vae.device),
         "dtype": str(model.vae.dtype).removeprefix("torch."),
-        "model": str(model.source),
+        "model": weights,
         "settings_hash": digest,
     }
     rows, failures, skipped = [], [], 0
@@ -294,8 +342,10 @@ def cloak_files(
                 continue
         try:
             artwork = files.read_artwork(path)
+            if whole_batch and surrogate is None:
+                surrogate = batch_surrogate(model, config, readable, tile_size)
             stored, record = cloak_artwork(
-                model, artwork, config, style, lpips_metric, output_format, tile_size, progress
+                model, artwork, config, style, lpips_metric, output_format, tile_size, progress, surrogate
             )
         except FixativeError as error:
             failures.append({"input": str(path), "error": str(error)})

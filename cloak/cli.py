@@ -101,6 +101,41 @@ def register(subparsers) -> None:
         help="solver steps of glaze's style target, before strength (default: %(default)s)",
     )
     parser.add_argument(
+        "--latent-pool",
+        type=int,
+        default=1,
+        help="glaze: compare k x k averages of the latents; k >= the latent size compares their per-channel means "
+        "(default: %(default)s, Glaze's own per-latent distance)",
+    )
+    parser.add_argument(
+        "--target-push",
+        type=float,
+        default=1.0,
+        help="glaze: aim this far along the way from the image's latents to the target's; > 1 aims past the "
+        "target (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--semantic-weight",
+        type=float,
+        default=0.0,
+        help="glaze: add this weight times the UNet's denoising loss under the target style's prompt, so that the "
+        "model explains the cloaked image as the target style (default: %(default)s, off)",
+    )
+    parser.add_argument(
+        "--surrogate-warmup",
+        type=int,
+        default=0,
+        help="anti-dreambooth: fine-tune one surrogate this many steps on all the batch's images first "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--surrogate-every",
+        type=int,
+        default=10,
+        help="anti-dreambooth: perturbation steps between surrogate updates; 0 = never, attack the warmed-up "
+        "surrogate as it is (default: %(default)s)",
+    )
+    parser.add_argument(
         "--robust",
         default="",
         help="EOT transforms during optimisation, comma separated: jpeg,resize,blur,noise (default: none)",
@@ -138,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .api import cloak_files, summary_table
     from .bounds import parse_budget
+    from .objectives import ASPLConfig
     from .optimise import OptimiserConfig
     from .protect import CloakConfig
     from .robust import parse_robust
@@ -159,6 +195,10 @@ def run(args: argparse.Namespace) -> int:
         style_target=StyleTargetConfig(
             strength=args.strength, guidance_scale=args.target_guidance, steps=args.target_steps
         ),
+        latent_pool=args.latent_pool,
+        target_push=args.target_push,
+        semantic_weight=args.semantic_weight,
+        aspl=ASPLConfig(every=args.surrogate_every, warmup_steps=args.surrogate_warmup),
         robust=parse_robust(args.robust),
         lpips_net=args.lpips_net,
         lpips_backbone=args.lpips_backbone,

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from fixative.core.errors import FixativeError
 from fixative.core.pipelines import encode_images, encode_prompt
@@ -20,6 +21,7 @@ from fixative.core.schedulers import NoiseSchedule
 from fixative.core.training import TrainStepConfig, denoising_losses, train_step
 
 METHODS = ("glaze", "mist", "photoguard", "anti-dreambooth")
+WARMUP_STREAM = 1_000_000  # noise seeds of the warm-up steps, apart from the attack's steps
 
 
 @dataclass
@@ -49,12 +51,64 @@ def encoder_attack(model, target_latents: torch.Tensor, details: dict) -> Object
     return Objective(loss=lambda pixels, step: distance(pixels), target_distance=distance, details=details)
 
 
-def glaze(model, pixels: torch.Tensor, target_pixels: torch.Tensor, style: str) -> Objective:
+def glaze(
+    model,
+    pixels: torch.Tensor,
+    target_pixels: torch.Tensor,
+    style: str,
+    pool: int = 1,
+    push: float = 1.0,
+    semantic_weight: float = 0.0,
+    prompt: str | None = None,
+    seed: int = 0,
+) -> Objective:
     """Glaze (Shan et al. 2023, Sec. 5.2, eq. 2): min_δ ||E(x + δ) − E(Ω(x, T))||² with Ω the style-transferred
-    target (``targets.style_target``); the budget penalty is added by the loop."""
+    target (``targets.style_target``); the budget penalty is added by the loop.
+
+    pool > 1 (our variant, not the paper's): the distance between k x k averages of the latents,
+        min_δ ||P_k E(x + δ) − [P_k E(x) + κ (P_k E(Ω) − P_k E(x))]||²,   P_k: k x k average pooling, κ = push
+    (k at least the latent size: the per-channel mean). It spends the budget on the coarse latent content (colour
+    and layout) a fine-tuned mimic learns most readily, not on matching Ω's detail; κ > 1 aims past Ω along the
+    same direction so the whole budget is used.
+
+    semantic_weight w > 0 (our variant): adds w · L_θ(E(x + δ), c_T), the frozen UNet's denoising loss on the
+    perturbed latents conditioned on the target style's ``prompt`` — Mist's / AdvDM's semantic term (Liang et al.
+    2023, eq. 5) with the sign reversed and a target prompt, so that the model the mimic starts from already
+    explains x + δ as the target style (the loss as a diffusion classifier's score: Li et al. 2023, "Your Diffusion
+    Model is Secretly a Zero-Shot Classifier", eq. 3)."""
     with torch.no_grad():
         target_latents = encode_mean(model, target_pixels)
-    return encoder_attack(model, target_latents, {"target_style": style})
+    if pool <= 1 and push == 1.0 and not semantic_weight:
+        return encoder_attack(model, target_latents, {"target_style": style})
+    details = {"target_style": style, "latent_pool": pool, "target_push": push}
+    if semantic_weight:
+        text_embeddings = _text_embeddings(model, prompt or style, pixels.shape[0])
+        schedule = NoiseSchedule.from_config(model.scheduler_config)
+        details.update(semantic_weight=semantic_weight, semantic_prompt=prompt or style)
+
+    def pooled(latents: torch.Tensor) -> torch.Tensor:  # a ceil(h / k) x ceil(w / k) grid of averages
+        height, width = latents.shape[-2:]
+        return F.adaptive_avg_pool2d(latents, (-(-height // pool), -(-width // pool)))
+
+    with torch.no_grad():
+        clean = pooled(encode_mean(model, pixels))
+        aim = clean + push * (pooled(target_latents) - clean)
+
+    def distance(adv_pixels: torch.Tensor) -> torch.Tensor:
+        return latent_distance(pooled(encode_mean(model, adv_pixels)), aim)
+
+    def loss(adv_pixels: torch.Tensor, step: int) -> torch.Tensor:
+        latents = encode_mean(model, adv_pixels)
+        value = latent_distance(pooled(latents), aim)
+        if semantic_weight:
+            generator = torch.Generator().manual_seed(seed * 100_003 + step)
+            batch_embeddings = text_embeddings[: latents.shape[0]]
+            value = value + semantic_weight * denoising_losses(
+                model.unet, latents, batch_embeddings, schedule, model.prediction_type, generator
+            )
+        return value
+
+    return Objective(loss=loss, target_distance=distance, details=details)
 
 
 def photoguard(model, pixels: torch.Tensor, target_pixels: torch.Tensor) -> Objective:
@@ -100,41 +154,98 @@ def mist(
 
 @dataclass
 class ASPLConfig:
-    every: int = 10  # perturbation steps between surrogate updates
+    every: int = 10  # perturbation steps between surrogate updates (0: never; the surrogate stays as warmed up)
     surrogate_steps: int = 3  # fine-tuning steps on the clean copy and on the perturbed images, each time
     surrogate_lr: float = 5e-4
     prompt: str = "a painting"
+    warmup_steps: int = 0  # first fine-tune the surrogate this many steps on all the batch's clean images
+    batch: bool = True  # files: one surrogate warmed up on every image of the batch (False: one per image)
+    warmup_batch: int = 8  # images (or tiles) per warm-up step
 
 
-def anti_dreambooth(model, pixels: torch.Tensor, config: ASPLConfig, seed: int) -> Objective:
+class Surrogate:
+    """Anti-DreamBooth's surrogate θ: a float32 copy of the model's UNet with its own AdamW state, fine-tuned with
+    core's ``train_step``; fine-tuning it never touches the model. ASPL fine-tunes one θ on the whole instance set
+    (Van Le et al. 2023, Sec. 4.2, Alg. 1); ``warm_up`` does that once for a batch of images of any sizes, and
+    every image's attack then starts from a copy (``fork``), so an image's result does not depend on the order the
+    batch is cloaked in, and a resumed batch equals an uninterrupted one."""
+
+    def __init__(self, model, config: ASPLConfig, seed: int):
+        self.model, self.config, self.seed = model, config, seed
+        self.unet = copy.deepcopy(model.unet).float().train().requires_grad_(True)
+        self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=config.surrogate_lr, weight_decay=0.0)
+        self.schedule = NoiseSchedule.from_config(model.scheduler_config)
+        self.step_config = TrainStepConfig(prediction_type=model.prediction_type)
+        self.warmup_losses: list[float] = []
+
+    def text_embeddings(self, batch: int) -> torch.Tensor:
+        return _text_embeddings(self.model, self.config.prompt, batch)
+
+    def fine_tune(self, latents: torch.Tensor, steps: int, stream: int, unet=None, optimizer=None) -> list[float]:
+        """``steps`` train steps of ``unet`` (default: θ) on scaled latents (B, 4, h, w); noise seeded by stream."""
+        unet, optimizer = unet or self.unet, optimizer or self.optimizer
+        text_embeddings = self.text_embeddings(latents.shape[0])
+        losses = []
+        for k in range(steps):
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + stream * 17 + k)
+            losses.append(
+                train_step(unet, optimizer, latents, text_embeddings, self.schedule, self.step_config, generator)
+            )
+        return losses
+
+    def warm_up(self, groups: list[torch.Tensor]) -> None:
+        """``config.warmup_steps`` steps on clean images: groups of same-size pixels (N, 3, H, W) in [0, 1]; each
+        step takes up to ``config.warmup_batch`` of one group's images, in turn over groups and images."""
+        if not self.config.warmup_steps or not groups:
+            return
+        with torch.no_grad():
+            chunks = [
+                encode_mean(self.model, chunk) for group in groups for chunk in group.split(self.config.warmup_batch)
+            ]
+        for step in range(self.config.warmup_steps):
+            self.warmup_losses += self.fine_tune(chunks[step % len(chunks)], 1, WARMUP_STREAM + step)
+
+    def fork(self) -> Surrogate:
+        """A copy with its own UNet and optimizer state, for one image's attack."""
+        twin = copy.copy(self)
+        twin.unet = copy.deepcopy(self.unet)
+        twin.optimizer = torch.optim.AdamW(twin.unet.parameters(), lr=self.config.surrogate_lr, weight_decay=0.0)
+        twin.optimizer.load_state_dict(copy.deepcopy(self.optimizer.state_dict()))  # load_state_dict shares tensors
+        return twin
+
+
+def anti_dreambooth(
+    model, pixels: torch.Tensor, config: ASPLConfig, seed: int, surrogate: Surrogate | None = None
+) -> Objective:
     """Anti-DreamBooth's ASPL (Van Le et al. 2023, Sec. 4.2, Alg. 1): the perturbation maximises the denoising loss
     of θ', a copy of the surrogate θ fine-tuned on the clean images; θ itself is fine-tuned on the perturbed images.
-    Both fine-tunes are ``config.surrogate_steps`` calls of core's ``train_step``, every ``config.every`` steps."""
+    Both fine-tunes are ``config.surrogate_steps`` calls of core's ``train_step``, every ``config.every`` steps
+    (``every`` = 0: θ' is θ as warmed up and never changes, the paper's FSMG, Sec. 4.1).
+    surrogate: a batch-wide θ already warmed up (``Surrogate.warm_up``); this attack fine-tunes a fork of it.
+    Without one, θ is a new copy of the model's UNet, warmed up on ``pixels``."""
     if pixels.shape[0] < 1:
         raise FixativeError("anti-dreambooth needs at least one image")
-    text_embeddings = _text_embeddings(model, config.prompt, pixels.shape[0])
-    schedule = NoiseSchedule.from_config(model.scheduler_config)
-    step_config = TrainStepConfig(prediction_type=model.prediction_type)
+    if surrogate is None:
+        surrogate = Surrogate(model, config, seed)
+        surrogate.warm_up([pixels])
+    surrogate = surrogate.fork()
+    text_embeddings = surrogate.text_embeddings(pixels.shape[0])
     with torch.no_grad():
         clean_latents = encode_mean(model, pixels)
-    surrogate = copy.deepcopy(model.unet).float().train().requires_grad_(True)  # θ
-    surrogate_optimizer = torch.optim.AdamW(surrogate.parameters(), lr=config.surrogate_lr, weight_decay=0.0)
     state = {"attacked": None}  # θ', refreshed by after_step
 
-    def fine_tune(unet, optimizer, latents, step: int) -> None:
-        for k in range(config.surrogate_steps):
-            generator = torch.Generator().manual_seed(seed * 100_003 + step * 17 + k)
-            train_step(unet, optimizer, latents, text_embeddings, schedule, step_config, generator)
-
     def refresh(adv_pixels: torch.Tensor, step: int) -> None:
-        attacked = copy.deepcopy(surrogate).train()
+        if not config.every:
+            state["attacked"] = copy.deepcopy(surrogate.unet).eval().requires_grad_(False)
+            return
+        attacked = copy.deepcopy(surrogate.unet).train()
         optimizer = torch.optim.AdamW(attacked.parameters(), lr=config.surrogate_lr, weight_decay=0.0)
-        fine_tune(attacked, optimizer, clean_latents, step)
+        surrogate.fine_tune(clean_latents, config.surrogate_steps, step, attacked, optimizer)
         attacked.eval().requires_grad_(False)
         state["attacked"] = attacked
         with torch.no_grad():
             perturbed_latents = encode_mean(model, adv_pixels)
-        fine_tune(surrogate, surrogate_optimizer, perturbed_latents, step + 1)
+        surrogate.fine_tune(perturbed_latents, config.surrogate_steps, step + 1)
 
     def loss(adv_pixels: torch.Tensor, step: int) -> torch.Tensor:
         if state["attacked"] is None:
@@ -144,23 +255,23 @@ def anti_dreambooth(model, pixels: torch.Tensor, config: ASPLConfig, seed: int) 
             state["attacked"],
             encode_mean(model, adv_pixels),
             text_embeddings,
-            schedule,
+            surrogate.schedule,
             model.prediction_type,
             generator,
         )
 
     def after_step(adv_pixels: torch.Tensor, step: int) -> None:
-        if (step + 1) % config.every == 0:
+        if config.every and (step + 1) % config.every == 0:
             refresh(adv_pixels, step)
 
-    return Objective(
-        loss=loss,
-        target_distance=None,
-        after_step=after_step,
-        details={
-            "surrogate_every": config.every,
-            "surrogate_steps": config.surrogate_steps,
-            "surrogate_lr": config.surrogate_lr,
-            "prompt": config.prompt,
-        },
-    )
+    details = {
+        "surrogate_every": config.every,
+        "surrogate_steps": config.surrogate_steps,
+        "surrogate_lr": config.surrogate_lr,
+        "prompt": config.prompt,
+        "surrogate_warmup_steps": config.warmup_steps,
+    }
+    if surrogate.warmup_losses:
+        tail = surrogate.warmup_losses[-10:]
+        details["surrogate_warmup_loss"] = [surrogate.warmup_losses[0], sum(tail) / len(tail)]
+    return Objective(loss=loss, target_distance=None, after_step=after_step, details=details)

@@ -25,6 +25,9 @@ class CloakConfig:
     optimiser: OptimiserConfig = field(default_factory=OptimiserConfig)
     target_style: str | None = None  # glaze: a style text, "auto", or None (required then)
     style_target: StyleTargetConfig = field(default_factory=StyleTargetConfig)
+    latent_pool: int = 1  # glaze: compare k x k averages of the latents (1: Glaze's own distance)
+    target_push: float = 1.0  # glaze: aim this far along the way to the target (> 1: past it)
+    semantic_weight: float = 0.0  # glaze: weight of the frozen UNet's denoising loss under the target style's prompt
     robust: tuple[str, ...] = ()  # EOT transforms (robust.TRANSFORMS)
     mist_semantic_weight: float = 1.0
     mist_prompt: str = "a painting"
@@ -43,15 +46,27 @@ class CloakConfig:
 
 
 def make_objective(
-    model, pixels: torch.Tensor, config: CloakConfig, style: str | None
+    model, pixels: torch.Tensor, config: CloakConfig, style: str | None, surrogate: objectives.Surrogate | None = None
 ) -> tuple[objectives.Objective, dict]:
-    """The method's objective for pixels (batch, 3, H, W) in [0, 1], and what it aimed at (for the record)."""
+    """The method's objective for pixels (batch, 3, H, W) in [0, 1], and what it aimed at (for the record).
+    surrogate: anti-dreambooth's batch-wide surrogate, warmed up (default: a new one for these pixels)."""
     method = config.method
     if method == "glaze":
         if not style:
             raise FixativeError("glaze needs a target style: --target-style TEXT or --target-style auto")
         target_pixels = targets.style_target(model, pixels, style, config.style_target, config.seed)
-        return objectives.glaze(model, pixels, target_pixels, style), {"target_style": style}
+        objective = objectives.glaze(
+            model,
+            pixels,
+            target_pixels,
+            style,
+            config.latent_pool,
+            config.target_push,
+            config.semantic_weight,
+            config.style_target.prompt.format(style=style),
+            config.seed,
+        )
+        return objective, {"target_style": style}
     if method == "photoguard":
         return objectives.photoguard(model, pixels, targets.fixed_target(pixels)), {"target": "grey image"}
     if method == "mist":
@@ -67,7 +82,7 @@ def make_objective(
             {"target": "stripe pattern"},
         )
     if method == "anti-dreambooth":
-        return objectives.anti_dreambooth(model, pixels, config.aspl, config.seed), {}
+        return objectives.anti_dreambooth(model, pixels, config.aspl, config.seed, surrogate), {}
     raise FixativeError(f"unknown method {method!r}; choose from {', '.join(objectives.METHODS)}")
 
 

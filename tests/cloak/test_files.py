@@ -155,6 +155,50 @@ def test_cli_cloaks_a_folder_and_prints_the_summary(tiny_folder, tmp_path, capsy
     assert record["budget"] == {"linf": 8 / 255, "psnr": 32.0} and record["settings"]["seed"] == 1
 
 
+def test_cli_passes_the_objective_options_into_the_record(tiny_folder, tmp_path, capsys):
+    _inputs(tmp_path / "in")
+    common = ["--out", str(tmp_path / "out"), "--model", str(tiny_folder), "--budget", "psnr=32", "--steps", "1"]
+    glaze = ["--method", "glaze", "--target-style", "cubism", "--target-steps", "2", "--latent-pool", "4"]
+    code = main(
+        ["cloak", str(tmp_path / "in" / "rgb.png"), *common, *glaze, "--target-push", "2", "--semantic-weight", "0.5"]
+    )
+    assert code == 0
+    record = json.loads((tmp_path / "out" / "rgb.json").read_text())
+    assert (record["latent_pool"], record["target_push"], record["semantic_weight"]) == (4, 2.0, 0.5)
+    surrogate = ["--method", "anti-dreambooth", "--surrogate-warmup", "2", "--surrogate-every", "0"]
+    code = main(["cloak", str(tmp_path / "in" / "rgb.png"), *common, *surrogate, "--quiet"])
+    record = json.loads((tmp_path / "out" / "rgb.json").read_text())
+    assert code == 0 and record["surrogate_warmup_steps"] == 2 and record["surrogate_every"] == 0
+    assert len(record["surrogate_warmup_loss"]) == 2
+
+
+def test_records_carry_the_weight_hashes_and_new_weights_redo_the_batch(tiny_folder, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from fixative.core.checkpoints import load_model
+    from fixative.core.provenance import sha256
+
+    folder = shutil.copytree(tiny_folder, tmp_path / "model")
+    model = load_model(folder)
+    Image.fromarray(_painting(24, 16)).save(tmp_path / "a.png")
+    summary = cloak_files([tmp_path / "a.png"], tmp_path / "out", model, _config(steps=1), progress=False)
+    weights = summary["provenance"]["model"]["sha256"]
+    vae_file = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    assert weights["vae/diffusion_pytorch_model.safetensors"] == sha256(vae_file) and len(weights) == 3
+    record = json.loads((tmp_path / "out" / "a.json").read_text())
+    assert record["provenance"]["model"] == summary["provenance"]["model"]
+    again = cloak_files([tmp_path / "a.png"], tmp_path / "out", model, _config(steps=1), progress=False)
+    assert again["skipped_as_done"] == 1
+    tensors = load_file(vae_file)  # the same file name with other weights: not the same model, so not done
+    first = next(iter(tensors))
+    tensors[first] = tensors[first] + 1e-3
+    save_file(tensors, vae_file)
+    changed = cloak_files([tmp_path / "a.png"], tmp_path / "out", model, _config(steps=1), progress=False)
+    assert changed["skipped_as_done"] == 0 and changed["settings_hash"] != summary["settings_hash"]
+
+
 def test_cli_missing_lpips_backbone_is_a_one_line_error(tiny_folder, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     _inputs(tmp_path / "in")

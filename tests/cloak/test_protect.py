@@ -47,6 +47,54 @@ def test_glaze_aims_at_an_img2img_target_and_records_the_style(tiny_model, artwo
     assert all(r["latent_distance_after"] < r["latent_distance_before"] for r in records)
 
 
+def test_pooled_glaze_moves_the_pooled_latents_toward_and_past_the_target(tiny_model, artwork_pixels):
+    from fixative.cloak.objectives import encode_mean, glaze
+
+    target = artwork_pixels.flip(-1)
+    pooled = glaze(tiny_model, artwork_pixels, target, "cubism", pool=64)  # wider than the latents: channel means
+    assert pooled.details["latent_pool"] == 64
+    means = encode_mean(tiny_model, artwork_pixels).mean((2, 3))
+    expected = (means - encode_mean(tiny_model, target).mean((2, 3))).pow(2).mean(1)
+    torch.testing.assert_close(pooled.target_distance(artwork_pixels), expected, rtol=1e-5, atol=1e-8)
+    past = glaze(tiny_model, artwork_pixels, target, "cubism", pool=64, push=3.0)
+    torch.testing.assert_close(past.target_distance(artwork_pixels), 9 * expected, rtol=1e-4, atol=1e-8)
+    config = _config("glaze", budget=Budget(psnr=28), steps=30, latent_pool=64)
+    config.style_target.steps = 4
+    stored, records = cloak_pixels(tiny_model, artwork_pixels, config, style="cubism")
+    _assert_on_8_bit_grid_within(stored, artwork_pixels, config.budget)
+    assert all(r["latent_distance_after"] < 0.5 * r["latent_distance_before"] for r in records)
+    assert records[0]["latent_pool"] == 64 and records[0]["target_push"] == 1.0
+
+
+def test_the_semantic_term_lowers_the_denoising_loss_under_the_target_prompt(tiny_model, artwork_pixels):
+    from fixative.cloak.objectives import _text_embeddings, encode_mean, glaze
+    from fixative.core.schedulers import NoiseSchedule
+    from fixative.core.training import denoising_losses
+
+    prompt = "a painting by cubism"
+    objective = glaze(tiny_model, artwork_pixels, artwork_pixels, "cubism", 64, 1.0, 1.0, prompt)
+
+    def semantic(pixels: torch.Tensor, step: int) -> torch.Tensor:  # the objective less its latent distance
+        return objective.loss(pixels, step) - objective.target_distance(pixels)
+
+    with torch.no_grad():  # the term is the UNet's denoising loss under the prompt, step 0's noise
+        latents = encode_mean(tiny_model, artwork_pixels)
+        embeddings = _text_embeddings(tiny_model, prompt, latents.shape[0])
+        schedule = NoiseSchedule.from_config(tiny_model.scheduler_config)
+        generator = torch.Generator().manual_seed(0)
+        direct = denoising_losses(tiny_model.unet, latents, embeddings, schedule, tiny_model.prediction_type, generator)
+        torch.testing.assert_close(semantic(artwork_pixels, 0), direct)
+    config = _config("glaze", budget=Budget(psnr=26), steps=25, latent_pool=64, semantic_weight=1.0)
+    config.style_target.steps = 4
+    stored, records = cloak_pixels(tiny_model, artwork_pixels, config, style="cubism")
+    _assert_on_8_bit_grid_within(stored, artwork_pixels, config.budget)
+    assert records[0]["semantic_weight"] == 1.0 and records[0]["semantic_prompt"] == prompt
+    with torch.no_grad():  # over 8 fixed noise draws, the cloak lowered it
+        before = torch.stack([semantic(artwork_pixels, step) for step in range(8)]).mean()
+        after = torch.stack([semantic(stored, step) for step in range(8)]).mean()
+    assert after < before
+
+
 def test_glaze_without_a_style_is_a_clear_error(tiny_model, artwork_pixels):
     with pytest.raises(FixativeError, match="target style"):
         cloak_pixels(tiny_model, artwork_pixels, _config("glaze"))
@@ -81,6 +129,49 @@ def test_anti_dreambooth_alternates_with_surrogate_fine_tuning(tiny_model, artwo
     assert len(calls) == 3 * 4
     assert records[0]["latent_distance_before"] is None and not torch.equal(stored, artwork_pixels)
     assert all(torch.equal(v, tiny_model.unet.state_dict()[k]) for k, v in unet_before.items())  # model untouched
+
+
+def test_the_batch_wide_surrogate_changes_only_the_surrogate(tiny_model, artwork_pixels, monkeypatch):
+    from fixative.cloak import objectives
+
+    calls = []
+    real_train_step = objectives.train_step
+    monkeypatch.setattr(
+        objectives,
+        "train_step",
+        lambda unet, o, latents, *a, **k: calls.append(latents.shape) or real_train_step(unet, o, latents, *a, **k),
+    )
+    unet_before = {k: v.clone() for k, v in tiny_model.unet.state_dict().items()}
+    surrogate = objectives.Surrogate(tiny_model, ASPLConfig(warmup_steps=3, warmup_batch=1), seed=0)
+    small = artwork_pixels[:, :, :16, :16]
+    surrogate.warm_up([artwork_pixels, small])  # two sizes: chunks of one image, in turn
+    assert [tuple(shape) for shape in calls] == [(1, 4, 12, 16), (1, 4, 12, 16), (1, 4, 8, 8)]
+    assert len(surrogate.warmup_losses) == 3
+    assert any(not torch.equal(v, surrogate.unet.state_dict()[k]) for k, v in unet_before.items())
+    assert all(torch.equal(v, tiny_model.unet.state_dict()[k]) for k, v in unet_before.items())  # model untouched
+    # every = 0: the warmed-up surrogate is attacked as it is (FSMG); no fine-tuning during the attack
+    calls.clear()
+    fork_before = {k: v.clone() for k, v in surrogate.unet.state_dict().items()}
+    config = _config("anti-dreambooth", steps=3, aspl=ASPLConfig(every=0, warmup_steps=3))
+    stored, records = cloak_pixels(tiny_model, artwork_pixels, config)
+    assert len(calls) == 3 and records[0]["surrogate_warmup_steps"] == 3 and len(records[0]["surrogate_warmup_loss"])
+    objective = objectives.anti_dreambooth(tiny_model, artwork_pixels, ASPLConfig(every=1), 0, surrogate)
+    objective.loss(artwork_pixels, 0)
+    objective.after_step(artwork_pixels, 0)
+    assert all(torch.equal(v, surrogate.unet.state_dict()[k]) for k, v in fork_before.items())  # attacks fork it
+
+
+def test_a_batch_wide_surrogate_gives_each_image_the_same_cloak_in_any_order(tiny_model):
+    from fixative.cloak import cloak
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray((rng.random((20, 24, 3)) * 255).astype(np.uint8)) for _ in range(2)]
+    config = _config("anti-dreambooth", steps=2, aspl=ASPLConfig(every=1, surrogate_steps=1, warmup_steps=2))
+    forward = cloak(images, tiny_model, config)
+    backward = cloak(images[::-1], tiny_model, config)
+    assert np.array_equal(np.asarray(forward[0].image), np.asarray(backward[1].image))
+    assert np.array_equal(np.asarray(forward[1].image), np.asarray(backward[0].image))
+    assert not np.array_equal(np.asarray(forward[0].image), np.asarray(images[0]))
 
 
 def test_signed_pgd_with_momentum_and_eot_keep_the_budget(tiny_model, artwork_pixels):
