@@ -255,12 +255,11 @@ def _register_mimic(subparsers) -> None:
     mimic.add_argument("--rank", type=int, default=8, help="LoRA rank (default: %(default)s)")
     mimic.add_argument(
         "--sampler",
-        choices=("auto", "lcm", "ddim"),
-        default="auto",
-        help="lcm: the toy LCM-LoRA merged into the mimic, --lcm-steps steps at guidance 1 (toy world only); ddim: "
-        "--sampling-steps steps at --guidance; auto: lcm on the toy world when its LCM-LoRA is shipped, else ddim "
-        "(`fixative bench benchmarks/toy_protection.toml` checks on the clean controls that LCM's attribution agrees "
-        "with DDIM's; --check-sampler checks it on these images) (default: %(default)s)",
+        choices=("ddim", "lcm"),
+        default="ddim",
+        help="ddim: --sampling-steps steps at --guidance; lcm: the toy LCM-LoRA merged into the mimic, --lcm-steps "
+        "steps at guidance 1 (toy world only; faster, but on cloaked images it can disagree with DDIM even where it "
+        "agrees on clean ones: use --check-sampler) (default: %(default)s)",
     )
     mimic.add_argument("--lcm-steps", type=int, default=3, help="steps of the LCM sampler, 1-4 (default: %(default)s)")
     mimic.add_argument(
@@ -283,10 +282,6 @@ def _mimic(args: argparse.Namespace) -> int:
     from .mimicry import MimicConfig, run
 
     sampler = args.sampler
-    if sampler == "auto":
-        from fixative.consistency.toy import TOY_LCM_LORA
-
-        sampler = "lcm" if args.model == "toy" and any(TOY_LCM_LORA.glob("*.safetensors")) else "ddim"
     config = MimicConfig(
         sampler=sampler,
         lcm_steps=args.lcm_steps,

@@ -78,6 +78,8 @@ def test_mimic_command_writes_results_and_does_not_redo_a_finished_run(tmp_path,
         str(held_out),
         "--adversary",
         "jpeg:75",
+        "--sampler",
+        "lcm",
         "--check-sampler",
         "--device",
         "cpu",
@@ -88,7 +90,7 @@ def test_mimic_command_writes_results_and_does_not_redo_a_finished_run(tmp_path,
     assert "protection rate" in printed and "not attributed to zenji" in printed and "sampler check: LCM" in printed
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["generations"] == 8 and sum(results["attributed_to"].values()) == 8
-    # the toy world's default sampler: the LCM-LoRA, checked against DDIM on the same prompts and seeds
+    # the LCM-LoRA sampler, checked against DDIM on the same prompts and seeds
     assert results["sampler"] == {"scheduler": "lcm", "num_inference_steps": 3, "guidance_scale": 1.0}
     check = results["sampler_check"]
     assert check["reference"]["scheduler"] == "ddim" and check["reference_attributed"]["trials"] == 8
