@@ -33,7 +33,7 @@ from fixative.core.toy.atelier import AtelierConfig
 
 from .attribution import PaintingClassifier, ToyJudge, train_classifier
 from .grid import labelled_grid
-from .mimicry import MimicConfig, fine_tune_mimic, sample
+from .mimicry import MimicConfig, fine_tune_mimic, sample, sample_seeds
 
 PARTS = ("vae", "clip", "generation", "mimicry")
 TARGETS = {
@@ -238,7 +238,7 @@ def mimicry_part(world: ToyWorld, artist: str) -> tuple[dict, torch.Tensor, str]
     mimic_model, seconds = fine_tune_mimic(world.model, pixels, captions, mimic_config, prior, log=lambda _: None)
     expected_subjects = [s for s in atelier.SUBJECTS for _ in range(config.mimic_samples_per_subject)]
     prompts = [atelier.caption(s, name) for s in expected_subjects]
-    seeds = [config.seed * 100_000 + 50_000 + i for i in range(len(prompts))]
+    seeds = sample_seeds(config.seed, len(prompts))
     samples = sample(mimic_model, prompts, seeds, mimic_config)
     predicted, _ = world.judge.classify(samples)
     kept, _ = generation_figures(
