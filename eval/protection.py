@@ -23,7 +23,6 @@ Options not given come from the benchmark's ``[protection.cloak]`` table, then f
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,11 +160,9 @@ def cloak_code_sha256() -> str:
     """One hash over the cloak package's source: a changed method recomputes its cached cloak stages."""
     import fixative.cloak
 
-    digest = hashlib.sha256()
-    root = Path(fixative.cloak.__file__).parent
-    for path in sorted(root.rglob("*.py")):
-        digest.update(f"{path.relative_to(root)}:".encode() + path.read_bytes())
-    return digest.hexdigest()
+    from .features import folder_sha256
+
+    return folder_sha256(Path(fixative.cloak.__file__).parent, (".py",))
 
 
 def cloak_cell(model, clean: torch.Tensor, cell: Cell, seed: int, style: str | None, defaults: dict | None) -> dict:
