@@ -90,7 +90,8 @@ class ResnetBlock2D(nn.Module):
         residual = hidden if self.conv_shortcut is None else self.conv_shortcut(hidden)
         hidden = self.conv1(F.silu(self.norm1(hidden), inplace=True))
         hidden += self.time_emb_proj(time_features)[:, :, None, None]
-        hidden = self.conv2(F.silu(self.norm2(hidden), inplace=True))
+        hidden = F.silu(self.norm2(hidden), inplace=True)  # a statement of its own: conv1's output is freed here,
+        hidden = self.conv2(hidden)  # before conv2 allocates (one activation fewer alive at the peak)
         return hidden.add_(residual)
 
 
