@@ -1,16 +1,23 @@
 """fixative's networks vs diffusers / transformers on the same weights, threads and inputs.
 
 Runs are interleaved (ours, theirs, ours, ...) and the median is kept. Prints, per case, the ratio
-fixative time / reference time (target: no ratio above 0.80), the peak memory each used during the call,
-for bf16 the relative error of each implementation against its own fp32 output, and how far each is from
-the machine's limit: the FLOPs of one call (torch.utils.flop_counter, counted on the reference) per second,
-beside the peak FLOP/s of a large matmul in the same dtype measured at the start.
+fixative time / reference time (target: no ratio above 0.80), the peak memory each used during the call
+(RSS above the call's start, freed memory handed back to the system first; the figure counts memory our
+networks keep between calls, such as packed weights), for bf16 the relative error of each implementation
+against its own fp32 output, and how far each is from the machine's limit: the FLOPs of one call
+(torch.utils.flop_counter, counted on the reference) per second, beside the peak FLOP/s of a large matmul in
+the same dtype measured at the start.
 
-Cases: forward passes (UNet batch 2, as with classifier-free guidance; VAE decode at 512 px; text encoder)
-and, marked "+grad", a forward and backward pass: the VAE encoder to the input pixels at 512 px (a cloaking
-step) and the UNet to its weights at 64x64 latents, batch 1 (a fine-tuning / distillation step).
+The rows (SD 1.5 shapes, random weights), each in fp32 and bf16 (text encoder: fp32):
+  unet      UNet forward, batch 2 (classifier-free guidance), 32x32 and 64x64 latents (256 / 512 px)
+  unet-grad UNet forward + backward to the weights, batch 1 (a fine-tuning / distillation step), 32x32 and 64x64
+  vae       VAE decode at 512 px
+  vae-grad  VAE encoder forward + backward to the input pixels at 512 px (a cloaking step)
+  text      CLIP text encoder, batch 2
+``--full`` keeps the 512 px / 64x64 rows, ``--quick`` the small ones (UNet 32x32, VAE 256 px).
 
-    .venv/bin/python benchmarks/core_networks.py            # every row (about an hour at 1 thread)
+    .venv/bin/python benchmarks/core_networks.py --threads 2 --repeats 3   # every row above (about 13 min on
+                                                                           # 2 idle threads, twice that on 1)
     .venv/bin/python benchmarks/core_networks.py --quick    # one repeat, small cases only (minutes)
     .venv/bin/python benchmarks/core_networks.py --full     # the 512 px / 64x64-latent rows only
     .venv/bin/python benchmarks/core_networks.py --only unet --full --compile   # + our UNet compiled, frozen

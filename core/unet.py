@@ -340,7 +340,7 @@ class UNet2DConditionModel(nn.Module):
     """epsilon_theta(z_t, t, tau(y)) of LDM Eq. 3 (or v / sample, whatever the weights were trained for).
 
     Keeps no packed convolution weights unless ``layout.enable_weight_packing(unet, True)``: for SD 1.5 they
-    would hold 1.1 GB (bf16) beside activations of a few hundred MB, for about 5% of speed in bf16."""
+    would hold 1.1 GB (bf16) beside activations of a few hundred MB, for a few per cent of speed in bf16."""
 
     pack_weight = False  # layout.enable_weight_packing: channels-last bf16 inference with packed weights
 
