@@ -1,16 +1,23 @@
 """fixative's networks vs diffusers / transformers on the same weights, threads and inputs.
 
 Runs are interleaved (ours, theirs, ours, ...) and the median is kept. Prints, per case, the ratio
-fixative time / reference time (target: no ratio above 0.80), the peak memory each used during the call,
-for bf16 the relative error of each implementation against its own fp32 output, and how far each is from
-the machine's limit: the FLOPs of one call (torch.utils.flop_counter, counted on the reference) per second,
-beside the peak FLOP/s of a large matmul in the same dtype measured at the start.
+fixative time / reference time (target: no ratio above 0.80), the peak memory each used during the call
+(RSS above the call's start, freed memory handed back to the system first; the figure counts memory our
+networks keep between calls, such as packed weights), for bf16 the relative error of each implementation
+against its own fp32 output, and how far each is from the machine's limit: the FLOPs of one call
+(torch.utils.flop_counter, counted on the reference) per second, beside the peak FLOP/s of a large matmul in
+the same dtype measured at the start.
 
-Cases: forward passes (UNet batch 2, as with classifier-free guidance; VAE decode at 512 px; text encoder)
-and, marked "+grad", a forward and backward pass: the VAE encoder to the input pixels at 512 px (a cloaking
-step) and the UNet to its weights at 64x64 latents, batch 1 (a fine-tuning / distillation step).
+The rows (SD 1.5 shapes, random weights), each in fp32 and bf16 (text encoder: fp32):
+  unet      UNet forward, batch 2 (classifier-free guidance), 32x32 and 64x64 latents (256 / 512 px)
+  unet-grad UNet forward + backward to the weights, batch 1 (a fine-tuning / distillation step), 32x32 and 64x64
+  vae       VAE decode at 512 px
+  vae-grad  VAE encoder forward + backward to the input pixels at 512 px (a cloaking step)
+  text      CLIP text encoder, batch 2
+``--full`` keeps the 512 px / 64x64 rows, ``--quick`` the small ones (UNet 32x32, VAE 256 px).
 
-    .venv/bin/python benchmarks/core_networks.py            # every row (about an hour at 1 thread)
+    .venv/bin/python benchmarks/core_networks.py --threads 2 --repeats 3   # every row above (about 13 min on
+                                                                           # 2 idle threads, twice that on 1)
     .venv/bin/python benchmarks/core_networks.py --quick    # one repeat, small cases only (minutes)
     .venv/bin/python benchmarks/core_networks.py --full     # the 512 px / 64x64-latent rows only
     .venv/bin/python benchmarks/core_networks.py --only unet --full --compile   # + our UNet compiled, frozen
@@ -20,6 +27,7 @@ step) and the UNet to its weights at 64x64 latents, batch 1 (a fine-tuning / dis
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import gc
 import os
@@ -72,8 +80,22 @@ class PeakMemory:
             self.peak_mib = (max(self._peak, self._rss_bytes()) - self._start) / 2**20
 
 
-def timed(fn, device: torch.device, grad: bool = False) -> tuple[float, float, torch.Tensor]:
-    """Seconds, peak MiB and output of fn(); under inference_mode unless ``grad`` (fn runs a backward)."""
+def release_free_memory() -> None:
+    """Hand memory that glibc's malloc keeps after frees back to the system (malloc_trim), so that a call's
+    RSS peak above its start counts every page it needs: pages kept from an earlier call (of the other
+    implementation, or of another case) would otherwise be reused unseen and lower that call's figure."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def timed(fn, device: torch.device, grad: bool = False, trim: bool = False) -> tuple[float, float, torch.Tensor]:
+    """Seconds, peak MiB and output of fn(); under inference_mode unless ``grad`` (fn runs a backward);
+    ``trim``: first hand freed memory back to the system (release_free_memory)."""
+    if trim:
+        release_free_memory()
     gc.collect()
     with PeakMemory(device) as memory, torch.inference_mode(not grad):
         start = time.perf_counter()
@@ -128,7 +150,9 @@ def compare(name: str, ours, theirs, device: torch.device, repeats: int, referen
     From 3 repeats on there is no separate warm-up call: at these sizes a first call's extra cost (oneDNN
     primitives, our packed weights) is the one outlier the median drops, and the reference's first call also
     counts the FLOPs. Peak memory is the largest over all calls, first included, so that memory kept between
-    calls (packed weights) shows. Returns the printed row and both outputs."""
+    calls (packed weights) shows; the first call of each implementation starts with freed memory handed back
+    to the system (release_free_memory), so that it counts every page it touches. Returns the printed row and
+    both outputs."""
     if PROFILE_ROWS:
         return {}, *profiled(name, ours, theirs, grad)
     from torch.utils.flop_counter import FlopCounterMode
@@ -144,7 +168,7 @@ def compare(name: str, ours, theirs, device: torch.device, repeats: int, referen
                 with counter:
                     return theirs()
 
-        seconds, memory_mib, outputs[label] = timed(fn, device, grad)
+        seconds, memory_mib, outputs[label] = timed(fn, device, grad, trim=not memory[label])
         memory[label].append(memory_mib)
         return seconds
 
@@ -229,7 +253,7 @@ def compiled_rows(args, device, name: str, ours, theirs, inputs) -> list[dict]:
 def unet_cases(args, device) -> list[dict]:
     ours, theirs, config = unet_pair(device)
     rows = []
-    sizes = [32] if args.quick else [64] if args.full else [32, 64]
+    sizes = unet_sizes(args)
     fp32_outputs = {}
     for size in sizes:
         latents = torch.randn(2, 4, size, size, device=device)
@@ -266,38 +290,44 @@ def unet_cases(args, device) -> list[dict]:
     return rows
 
 
+def unet_sizes(args) -> list[int]:
+    """Latent sides of the UNet rows: 32x32 (256 px images) and 64x64 (512 px)."""
+    return [32] if args.quick else [64] if args.full else [32, 64]
+
+
 def unet_grad_cases(args, device) -> list[dict]:
     """Forward and backward to the weights, batch 1 (a fine-tuning step's network work); the outputs
     compared are the gradients of conv_in's weight, the last the backward pass reaches."""
     ours, theirs, config = unet_pair(device)
     ours.train()
     theirs.train()
-    size = 32 if args.quick else 64
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         ours.to(dtype)
         theirs.to(dtype)
-        latents = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(1)).to(device, dtype)
-        text_embeddings = torch.randn(1, 77, config.cross_attention_dim, generator=torch.Generator().manual_seed(2))
-        text_embeddings = text_embeddings.to(device, dtype)
-        t = torch.tensor([500], device=device)
+        for size in unet_sizes(args):
+            latents = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+            text_embeddings = torch.randn(
+                1, 77, config.cross_attention_dim, generator=torch.Generator().manual_seed(2)
+            ).to(device, dtype)
+            t = torch.tensor([500], device=device)
 
-        def step(unet, output):
-            output(unet(latents, t, text_embeddings)).float().square().mean().backward()
-            grad = unet.conv_in.weight.grad
-            unet.zero_grad(set_to_none=True)
-            return grad
+            def step(unet, output):
+                output(unet(latents, t, text_embeddings)).float().square().mean().backward()
+                grad = unet.conv_in.weight.grad
+                unet.zero_grad(set_to_none=True)
+                return grad
 
-        rows.append(
-            compare(
-                f"unet sd15 {size}x{size} b1 +grad {'bf16' if dtype == torch.bfloat16 else 'fp32'}",
-                lambda: step(ours, lambda out: out),
-                lambda: step(theirs, lambda out: out.sample),
-                device,
-                args.repeats,
-                grad=True,
-            )[0]
-        )
+            rows.append(
+                compare(
+                    f"unet sd15 {size}x{size} b1 +grad {'bf16' if dtype == torch.bfloat16 else 'fp32'}",
+                    lambda: step(ours, lambda out: out),
+                    lambda: step(theirs, lambda out: out.sample),
+                    device,
+                    args.repeats,
+                    grad=True,
+                )[0]
+            )
     return rows
 
 

@@ -90,7 +90,8 @@ class ResnetBlock2D(nn.Module):
         residual = hidden if self.conv_shortcut is None else self.conv_shortcut(hidden)
         hidden = self.conv1(F.silu(self.norm1(hidden), inplace=True))
         hidden += self.time_emb_proj(time_features)[:, :, None, None]
-        hidden = self.conv2(F.silu(self.norm2(hidden), inplace=True))
+        hidden = F.silu(self.norm2(hidden), inplace=True)  # a statement of its own: conv1's output is freed here,
+        hidden = self.conv2(hidden)  # before conv2 allocates (one activation fewer alive at the peak)
         return hidden.add_(residual)
 
 
@@ -336,7 +337,12 @@ class UpBlock(nn.Module):
 
 
 class UNet2DConditionModel(nn.Module):
-    """epsilon_theta(z_t, t, tau(y)) of LDM Eq. 3 (or v / sample, whatever the weights were trained for)."""
+    """epsilon_theta(z_t, t, tau(y)) of LDM Eq. 3 (or v / sample, whatever the weights were trained for).
+
+    Keeps no packed convolution weights unless ``layout.enable_weight_packing(unet, True)``: for SD 1.5 they
+    would hold 1.1 GB (bf16) beside activations of a few hundred MB, for a few per cent of speed in bf16."""
+
+    pack_weight = False  # layout.enable_weight_packing: channels-last bf16 inference with packed weights
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -408,11 +414,11 @@ class UNet2DConditionModel(nn.Module):
         # every ResNet applies SiLU before projecting the time embedding: do it once here
         time_features = F.silu(time_embedding)
 
-        # bf16 inference on the CPU runs channels-last with packed convolution weights (layout.py), the
-        # convolutions' fastest form there; without packing, oneDNN's per-call weight reorders make channels-last
-        # slower than channels-first at 8x8 and 16x16; in fp32 both forms are equally fast, so the UNet keeps
-        # channels-first and no packed copy of its 2.3 GB of convolution weights
-        packed = latents.dtype == torch.bfloat16 and self.conv_in.pack_weight
+        # channels-first by default; with weight packing turned on (layout.enable_weight_packing), bf16 inference
+        # on the CPU runs channels-last with packed convolution weights, the convolutions' fastest form there
+        # (without packing, oneDNN's per-call weight reorders make channels-last slower than channels-first at
+        # 8x8 and 16x16; in fp32 both forms are equally fast)
+        packed = latents.dtype == torch.bfloat16 and self.pack_weight
         hidden = self.conv_in(working_layout(latents, self) if packed else latents)
         skips = [hidden]
         for block in self.down_blocks:

@@ -62,7 +62,8 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.conv1(F.silu(self.norm1(x), inplace=True))
-        hidden = self.conv2(F.silu(self.norm2(hidden), inplace=True))
+        hidden = F.silu(self.norm2(hidden), inplace=True)  # a statement of its own: conv1's output is freed here,
+        hidden = self.conv2(hidden)  # before conv2 allocates (one activation fewer alive at the peak)
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return hidden.add_(shortcut)  # in place on the conv output: autograd does not need it
 

@@ -43,24 +43,44 @@ def test_encode_gives_the_same_mean_with_and_without_gradients():
     torch.testing.assert_close(channels_first_mean.detach(), channels_last_mean, rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_unet_infers_channels_last_with_packed_weights_and_gives_the_channels_first_output():
+def packed_copies(network: nn.Module) -> list[bool]:
+    """Per convolution: whether it holds a packed weight, or the up-sampling's packed phase weight."""
+    convolutions = [module for module in network.modules() if isinstance(module, Conv2d)]
+    folded = [getattr(conv, "_phase_weight_cache", None) for conv in convolutions]
+    return [conv._packed is not None or fold is not None for conv, fold in zip(convolutions, folded)]
+
+
+def test_unet_keeps_no_packed_weights_by_default_in_either_dtype():
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(TINY_UNET).eval().requires_grad_(False)
+    for dtype in (torch.float32, torch.bfloat16):
+        unet.to(dtype)
+        with torch.no_grad():
+            unet(torch.randn(2, 4, 8, 8).to(dtype), 500, torch.randn(2, 77, 8).to(dtype))
+        assert not any(packed_copies(unet))
+
+
+def test_bf16_unet_with_packing_infers_channels_last_with_packed_weights_and_gives_the_channels_first_output():
     torch.manual_seed(0)
     unet = UNet2DConditionModel(TINY_UNET).eval().requires_grad_(False).to(torch.bfloat16)
+    enable_weight_packing(unet, True)
     latents, text_embeddings = torch.randn(2, 4, 8, 8).bfloat16(), torch.randn(2, 77, 8).bfloat16()
     with torch.no_grad():
         channels_last_out = unet(latents, 500, text_embeddings)
     assert unet.conv_in._packed is not None
+    assert all(packed_copies(unet))
     channels_first_out = unet(latents.clone().requires_grad_(), 500, text_embeddings)
-    assert unet.conv_in._packed is None  # dropped when autograd records
+    assert not any(packed_copies(unet))  # dropped when autograd records
     assert channels_last_out.is_contiguous() and channels_first_out.is_contiguous()
     torch.testing.assert_close(channels_first_out.detach(), channels_last_out, rtol=2e-2, atol=2e-2)
 
 
-def test_fp32_unet_infers_channels_first_without_packed_weights():
+def test_fp32_unet_infers_channels_first_without_packed_weights_even_with_packing_on():
     unet = UNet2DConditionModel(TINY_UNET).eval()
+    enable_weight_packing(unet, True)
     with torch.no_grad():
         unet(torch.randn(2, 4, 8, 8), 500, torch.randn(2, 77, 8))
-    assert all(module._packed is None for module in unet.modules() if isinstance(module, Conv2d))
+    assert not any(packed_copies(unet))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -83,23 +103,15 @@ def test_packed_convolution_equals_conv2d_and_follows_weight_changes(dtype):
     assert conv._packed is None and conv.weight.grad is not None
 
 
-def test_unet_without_weight_packing_gives_the_same_output_and_keeps_no_packed_copies():
+def test_unet_with_and_without_weight_packing_gives_the_same_output_and_off_keeps_no_packed_copies():
     torch.manual_seed(0)
     unet = UNet2DConditionModel(TINY_UNET).eval().to(torch.bfloat16)
     latents, text_embeddings = torch.randn(2, 4, 8, 8).bfloat16(), torch.randn(2, 77, 8).bfloat16()
-    convolutions = [module for module in unet.modules() if isinstance(module, Conv2d)]
-
-    def packed_copies():  # a packed weight, or the up-sampling's packed phase weight
-        folded = [getattr(conv, "_phase_weight_cache", None) for conv in convolutions]
-        return [
-            conv._packed is not None or (fold is not None and fold["packed"] is not None)
-            for conv, fold in zip(convolutions, folded)
-        ]
-
     with torch.no_grad():
+        enable_weight_packing(unet, True)
         packed_out = unet(latents, 500, text_embeddings)
-        assert all(packed_copies())
+        assert all(packed_copies(unet))
         enable_weight_packing(unet, False)
         plain_out = unet(latents, 500, text_embeddings)
-    assert not any(packed_copies())
+    assert not any(packed_copies(unet))
     torch.testing.assert_close(plain_out, packed_out, rtol=2e-2, atol=2e-2)  # bf16: channels-first vs -last

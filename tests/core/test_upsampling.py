@@ -3,7 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from fixative.core.upsampling import upsample_nearest2x_conv
+from fixative.core.layout import Conv2d
+from fixative.core.upsampling import _phase_weight, upsample_nearest2x_conv
 
 
 def reference(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
@@ -39,3 +40,32 @@ def test_weight_gradients_flow_through_the_fold_uncached():
     reference(x, conv).square().sum().backward()
     assert_matches(ours_grad, conv.weight.grad)
     assert not hasattr(conv, "_phase_weight_cache")
+
+
+def test_phase_weights_are_the_summed_taps_and_the_plain_fold_keeps_nothing_on_the_module():
+    torch.manual_seed(0)
+    weight = torch.randn(3, 2, 3, 3)
+    # phase (1, 0): output row 2i+1 reads kernel rows (0+1, 2), output column 2j reads kernel columns (0, 1+2)
+    expected = torch.stack(
+        [
+            torch.stack(
+                [weight[:, :, 0, 0] + weight[:, :, 1, 0], weight[:, :, 0, 1:].sum(-1) + weight[:, :, 1, 1:].sum(-1)], -1
+            ),
+            torch.stack([weight[:, :, 2, 0], weight[:, :, 2, 1:].sum(-1)], -1),
+        ],
+        -2,
+    )
+    torch.testing.assert_close(_phase_weight(weight, 1, 0), expected)
+    conv = Conv2d(6, 6, 3, padding=1).requires_grad_(False)
+    x = torch.randn(1, 6, 5, 5)
+    with torch.no_grad():
+        assert_matches(upsample_nearest2x_conv(x, conv), reference(x, conv))  # channels-first: folded per call
+        assert getattr(conv, "_phase_weight_cache", None) is None
+        channels_last = x.contiguous(memory_format=torch.channels_last)
+        out = upsample_nearest2x_conv(channels_last, conv)  # channels-last: one packed convolution, kept
+        assert_matches(out, reference(x, conv))
+        assert out.is_contiguous(memory_format=torch.channels_last) and conv._phase_weight_cache is not None
+        conv.weight.mul_(-1.0)
+        assert_matches(upsample_nearest2x_conv(channels_last, conv), reference(x, conv))  # repacked
+        upsample_nearest2x_conv(x, conv)
+    assert conv._phase_weight_cache is None  # a call that does not pack drops the packed copy
