@@ -6,6 +6,8 @@ this script runs it with the cells and artists of your choice and prints its tab
     .venv/bin/python benchmarks/cloak_efficacy.py                     # the whole grid of cloak_efficacy.toml
     .venv/bin/python benchmarks/cloak_efficacy.py --artists zenji --cells plain:linf=32/255 glaze:psnr=24:jpeg
     .venv/bin/python benchmarks/cloak_efficacy.py --table            # print the table of the last run
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/cloak_efficacy.py --jobs 2 --stages runs/toy_protection/stages
+        # one process per artist; the cells it shares with benchmarks/toy_protection.toml from that run's cache
 
 A cell is METHOD[:BUDGET...][:OPTION...] (eval/protection.py): METHOD one of clean, plain, glaze, mist, photoguard,
 anti-dreambooth, best; options jpeg (JPEG-75 before mimicry), eot, robust=T,T, pgd, steps=N, lr=X, strength=S,
@@ -85,6 +87,8 @@ def main(argv=None) -> int:
         default=int(os.environ.get("OMP_NUM_THREADS", "1")),
         help="torch threads (default: $OMP_NUM_THREADS, else 1)",
     )
+    parser.add_argument("--jobs", type=int, default=1, help="artists run in this many processes (default: 1)")
+    parser.add_argument("--stages", help="stage cache folder, e.g. a toy_protection run's (default: OUT/stages)")
     parser.add_argument("--quiet", action="store_true", help="no per-stage progress lines (default: show them)")
     parser.add_argument("--table", action="store_true", help="only print the table of the last finished run")
     args = parser.parse_args(argv)
@@ -108,6 +112,8 @@ def main(argv=None) -> int:
                 seed=args.seed,
                 log=(lambda _: None) if args.quiet else (lambda line: print(line, flush=True)),
                 overrides={"protection": changes},
+                jobs=args.jobs,
+                stages_dir=args.stages,
             )
         except FixativeError as error:
             print(f"error: {error}", file=sys.stderr)
