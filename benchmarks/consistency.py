@@ -12,6 +12,8 @@ Prompts: the captions of the Toy Atelier's test split (the trained artists' pain
 - Carry-over (``--mimic ARTIST``): the toy report's mimic (its ``mimic``: 24 paintings of a held-out artist
   under a new name) sampled at 25 DDIM steps and with the LCM-LoRA (and ``--baseline-lora``) applied to it at
   1, 2 and 4 steps; the share of samples the judge attributes to the held-out artist, LCM-LoRA over DDIM.
+- ``--seed S``: prompt i is sampled with seed S + i (default 0); the spread of a row over a few seeds is the
+  FID's own noise at this image count.
 - Speed: wall time of one batch (``--speed-batch``) at one LCM step against the teacher's 25 guided DDIM steps,
   decode included, interleaved ``--repeats`` times, medians.
 - ``--ict``: a student trained without a teacher (``--method ict``), sampled like the LCM-LoRA (guidance 1).
@@ -70,8 +72,10 @@ def clip_features(judge: ToyJudge, pixels: torch.Tensor, batch: int = 128) -> to
     )
 
 
-def sample(model, prompts: list[str], steps: int, scheduler: str, guidance: float, batch: int) -> torch.Tensor:
-    """Pixels in [-1, 1]; prompt i is drawn with seed i."""
+def sample(
+    model, prompts: list[str], steps: int, scheduler: str, guidance: float, batch: int, first_seed: int = 0
+) -> torch.Tensor:
+    """Pixels in [-1, 1]; prompt i is drawn with seed first_seed + i."""
     out = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
@@ -81,7 +85,7 @@ def sample(model, prompts: list[str], steps: int, scheduler: str, guidance: floa
             num_inference_steps=steps,
             scheduler=scheduler,
             guidance_scale=guidance,
-            seed=list(range(start, start + len(chunk))),
+            seed=list(range(first_seed + start, first_seed + start + len(chunk))),
             output="images",
             progress=False,
         )
@@ -183,6 +187,13 @@ def main() -> None:
         "--data", type=Path, default=None, help="a Toy Atelier folder (default: outputs/atelier, painted)"
     )
     parser.add_argument("--images", type=int, default=None, help="use N evenly spaced test images (default: all)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="test prompt i is sampled with seed SEED + i; rerun with another seed (e.g. 1000) to see the FID's "
+        "own noise at this image count (default: %(default)s)",
+    )
     parser.add_argument("--guidance", type=float, default=5.0, help="teacher and LCD guidance scale (the toy report's)")
     parser.add_argument("--batch", type=int, default=64, help="images per sampling batch (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timing repeats; 0: no timing (default: %(default)s)")
@@ -241,9 +252,10 @@ def main() -> None:
     for name, (model, scheduler, guidance, step_counts) in samplers.items():
         for steps in step_counts:
             key = f"{name}|{sources[name]}|{steps} steps|{len(captions)} images|guidance {guidance}"
+            key += f"|seeds from {args.seed}" if args.seed else ""
             started = time.perf_counter()
             if key not in cache:
-                pixels = sample(model, captions, steps, scheduler, guidance, args.batch)
+                pixels = sample(model, captions, steps, scheduler, guidance, args.batch, args.seed)
                 attributed, _ = judge.classify(pixels)
                 cache[key] = (
                     fid_metric(real_features, clip_features(judge, pixels)),
