@@ -365,8 +365,25 @@ def _grids(settings: dict) -> list[tuple[list[str], list[str]]]:
     return grids
 
 
+_LISTS = ("generation_prompts",)  # per-generation lists a mimic stage does not keep
+
+
 def _sampler_label(sampling: dict) -> str:
     return f"{sampling['scheduler']}-{sampling['num_inference_steps']}"
+
+
+def _check_label(check: dict | None) -> str:
+    """A cell's sampler check: the reference sampler's protection on the paired generations, and the share of
+    pairs attributed alike; "DISAGREES" when the sampler's share lies outside the reference's interval."""
+    if not check:
+        return "-"
+    low, high = check.get("reference_protection_interval", (None, None))
+    interval = "" if low is None else f" [{100 * low:.1f}, {100 * high:.1f}]"
+    return (
+        f"{_sampler_label(check['reference'])} {100 * check['reference_protection_rate']:.1f}%{interval}, "
+        f"{100 * check.get('paired_agreement', float('nan')):.0f}% of {check.get('generations', '?')}"
+        + ("" if check["agrees"] else ", DISAGREES")
+    )
 
 
 def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tuple[str, str]], str]:
@@ -419,7 +436,9 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
     if unknown:
         raise FixativeError(f"[protection.mimic]: unknown setting(s) {', '.join(unknown)}; use {', '.join(known)}")
     mimic = MimicConfig(**settings.get("mimic", {}), seed=seed)
-    check_sampler = "ddim" if mimic.sampler == "lcm" and settings.get("check_sampler", True) else None
+    differs = mimic.sampling() != mimic.sampling("reference")  # e.g. LCM, or DDIM with fewer steps
+    check_sampler = "reference" if differs and settings.get("check_sampler", True) else None
+    lcm_control = check_sampler if mimic.sampler == "lcm" else None  # LCM: its clean controls are checked first
     model_hash = folder_sha256(model_folder())
     judge_hash = folder_sha256(clip_folder())
     cloak_code = cloak_code_sha256()
@@ -430,7 +449,7 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
         lcm_hash = folder_sha256(toy_lcm_lora().parent)
     cloak_specs = {parse_cell(spec).cloak_spec for cells, _ in grids for spec in cells}
     mimics = sum(len(cells) * len(attacks) for cells, attacks in grids)
-    stages.expect((["cloak"] * len(cloak_specs) + ["mimic"] * mimics + ["check"] * bool(check_sampler)) * len(artists))
+    stages.expect((["cloak"] * len(cloak_specs) + ["mimic"] * mimics + ["check"] * bool(lcm_control)) * len(artists))
     judge = ToyJudge(clip_folder(), device)
     scorer = CLIPScorer(clip_folder(), device)
     features = CLIPFeatures(clip_folder(), device)
@@ -504,12 +523,13 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
                 log=lambda _: None,
             )
             images = _uint8(generations)
-            all_prompts = [p for p in own["prompts"] for _ in range(mimic_config.samples_per_prompt)]
+            first = results["first_round"]  # FID on the same number of generations in every cell
             return {
-                **{k: v for k, v in results.items() if k not in ("prompts", "config", "adversaries")},
+                **{k: v for k, v in results.items() if k not in ("prompts", "config", "adversaries", *_LISTS)},
                 "seconds": results["fine_tune_seconds"],
-                "fid_to_held_out": fid(own["held_features"], features(images)),
-                "clip_score": scorer(list(images), all_prompts).value,
+                "fid_to_held_out": fid(own["held_features"], features(images[:first])),
+                "fid_generations": first,
+                "clip_score": scorer(list(images), results["generation_prompts"]).value,
                 "images": images[:8],
                 "trained_on": _uint8(trained_on[:8]),
             }
@@ -530,13 +550,15 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
     sampler_of, checks = {}, []
     for artist in artists:
         sampler_of[artist] = mimic
-        if check_sampler:
-            _, outcome = mimic_stage(artist, "clean", "none", mimic, check_sampler, kind="check")
+        if lcm_control:
+            _, outcome = mimic_stage(artist, "clean", "none", mimic, lcm_control, kind="check")
             check = dict(outcome["sampler_check"])  # decided here from the cached counts, not frozen in the cache
             check["agrees"] = shares_agree(check["distilled_attributed"], check["reference_attributed"])
             checks.append({"artist": artist, **check})
             if not check["agrees"]:
-                sampler_of[artist] = dataclasses.replace(mimic, sampler=check_sampler)
+                sampler_of[artist] = dataclasses.replace(
+                    mimic, sampler="ddim", num_inference_steps=mimic.reference_steps
+                )
 
     results, table_rows, grids_shown, resolved_best = [], [], [], []
     for cells, attacks in grids:
@@ -551,7 +573,9 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
                     if (artist, parse_cell(spec).cloak_spec) in cloaks:  # planned as a cloak of its own
                         stages.unexpect("cloak")
                 for attack in attacks:
-                    check = check_sampler if (spec, attack, mimic_config) == ("clean", "none", mimic) else None
+                    lcm_check = lcm_control and (spec, attack, mimic_config) == ("clean", "none", mimic)
+                    every_cell = mimic.check_per_prompt and mimic_config.sampling() != mimic.sampling("reference")
+                    check = check_sampler if lcm_check or every_cell else None
                     cloaked, outcome = mimic_stage(artist, spec, attack, mimic_config, check)
                     low, high = outcome["protection_interval"]
                     sampler = _sampler_label(outcome["sampler"])
@@ -579,10 +603,12 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
                             f"{values['linf'] * 255:.1f}/255" if "linf" in values else "-",
                             "-" if reduced is None else f"{100 * reduced:.0f}%",
                             f"{100 * outcome['protection_rate']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]",
+                            outcome["generations"],
                             went,
                             f"{outcome['fid_to_held_out']:.2f}",
                             f"{outcome['clip_score']:.2f}",
                             sampler,
+                            _check_label(outcome.get("sampler_check")),
                         ]
                     )
                     if attack == attacks[0] and not any(label == f"{artist} {spec}" for label, _ in grids_shown):
@@ -607,10 +633,12 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
         "L-inf",
         "latent dist. reduced",
         "protection [95% CI]",
+        "n",
         "generations went to",
         "FID to held-out",
         "CLIP score",
         "sampler",
+        "reference sampler on the first generations: protection, paired agreement",
     ]
     table = _markdown_table(header, table_rows)
     markdown = [table]
@@ -705,12 +733,15 @@ def bench(
     seed: int | None = None,
     overrides: dict | None = None,
     jobs: int = 1,
+    stages_dir: str | Path | None = None,
 ) -> dict:
     """Run the experiment of ``config_path`` into ``out``; returns results.json's content. ``seed`` replaces the
     config's ``[experiment] seed`` when given; ``overrides`` ({table: {key: value}}) replace settings of its tables
     (results.json records the config as run). ``jobs`` > 1 (protection): the artists' stages run first in that many
     processes at once, each with its share of torch's threads (the artists' stages are independent), then this
-    process writes the results and report from the cached stages."""
+    process writes the results and report from the cached stages. ``stages_dir`` (default ``out``/stages): where
+    stages are cached; runs of different configs may share one, since a stage's key is the hash of its inputs
+    (e.g. the cloak efficacy grid reuses the protection benchmark's cloaks and mimics)."""
     from .features import file_sha256
 
     config = load_config(config_path)
@@ -720,10 +751,11 @@ def bench(
         config.setdefault(table, {}).update(values)
     artists = config.get("protection", {}).get("artists", ["zenji", "tovik"])
     if jobs > 1 and config["experiment"]["kind"] == "protection" and len(artists) > 1:
-        _per_artist(config_path, out, device, log, config["experiment"].get("seed", 0), overrides or {}, artists, jobs)
+        seed_ = config["experiment"].get("seed", 0)
+        _per_artist(config_path, out, device, log, seed_, overrides or {}, artists, jobs, stages_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stages = Stages(out / "stages", log)
+    stages = Stages(Path(stages_dir) if stages_dir else out / "stages", log)
     seed = config["experiment"].get("seed", 0)
     torch.manual_seed(seed)
     started = time.time()
@@ -745,13 +777,17 @@ def bench(
     return results
 
 
-def _artist_worker(config_path, out, device, seed, overrides, artist, threads, log_queue) -> None:
+def _artist_worker(config_path, out, device, seed, overrides, artist, threads, log_queue, stages_dir) -> None:
     torch.set_num_threads(threads)
     changed = {**overrides, "protection": {**overrides.get("protection", {}), "artists": [artist]}}
-    bench(config_path, out, device, lambda line: log_queue.put(f"[{artist}] {line}"), seed, changed)
+
+    def log(line: str) -> None:
+        log_queue.put(f"[{artist}] {line}")
+
+    bench(config_path, out, device, log, seed, changed, stages_dir=stages_dir)
 
 
-def _per_artist(config_path, out, device, log, seed, overrides, artists, jobs) -> None:
+def _per_artist(config_path, out, device, log, seed, overrides, artists, jobs, stages_dir=None) -> None:
     """Each artist's stages in its own process, ``jobs`` at a time, their progress lines passed on to ``log``."""
     import multiprocessing
     import queue
@@ -766,7 +802,7 @@ def _per_artist(config_path, out, device, log, seed, overrides, artists, jobs) -
             artist = waiting.pop(0)
             process = context.Process(
                 target=_artist_worker,
-                args=(str(config_path), str(out), str(device), seed, overrides, artist, threads, log_queue),
+                args=(str(config_path), str(out), str(device), seed, overrides, artist, threads, log_queue, stages_dir),
             )
             process.start()
             running.append((artist, process))

@@ -51,6 +51,10 @@ class MimicConfig:
     guidance_scale: float = 5.0  # DDIM's guidance (the LCM-LoRA has guidance 4 distilled in: it samples at 1.0)
     lcm_steps: int = 3  # the LCM sampler's steps (1-4)
     sample_batch: int = 64
+    reference_steps: int = 25  # the reference a sampler check compares with: DDIM with these steps, same guidance
+    interval_half_width: float | None = None  # sample in rounds until the 95% interval is within +- this ...
+    round_per_prompt: int = 8  # ... this many generations per prompt a round, at most samples_per_prompt in all
+    check_per_prompt: int = 0  # a sampler check samples the first this many per prompt with the reference (0: all)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -59,16 +63,33 @@ class MimicConfig:
             raise FixativeError(f"mimic sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if not 1 <= self.lcm_steps <= 4:
             raise FixativeError(f"the LCM sampler takes 1 to 4 steps, got {self.lcm_steps}")
+        if self.interval_half_width is not None and not 0 < self.interval_half_width < 0.5:
+            raise FixativeError(f"interval_half_width is a share in (0, 0.5), got {self.interval_half_width}")
+        if self.round_per_prompt < 1 or self.check_per_prompt < 0:
+            raise FixativeError("round_per_prompt must be at least 1 and check_per_prompt at least 0")
 
     def sampling(self, sampler: str | None = None) -> dict:
-        """``generate``'s scheduler, steps and guidance for ``sampler`` (default: this config's)."""
-        if (sampler or self.sampler) == "lcm":
+        """``generate``'s scheduler, steps and guidance for ``sampler`` (default: this config's; "reference": DDIM
+        with ``reference_steps``)."""
+        sampler = sampler or self.sampler
+        if sampler == "lcm":
             return {"scheduler": "lcm", "num_inference_steps": self.lcm_steps, "guidance_scale": 1.0}
         return {
             "scheduler": "ddim",
-            "num_inference_steps": self.num_inference_steps,
+            "num_inference_steps": self.reference_steps if sampler == "reference" else self.num_inference_steps,
             "guidance_scale": self.guidance_scale,
         }
+
+    def rounds(self, prompts: int) -> list[list[int]]:
+        """The generations' indices (prompt k's j-th generation is k * samples_per_prompt + j, its seed
+        ``sample_seeds``' entry at that index) in the rounds they are sampled in: one round of all, or with
+        ``interval_half_width`` rounds of ``round_per_prompt`` per prompt; all rounds together are the fixed set."""
+        per = self.samples_per_prompt
+        step = per if self.interval_half_width is None else self.round_per_prompt
+        return [
+            [k * per + j for k in range(prompts) for j in range(start, min(per, start + step))]
+            for start in range(0, per, step)
+        ]
 
     def finetune_config(self, with_prior_data: bool):
         from fixative.core.finetune import FinetuneConfig
@@ -228,34 +249,55 @@ def mimicry(
     log=print,
 ) -> tuple[dict, torch.Tensor]:
     """The whole attack on ``artist``'s images (``pixels`` in [-1, 1], ``captions`` naming the new name); returns
-    (results, generations). ``prompts``: the K prompts, each sampled ``config.samples_per_prompt`` times.
-    ``check_sampler`` (e.g. "ddim" when sampling with "lcm"): also sample the same prompts and seeds with it and
-    record in ``sampler_check`` whether the two attributions agree (``samplers_agree``)."""
+    (results, generations). ``prompts``: the K prompts, each sampled ``config.samples_per_prompt`` times, or in
+    rounds until the interval is narrow enough (``MimicConfig.rounds``; generations in the order sampled, the
+    first round first). ``check_sampler`` ("reference", "ddim" or "lcm"): also sample the same prompts and seeds
+    with it (the first ``config.check_per_prompt`` of each prompt, or all) and record in ``sampler_check``
+    whether the two attributions agree (``samplers_agree``) and the share of paired generations attributed
+    alike."""
     from .adversaries import describe
 
     trained_on = apply_adversaries(pixels, list(adversaries), model, config.seed) if adversaries else pixels
     mimic, seconds = fine_tune_mimic(model, trained_on, captions, config, prior, progress, log)
     all_prompts = [p for p in prompts for _ in range(config.samples_per_prompt)]
     seeds = sample_seeds(config.seed, len(all_prompts))
-    generations = sample(mimic, all_prompts, seeds, config)
-    predicted, _ = judge.classify(generations)
+    candidates = list(judge.artists)
+    used, predicted, chunks = [], [], []
+    for indices in config.rounds(len(prompts)):  # sequential: stop once the interval is narrow enough
+        chunks.append(sample(mimic, [all_prompts[i] for i in indices], [seeds[i] for i in indices], config))
+        predicted += judge.classify(chunks[-1])[0]
+        used += indices
+        share = rate(sum(p != artist for p in predicted), len(predicted))
+        if config.interval_half_width is not None and (share.high - share.low) / 2 <= config.interval_half_width:
+            break
+    generations = torch.cat(chunks)
     results = {
         "artist": artist,
-        **protection(predicted, artist, list(judge.artists)),
+        **protection(predicted, artist, candidates),
         "sampler": config.sampling(),
         "fine_tune_seconds": seconds,
         "adversaries": [describe(a) for a in adversaries],
         "prompts": list(prompts),
+        "generation_prompts": [all_prompts[i] for i in used],
+        "first_round": len(config.rounds(len(prompts))[0]),
         "config": asdict(config),
     }
-    if check_sampler and check_sampler != config.sampler:
-        reference = protection(
-            judge.classify(sample(mimic, all_prompts, seeds, config, check_sampler))[0], artist, list(judge.artists)
-        )
+    if check_sampler and config.sampling(check_sampler) != config.sampling():
+        per = config.check_per_prompt or config.samples_per_prompt
+        paired = [n for n, i in enumerate(used) if i % config.samples_per_prompt < per]
+        ours = [predicted[n] for n in paired]
+        pairs = [used[n] for n in paired]
+        theirs = judge.classify(
+            sample(mimic, [all_prompts[i] for i in pairs], [seeds[i] for i in pairs], config, check_sampler)
+        )[0]
+        reference = protection(theirs, artist, candidates)
         results["sampler_check"] = {
             "reference": config.sampling(check_sampler),
+            "generations": len(paired),
             "reference_protection_rate": reference["protection_rate"],
-            **samplers_agree(results["attributed_to"], reference["attributed_to"], artist),
+            "reference_protection_interval": reference["protection_interval"],
+            "paired_agreement": sum(a == b for a, b in zip(ours, theirs)) / len(paired),
+            **samplers_agree({c: ours.count(c) for c in candidates}, reference["attributed_to"], artist),
         }
     if held_out is not None and len(held_out):
         results["similarity_to_held_out"] = similarity_to(judge, generations, held_out)

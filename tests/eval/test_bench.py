@@ -91,6 +91,8 @@ batch_size = 2
 prior_batch_size = 2
 samples_per_prompt = 1
 num_inference_steps = 2
+reference_steps = 3
+check_per_prompt = 1
 """
 
 
@@ -110,7 +112,10 @@ def test_protection_runs_every_cell(tmp_path, shipped, monkeypatch):
     for row in rows:
         low, high = row["protection_interval"]
         assert row["generations"] == 8 and low <= row["protection_rate"] <= high
+        check = row["sampler_check"]  # every cell: its generations against the reference sampler's, paired
+        assert check["reference"]["num_inference_steps"] == 3 and check["generations"] == 8
     assert rows[2]["psnr"] >= 30 - 1e-6  # the cloak's budget holds
+    assert "| ddim-3 " in (tmp_path / "run" / "report.md").read_text()  # the check's column
     assert "protection against budget" in (tmp_path / "run" / "report.html").read_text()
 
 
@@ -187,6 +192,7 @@ batch_size = 2
 prior_batch_size = 2
 samples_per_prompt = 1
 num_inference_steps = 2
+reference_steps = 2
 sampler = "lcm"
 lcm_steps = 1
 """

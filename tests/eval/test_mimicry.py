@@ -87,13 +87,17 @@ def test_mimic_command_writes_results_and_does_not_redo_a_finished_run(tmp_path,
     ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "protection rate" in printed and "not attributed to zenji" in printed and "sampler check: LCM" in printed
+    assert (
+        "protection rate" in printed and "not attributed to zenji" in printed and "sampler check: the share" in printed
+    )
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["generations"] == 8 and sum(results["attributed_to"].values()) == 8
     # the LCM-LoRA sampler, checked against DDIM on the same prompts and seeds
     assert results["sampler"] == {"scheduler": "lcm", "num_inference_steps": 3, "guidance_scale": 1.0}
     check = results["sampler_check"]
-    assert check["reference"]["scheduler"] == "ddim" and check["reference_attributed"]["trials"] == 8
+    assert check["reference"] == {"scheduler": "ddim", "num_inference_steps": 25, "guidance_scale": 5.0}
+    assert check["reference_attributed"]["trials"] == 8 == check["generations"]
+    assert 0 <= check["paired_agreement"] <= 1
     assert check["agrees"] == (
         check["reference_attributed"]["low"]
         <= check["distilled_attributed"]["value"]
@@ -161,3 +165,75 @@ def test_the_sampler_setting_reaches_generate(shipped, monkeypatch):
         MimicConfig(sampler="euler")
     with pytest.raises(FixativeError, match="1 to 4 steps"):
         MimicConfig(sampler="lcm", lcm_steps=8)
+
+
+def test_rounds_cover_the_fixed_set_and_keep_each_generations_seed_index():
+    from fixative.eval.mimicry import MimicConfig
+
+    assert MimicConfig(samples_per_prompt=5).rounds(3) == [list(range(15))]  # one round: the fixed set, in order
+    rounds = MimicConfig(samples_per_prompt=5, interval_half_width=0.1, round_per_prompt=2).rounds(3)
+    assert rounds == [[0, 1, 5, 6, 10, 11], [2, 3, 7, 8, 12, 13], [4, 9, 14]]  # k * 5 + j: prompt k's j-th
+    with pytest.raises(FixativeError, match="interval_half_width"):
+        MimicConfig(interval_half_width=0.7)
+
+
+class _Judge:
+    """Attributes generation i (its pixels hold i) to answers[i]."""
+
+    def __init__(self, answers):
+        self.answers, self.artists = answers, ["zenji", "kovra"]
+
+    def classify(self, images):
+        return [self.answers[int(v)] for v in images[:, 0, 0, 0]], None
+
+
+def _fake_mimicry(monkeypatch, answers, reference_answers=None):
+    """mimicry with the fine-tune and the sampler replaced: each generation's pixels carry its seed's index;
+    the reference sampler's generations are judged by ``reference_answers``."""
+    from fixative.eval import mimicry as module
+
+    monkeypatch.setattr(module, "fine_tune_mimic", lambda model, *args: (model, 0.0))
+    drawn = []
+
+    def fake_sample(model, prompts, seeds, config, sampler=None):
+        indices = torch.tensor([s - module.sample_seeds(config.seed, 1)[0] for s in seeds], dtype=torch.float32)
+        drawn.append((sampler, indices.long().tolist()))
+        offset = 1000 if sampler == "reference" else 0
+        return (indices + offset).view(-1, 1, 1, 1).expand(-1, 3, 2, 2).clone()
+
+    monkeypatch.setattr(module, "sample", fake_sample)
+    table = dict(enumerate(answers)) | {1000 + i: a for i, a in enumerate(reference_answers or answers)}
+    return module, _Judge(table), drawn
+
+
+def test_sampling_to_an_interval_stops_once_it_is_narrow_enough(monkeypatch):
+    # every generation attributed to the artist: 0/16 protected has the Wilson interval [0, 19.4%], +-9.7 points
+    module, judge, drawn = _fake_mimicry(monkeypatch, ["zenji"] * 64)
+    config = module.MimicConfig(samples_per_prompt=16, interval_half_width=0.1, round_per_prompt=4)
+    results, generations = module.mimicry(None, None, [], "zenji", ["a", "b", "c", "d"], judge, config, log=print)
+    assert results["generations"] == 16 and len(drawn) == 1 and results["first_round"] == 16
+    assert drawn[0][1] == [0, 1, 2, 3, 16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51]
+    assert results["generation_prompts"] == ["a"] * 4 + ["b"] * 4 + ["c"] * 4 + ["d"] * 4
+    # half the generations protected: the interval stays wider than +-10 points until all 64 are drawn
+    module, judge, drawn = _fake_mimicry(monkeypatch, ["zenji", "kovra"] * 32)
+    results, generations = module.mimicry(None, None, [], "zenji", ["a", "b", "c", "d"], judge, config, log=print)
+    assert results["generations"] == 64 and len(drawn) == 4 and results["protection_rate"] == 0.5
+    assert sorted(int(v) for v in generations[:, 0, 0, 0]) == list(range(64))  # the fixed set, in round order
+
+
+def test_a_sampler_check_on_the_first_generations_reports_paired_agreement(monkeypatch):
+    answers = ["zenji"] * 16
+    reference = ["zenji", "kovra"] * 8  # the reference disagrees on every odd generation
+    module, judge, drawn = _fake_mimicry(monkeypatch, answers, reference)
+    config = module.MimicConfig(samples_per_prompt=4, num_inference_steps=10, check_per_prompt=2)
+    results, _ = module.mimicry(
+        None, None, [], "zenji", ["a", "b", "c", "d"], judge, config, check_sampler="reference", log=print
+    )
+    check = results["sampler_check"]
+    assert drawn[-1] == ("reference", [0, 1, 4, 5, 8, 9, 12, 13])  # the first two of each prompt
+    assert check["generations"] == 8 and check["paired_agreement"] == 0.5
+    assert check["reference"]["num_inference_steps"] == 25 and check["reference_protection_rate"] == 0.5
+    assert not check["agrees"]  # 100% attributed to zenji against the reference's 50% [21.5, 78.5]
+    config = module.MimicConfig(samples_per_prompt=4, check_per_prompt=2)  # 25-step DDIM is the reference
+    results, _ = module.mimicry(None, None, [], "zenji", ["a"], judge, config, check_sampler="reference", log=print)
+    assert "sampler_check" not in results
