@@ -12,6 +12,9 @@ Prompts: the captions of the Toy Atelier's test split (the trained artists' pain
 - Carry-over (``--mimic ARTIST``): the toy report's mimic (its ``mimic``: 24 paintings of a held-out artist
   under a new name) sampled at 25 DDIM steps and with the LCM-LoRA (and ``--baseline-lora``) applied to it at
   1, 2 and 4 steps; the share of samples the judge attributes to the held-out artist, LCM-LoRA over DDIM.
+- ``--seed S [S ...]``: prompt i is sampled with seed S + i (default 0); with several seeds every row (FID,
+  attribution) is the mean over them, and the per-seed FIDs are printed: their spread is the FID's own noise
+  at this image count, which one seed set leaves unknown.
 - Speed: wall time of one batch (``--speed-batch``) at one LCM step against the teacher's 25 guided DDIM steps,
   decode included, interleaved ``--repeats`` times, medians.
 - ``--ict``: a student trained without a teacher (``--method ict``), sampled like the LCM-LoRA (guidance 1).
@@ -70,8 +73,10 @@ def clip_features(judge: ToyJudge, pixels: torch.Tensor, batch: int = 128) -> to
     )
 
 
-def sample(model, prompts: list[str], steps: int, scheduler: str, guidance: float, batch: int) -> torch.Tensor:
-    """Pixels in [-1, 1]; prompt i is drawn with seed i."""
+def sample(
+    model, prompts: list[str], steps: int, scheduler: str, guidance: float, batch: int, first_seed: int = 0
+) -> torch.Tensor:
+    """Pixels in [-1, 1]; prompt i is drawn with seed first_seed + i."""
     out = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
@@ -81,7 +86,7 @@ def sample(model, prompts: list[str], steps: int, scheduler: str, guidance: floa
             num_inference_steps=steps,
             scheduler=scheduler,
             guidance_scale=guidance,
-            seed=list(range(start, start + len(chunk))),
+            seed=list(range(first_seed + start, first_seed + start + len(chunk))),
             output="images",
             progress=False,
         )
@@ -183,6 +188,14 @@ def main() -> None:
         "--data", type=Path, default=None, help="a Toy Atelier folder (default: outputs/atelier, painted)"
     )
     parser.add_argument("--images", type=int, default=None, help="use N evenly spaced test images (default: all)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="test prompt i is sampled with seed SEED + i; with several (e.g. 0 1000 2000) every row is the mean "
+        "over them and the per-seed FIDs are printed (default: 0)",
+    )
     parser.add_argument("--guidance", type=float, default=5.0, help="teacher and LCD guidance scale (the toy report's)")
     parser.add_argument("--batch", type=int, default=64, help="images per sampling batch (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timing repeats; 0: no timing (default: %(default)s)")
@@ -240,22 +253,27 @@ def main() -> None:
     rows = {}
     for name, (model, scheduler, guidance, step_counts) in samplers.items():
         for steps in step_counts:
-            key = f"{name}|{sources[name]}|{steps} steps|{len(captions)} images|guidance {guidance}"
             started = time.perf_counter()
-            if key not in cache:
-                pixels = sample(model, captions, steps, scheduler, guidance, args.batch)
-                attributed, _ = judge.classify(pixels)
-                cache[key] = (
-                    fid_metric(real_features, clip_features(judge, pixels)),
-                    sum(a == b for a, b in zip(attributed, artists)) / len(artists),
-                )
-                args.cache.parent.mkdir(parents=True, exist_ok=True)
-                partial = args.cache.with_name(args.cache.name + ".partial")
-                partial.write_text(json.dumps(cache, indent=1))
-                partial.replace(args.cache)
-            fid, attribution = rows[name, steps] = cache[key]
+            measured = []  # (FID, attribution) per seed
+            for seed in args.seed:
+                key = f"{name}|{sources[name]}|{steps} steps|{len(captions)} images|guidance {guidance}"
+                key += f"|seeds from {seed}" if seed else ""
+                if key not in cache:
+                    pixels = sample(model, captions, steps, scheduler, guidance, args.batch, seed)
+                    attributed, _ = judge.classify(pixels)
+                    cache[key] = (
+                        fid_metric(real_features, clip_features(judge, pixels)),
+                        sum(a == b for a, b in zip(attributed, artists)) / len(artists),
+                    )
+                    args.cache.parent.mkdir(parents=True, exist_ok=True)
+                    partial = args.cache.with_name(args.cache.name + ".partial")
+                    partial.write_text(json.dumps(cache, indent=1))
+                    partial.replace(args.cache)
+                measured.append(cache[key])
+            fid, attribution = rows[name, steps] = tuple(statistics.fmean(column) for column in zip(*measured))
+            per_seed = f" (seeds {', '.join(f'{value:.3f}' for value, _ in measured)})" if len(measured) > 1 else ""
             print(
-                f"  {name:13s} {steps:2d} steps  FID {fid:8.3f}  attribution {attribution:6.1%}  "
+                f"  {name:13s} {steps:2d} steps  FID {fid:8.3f}{per_seed}  attribution {attribution:6.1%}  "
                 f"({time.perf_counter() - started:.0f} s)",
                 flush=True,
             )
