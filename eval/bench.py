@@ -365,9 +365,6 @@ def _grids(settings: dict) -> list[tuple[list[str], list[str]]]:
     return grids
 
 
-_LISTS = ("generation_prompts",)  # per-generation lists a mimic stage does not keep
-
-
 def _sampler_label(sampling: dict) -> str:
     return f"{sampling['scheduler']}-{sampling['num_inference_steps']}"
 
@@ -377,11 +374,10 @@ def _check_label(check: dict | None) -> str:
     pairs attributed alike; "DISAGREES" when the sampler's share lies outside the reference's interval."""
     if not check:
         return "-"
-    low, high = check.get("reference_protection_interval", (None, None))
-    interval = "" if low is None else f" [{100 * low:.1f}, {100 * high:.1f}]"
+    low, high = check["reference_protection_interval"]
     return (
-        f"{_sampler_label(check['reference'])} {100 * check['reference_protection_rate']:.1f}%{interval}, "
-        f"{100 * check.get('paired_agreement', float('nan')):.0f}% of {check.get('generations', '?')}"
+        f"{_sampler_label(check['reference'])} {100 * check['reference_protection_rate']:.1f}% "
+        f"[{100 * low:.1f}, {100 * high:.1f}], {100 * check['paired_agreement']:.0f}% of {check['generations']}"
         + ("" if check["agrees"] else ", DISAGREES")
     )
 
@@ -524,8 +520,9 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
             )
             images = _uint8(generations)
             first = results["first_round"]  # FID on the same number of generations in every cell
+            dropped = ("prompts", "config", "adversaries", "generation_prompts")
             return {
-                **{k: v for k, v in results.items() if k not in ("prompts", "config", "adversaries", *_LISTS)},
+                **{k: v for k, v in results.items() if k not in dropped},
                 "seconds": results["fine_tune_seconds"],
                 "fid_to_held_out": fid(own["held_features"], features(images[:first])),
                 "fid_generations": first,
@@ -565,6 +562,7 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
         best = {a: best_method([r for r in results if r["artist"] == a]) for a in artists}  # each artist's own
         for artist in artists:
             mimic_config = sampler_of[artist]
+            every_cell = mimic.check_per_prompt and mimic_config.sampling() != mimic.sampling("reference")
             for raw in cells:
                 spec = resolve(raw, best[artist])
                 if spec != raw:
@@ -574,7 +572,6 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
                         stages.unexpect("cloak")
                 for attack in attacks:
                     lcm_check = lcm_control and (spec, attack, mimic_config) == ("clean", "none", mimic)
-                    every_cell = mimic.check_per_prompt and mimic_config.sampling() != mimic.sampling("reference")
                     check = check_sampler if lcm_check or every_cell else None
                     cloaked, outcome = mimic_stage(artist, spec, attack, mimic_config, check)
                     low, high = outcome["protection_interval"]
@@ -750,13 +747,12 @@ def bench(
     for table, values in (overrides or {}).items():
         config.setdefault(table, {}).update(values)
     artists = config.get("protection", {}).get("artists", ["zenji", "tovik"])
+    seed = config["experiment"].get("seed", 0)
     if jobs > 1 and config["experiment"]["kind"] == "protection" and len(artists) > 1:
-        seed_ = config["experiment"].get("seed", 0)
-        _per_artist(config_path, out, device, log, seed_, overrides or {}, artists, jobs, stages_dir)
+        _per_artist(config_path, out, device, log, seed, overrides or {}, artists, jobs, stages_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(Path(stages_dir) if stages_dir else out / "stages", log)
-    seed = config["experiment"].get("seed", 0)
     torch.manual_seed(seed)
     started = time.time()
     runner = {"guidance": run_guidance, "protection": run_protection}[config["experiment"]["kind"]]

@@ -262,8 +262,9 @@ def mimicry(
     all_prompts = [p for p in prompts for _ in range(config.samples_per_prompt)]
     seeds = sample_seeds(config.seed, len(all_prompts))
     candidates = list(judge.artists)
+    rounds = config.rounds(len(prompts))
     used, predicted, chunks = [], [], []
-    for indices in config.rounds(len(prompts)):  # sequential: stop once the interval is narrow enough
+    for indices in rounds:  # sequential: stop once the interval is narrow enough
         chunks.append(sample(mimic, [all_prompts[i] for i in indices], [seeds[i] for i in indices], config))
         predicted += judge.classify(chunks[-1])[0]
         used += indices
@@ -279,7 +280,7 @@ def mimicry(
         "adversaries": [describe(a) for a in adversaries],
         "prompts": list(prompts),
         "generation_prompts": [all_prompts[i] for i in used],
-        "first_round": len(config.rounds(len(prompts))[0]),
+        "first_round": len(rounds[0]),
         "config": asdict(config),
     }
     if check_sampler and config.sampling(check_sampler) != config.sampling():
