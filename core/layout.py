@@ -91,7 +91,7 @@ def enable_weight_packing(network: nn.Module, enabled: bool = True) -> None:
     on, it infers channels-last in bf16, a few per cent faster. Off, no copy is kept, and convolutions reorder
     their weights per call as F.conv2d does."""
     for module in network.modules():
-        if isinstance(module, Conv2d) or hasattr(module, "pack_weight"):
+        if hasattr(module, "pack_weight"):  # layout.Conv2d, and the UNet's channels-last switch
             module.pack_weight = enabled
         if isinstance(module, Conv2d):
             module._packed = None

@@ -26,7 +26,7 @@ from .lora import LoRAConv2d
 PHASE_TAPS = (((0,), (1, 2)), ((0, 1), (2,)))
 
 
-def _fold_matrix(a: int, b: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _fold_matrix(a: int, b: int) -> torch.Tensor:
     """(9, 4) 0/1 matrix taking a flattened 3x3 kernel to the flattened 2x2 kernel of output phase (a, b):
     tap (p, q) is the sum of kernel taps (r, c) with r in PHASE_TAPS[a][p] and c in PHASE_TAPS[b][q]."""
     matrix = torch.zeros(3, 3, 2, 2)
@@ -34,13 +34,16 @@ def _fold_matrix(a: int, b: int, dtype: torch.dtype, device: torch.device) -> to
         for q, cols in enumerate(PHASE_TAPS[b]):
             for r in rows:
                 matrix[r, list(cols), p, q] = 1.0
-    return matrix.view(9, 4).to(dtype=dtype, device=device)
+    return matrix.view(9, 4)
+
+
+FOLD_MATRICES = {(a, b): _fold_matrix(a, b) for a in (0, 1) for b in (0, 1)}  # built once, at import
 
 
 def _phase_weight(weight: torch.Tensor, a: int, b: int) -> torch.Tensor:
     """(out, in, 3, 3) -> (out, in, 2, 2): the 2x2 kernel of output phase (a, b), as one matrix product
     (for low-precision weights the sums of up to four taps accumulate in fp32 and are rounded once)."""
-    folded = weight.reshape(-1, 9) @ _fold_matrix(a, b, weight.dtype, weight.device)
+    folded = weight.reshape(-1, 9) @ FOLD_MATRICES[a, b].to(dtype=weight.dtype, device=weight.device)
     return folded.view(*weight.shape[:2], 2, 2)
 
 
