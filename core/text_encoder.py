@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import attention
 from .config import CLIPTextConfig, check_buildable, text_encoder_problems
 from .errors import FixativeError
 
@@ -71,7 +72,7 @@ class CLIPAttention(nn.Module):
 
         q, k, v = (heads(proj(hidden_states)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         # softmax(q k^T / sqrt(head_dim) + causal mask) v: each token sees itself and the tokens before it
-        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        attended = attention(q, k, v, is_causal=True)
         return self.out_proj(attended.transpose(1, 2).reshape(batch, tokens, width))
 
 

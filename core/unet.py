@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import attention
 from .config import UNetConfig, check_buildable, unet_problems
 from .layout import Conv2d, working_layout
 from .lora import LoRAConv2d
@@ -120,10 +121,7 @@ class Attention(nn.Module):
             projection(source).unflatten(-1, (self.heads, -1)).transpose(1, 2)
             for projection, source in ((self.to_q, hidden), (self.to_k, context), (self.to_v, context))
         )
-        if self.upcast and query.dtype in (torch.float16, torch.bfloat16):
-            attended = F.scaled_dot_product_attention(query.float(), key.float(), value.float()).to(query.dtype)
-        else:
-            attended = F.scaled_dot_product_attention(query, key, value)
+        attended = attention(query, key, value, upcast=self.upcast)
         return self.to_out[0](attended.transpose(1, 2).flatten(2))
 
 

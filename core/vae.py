@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import attention
 from .config import AutoencoderKLConfig, check_buildable, vae_problems
 from .errors import FixativeError
 from .layout import Conv2d, working_layout
@@ -109,7 +110,7 @@ class SpatialSelfAttention(nn.Module):
         tokens = self.group_norm(x).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
         query, key, value = (proj(tokens).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))
         # softmax(q k^T / sqrt(C)) v, one head of width C
-        attended = F.scaled_dot_product_attention(query, key, value).squeeze(1)
+        attended = attention(query, key, value).squeeze(1)
         out = self.to_out[0](attended).view(batch, height, width, channels).permute(0, 3, 1, 2)
         return x + out  # keeps x's memory format
 
