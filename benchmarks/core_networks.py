@@ -22,6 +22,7 @@ The rows (SD 1.5 shapes, random weights), each in fp32 and bf16 (text encoder: f
     .venv/bin/python benchmarks/core_networks.py --full     # the 512 px / 64x64-latent rows only
     .venv/bin/python benchmarks/core_networks.py --only unet --full --compile   # + our UNet compiled, frozen
     .venv/bin/python benchmarks/core_networks.py --full --profile   # one profiled call each, operator tables
+    .venv/bin/python benchmarks/core_networks.py --quick --threads 1 --cpu-time   # on a shared machine: CPU time
 """
 
 from __future__ import annotations
@@ -98,11 +99,11 @@ def timed(fn, device: torch.device, grad: bool = False, trim: bool = False) -> t
         release_free_memory()
     gc.collect()
     with PeakMemory(device) as memory, torch.inference_mode(not grad):
-        start = time.perf_counter()
+        start = CLOCK()
         out = fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
+        seconds = CLOCK() - start
     return seconds, memory.peak_mib, out
 
 
@@ -121,6 +122,7 @@ def peak_flops(dtype: torch.dtype, device: torch.device, size: int = 3072, repea
     return 2 * size**3 / best
 
 
+CLOCK = time.perf_counter  # --cpu-time: time.process_time
 PROFILE_ROWS = 0  # with --profile: operator-table rows printed per call instead of timing (0: time)
 
 
@@ -147,11 +149,14 @@ def profiled(name: str, ours, theirs, grad: bool):
 
 def compare(name: str, ours, theirs, device: torch.device, repeats: int, reference_outputs=None, grad=False):
     """Interleaved timing, the median of ``repeats`` calls each; ``grad``: the calls run a backward pass.
-    From 3 repeats on there is no separate warm-up call: at these sizes a first call's extra cost (oneDNN
-    primitives, our packed weights) is the one outlier the median drops, and the reference's first call also
-    counts the FLOPs. Peak memory is the largest over all calls, first included, so that memory kept between
-    calls (packed weights) shows; the first call of each implementation starts with freed memory handed back
-    to the system (release_free_memory), so that it counts every page it touches. Returns the printed row and
+    First one call of the reference, neither timed nor in the memory figures: it counts the FLOPs and pays
+    the process's one-time allocations for the case (oneDNN primitives and buffers: about 17-20 MiB for the bf16
+    UNet at 32x32 latents), which otherwise went to whichever implementation ran first, always ours. From 3
+    repeats on there is no other warm-up call: at these sizes a first call's extra cost (our packed weights,
+    primitives only ours uses) is the one outlier the median drops. Peak memory is the largest over all calls,
+    first included, so that memory kept between calls (packed weights) shows; the first call of each
+    implementation starts with freed memory handed back to the system (release_free_memory), so that it counts
+    every page it touches. Returns the printed row and
     both outputs."""
     if PROFILE_ROWS:
         return {}, *profiled(name, ours, theirs, grad)
@@ -160,14 +165,15 @@ def compare(name: str, ours, theirs, device: torch.device, repeats: int, referen
     counter = FlopCounterMode(display=False)
     times, memory, outputs = {"ours": [], "theirs": []}, {"ours": [], "theirs": []}, {}
 
+    def counted():
+        with counter:
+            return theirs()
+
+    release_free_memory()
+    timed(counted, device, grad)
+
     def run(label: str) -> float:
         fn = ours if label == "ours" else theirs
-        if label == "theirs" and "theirs" not in outputs:  # the reference's first call counts the FLOPs
-
-            def fn():
-                with counter:
-                    return theirs()
-
         seconds, memory_mib, outputs[label] = timed(fn, device, grad, trim=not memory[label])
         memory[label].append(memory_mib)
         return seconds
@@ -476,8 +482,20 @@ def main() -> int:
         "by self CPU time (N default 15; default: off)",
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed runs of each implementation (default 3)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu or cuda (default: cuda when available)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: torch's default)"
+    )
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time by this process's CPU time instead of wall time, so that other jobs on a shared machine do not "
+        "count (equal to wall time on one idle thread; with more threads it sums them; default: off)",
+    )
     parser.add_argument("--only", nargs="+", choices=GROUPS, help="run these groups of cases only (default: all)")
     parser.add_argument(
         "--compile",
@@ -486,13 +504,20 @@ def main() -> int:
         "(minutes of compiling; default: off)",
     )
     args = parser.parse_args()
-    global PROFILE_ROWS
+    global CLOCK, PROFILE_ROWS
     PROFILE_ROWS = args.profile
+    if args.cpu_time:
+        CLOCK = time.process_time
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, repeats {args.repeats}")
+    clock = "CPU time" if args.cpu_time else "wall time"
+    print(
+        f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, repeats {args.repeats}, "
+        f"{clock}",
+        flush=True,
+    )
     for dtype in (torch.float32, torch.bfloat16):
         if not PROFILE_ROWS:
             print(f"peak {dtype}: {peak_flops(dtype, device) / 1e9:.0f} GFLOP/s (a 3072^3 matmul, fastest of 5)")

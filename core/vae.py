@@ -125,8 +125,8 @@ class MidBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.resnets[0](x)
-        for attention in self.attentions:
-            x = attention(x)
+        for attention_layer in self.attentions:
+            x = attention_layer(x)
         return self.resnets[1](x)
 
 
