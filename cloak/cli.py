@@ -158,8 +158,8 @@ def register(subparsers) -> None:
         "--autocast",
         choices=("none", "bf16", "fp16"),
         default="none",
-        help="run the objective under torch.autocast in this precision; bf16 is fast on CPUs with "
-        "AMX and on GPUs (default: %(default)s)",
+        help="run the objective under torch.autocast in this precision; bf16 is fast on GPUs and on CPUs with "
+        "AVX512-BF16 or AMX (default: %(default)s)",
     )
     options.add_device(parser)
     options.add_quiet(parser)

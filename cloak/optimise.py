@@ -76,7 +76,9 @@ def optimise(
         with precision:
             loss = objective.loss(seen, step).float()
         if budget.ssim is not None or budget.lpips is not None:
-            loss = loss + config.alpha * penalty(budget, adv_pixels, pixels, lpips_metric)
+            soft = penalty(budget, adv_pixels, pixels, lpips_metric)
+            if (soft > 0).any():  # under every bound its gradient is zero: autograd need not go through the metric
+                loss = loss + config.alpha * soft
         (grad,) = torch.autograd.grad(loss.sum(), delta)
         with torch.no_grad():
             if adam is not None:

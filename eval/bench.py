@@ -748,13 +748,13 @@ def bench(
         config.setdefault(table, {}).update(values)
     artists = config.get("protection", {}).get("artists", ["zenji", "tovik"])
     seed = config["experiment"].get("seed", 0)
+    started = time.time()  # results.json's seconds: the whole run, the artists' processes included
     if jobs > 1 and config["experiment"]["kind"] == "protection" and len(artists) > 1:
         _per_artist(config_path, out, device, log, seed, overrides or {}, artists, jobs, stages_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(Path(stages_dir) if stages_dir else out / "stages", log)
     torch.manual_seed(seed)
-    started = time.time()
     runner = {"guidance": run_guidance, "protection": run_protection}[config["experiment"]["kind"]]
     figures, sections, table = runner(config, stages, device)
     results = {

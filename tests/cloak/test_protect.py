@@ -13,8 +13,8 @@ from PIL import Image
 from fixative.cloak import budget as metrics
 from fixative.cloak.bounds import Budget, measure, parse_budget, satisfied
 from fixative.cloak.finalize import finalize, quantize
-from fixative.cloak.objectives import ASPLConfig
-from fixative.cloak.optimise import OptimiserConfig
+from fixative.cloak.objectives import ASPLConfig, Objective
+from fixative.cloak.optimise import OptimiserConfig, optimise
 from fixative.cloak.protect import CloakConfig, cloak_pixels
 from fixative.cloak.robust import RandomTransform, jpeg
 from fixative.core.errors import FixativeError
@@ -186,6 +186,40 @@ def test_signed_pgd_with_momentum_and_eot_keep_the_budget(tiny_model, artwork_pi
     _assert_on_8_bit_grid_within(stored, artwork_pixels, budget)
     assert metrics.linf(stored, artwork_pixels).max() > 4 / 255  # the steps went somewhere
     assert all(r["latent_distance_after"] < r["latent_distance_before"] for r in records)
+
+
+class _CountingMetric:
+    """A stand-in LPIPS: the mean absolute change per image, counting the backward passes through it."""
+
+    backward_calls = 0
+
+    def __call__(self, pixels, reference):
+        metric = self
+
+        class Counted(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, value):
+                return value.clone()
+
+            @staticmethod
+            def backward(ctx, grad):
+                metric.backward_calls += 1
+                return grad
+
+        return Counted.apply((pixels - reference).abs().flatten(1).mean(1))
+
+
+def test_the_soft_penalty_is_differentiated_only_while_a_bound_is_broken(artwork_pixels):
+    target = torch.rand(artwork_pixels.shape, generator=torch.Generator().manual_seed(1))
+    objective = Objective(loss=lambda pixels, step: (pixels - target).pow(2).flatten(1).mean(1), target_distance=None)
+    config = OptimiserConfig(steps=10, lr=0.01)
+    loose, strict = _CountingMetric(), _CountingMetric()
+    delta_loose, _ = optimise(artwork_pixels, objective, Budget(lpips=1.0), config, loose)
+    delta_free, _ = optimise(artwork_pixels, objective, Budget(linf=1.0), config)
+    assert loose.backward_calls == 0 and torch.equal(delta_loose, delta_free)
+    delta_strict, _ = optimise(artwork_pixels, objective, Budget(lpips=1e-4), config, strict)
+    assert strict.backward_calls == 9  # every step but the first (δ = 0 breaks no bound)
+    assert not torch.allclose(delta_strict, delta_free)
 
 
 def test_final_projection_scales_a_delta_that_breaks_the_budget(artwork_pixels):

@@ -1,6 +1,7 @@
 """The benchmark runner: results, a self-contained report, and resuming a killed run with the same numbers."""
 
 import json
+import time
 
 import pytest
 
@@ -241,8 +242,12 @@ def test_artists_run_in_parallel_processes_then_the_report_comes_from_their_stag
     config = config.replace('adversaries = ["none", "jpeg:75"]', 'adversaries = ["none"]')
     (tmp_path / "two.toml").write_text(config)
     lines = []
+    started = time.time()
     results = bench(tmp_path / "two.toml", tmp_path / "run", log=lines.append, jobs=2)
+    elapsed = time.time() - started
     assert [(r["artist"], r["cell"]) for r in results["figures"]["rows"]] == [("zenji", "clean"), ("tovik", "clean")]
     assert set(results["stages"].values()) == {"cached"}  # every stage was computed by the artists' processes
+    # the run's seconds include the artists' processes, not only the report assembled from their cached stages
+    assert results["seconds"] > 0.9 * elapsed
     assert any(line.startswith("[zenji] [2/2] stage mimic-zenji-clean-none") for line in lines)
     assert any(line.startswith("[tovik] ") for line in lines)

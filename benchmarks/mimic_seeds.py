@@ -1,0 +1,79 @@
+"""How much a protection cell moves with the mimic's own training seed: the cloaks of finished protection cells (from a
+``fixative bench`` stage cache) mimicked again with other fine-tune seeds, 8 generations per subject with the same
+sampling seeds for every mimic, judged by the toy CLIP. A cell's interval in the bench report is over the
+generations of one mimic; this shows the spread between mimics.
+
+    .venv/bin/python benchmarks/mimic_seeds.py --stages runs/toy_protection/stages \\
+        --cells tovik/anti-dreambooth:psnr=24 tovik/photoguard:psnr=24 --seeds 1 2 [--steps 80 --lr 0.0015]
+
+A cell is ARTIST/CLOAK_SPEC as the stage names write it (``cloak-ARTIST-CLOAK_SPEC-HASH.pt``); the mimic is
+MimicConfig's (the toy report's: 120 steps at lr 1e-3) unless --steps / --lr say otherwise, sampled with 10-step
+DDIM at guidance 5 as the protection benchmark samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+
+def cached_cloak(stages: Path, artist: str, spec: str) -> torch.Tensor:
+    found = sorted(stages.glob(f"cloak-{artist}-{spec}-*.pt"))
+    if len(found) != 1:
+        raise SystemExit(f"{len(found)} cloak stages for {artist}/{spec} in {stages}; run the protection bench first")
+    return torch.load(found[0], weights_only=False)["pixels"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stages", type=Path, required=True, help="a protection run's stage cache (RUN/stages)")
+    parser.add_argument("--cells", nargs="+", required=True, help="ARTIST/CLOAK_SPEC, e.g. tovik/photoguard:psnr=24")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="mimic seeds (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=None, help="fine-tune steps (default: MimicConfig's, 120)")
+    parser.add_argument("--lr", type=float, default=None, help="fine-tune learning rate (default: MimicConfig's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from fixative.core.checkpoints import load_model
+    from fixative.core.datasets import ImageCaptions
+    from fixative.core.toy import atelier, clip_folder
+    from fixative.eval.attribution import ToyJudge
+    from fixative.eval.bench import _toy_rows
+    from fixative.eval.mimicry import MimicConfig, fine_tune_mimic, sample, sample_seeds
+    from fixative.eval.rates import rate
+    from fixative.eval.toy_report import MIMIC_NAMES, pixels_of
+
+    model = load_model("toy")
+    train = _toy_rows("train")
+    prior_rows = [r for r in train if not r["held_out"]]
+    prior = ImageCaptions(pixels_of(prior_rows), [r["text"] for r in prior_rows])
+    judge = ToyJudge(clip_folder(), "cpu")
+    recipe = {k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None}
+    print("| cell | mimic | seed | protection [95% CI] | fine-tune s |\n|---|---|---|---|---|")
+    for cell in args.cells:
+        artist, spec = cell.split("/", 1)
+        pixels = cached_cloak(args.stages, artist, spec)
+        name = MIMIC_NAMES[artist]
+        captions = [atelier.caption(r["subject"], name) for r in train if r["artist"] == artist][: len(pixels)]
+        prompts = [atelier.caption(s, name) for s in atelier.SUBJECTS for _ in range(8)]
+        seeds = sample_seeds(0, len(prompts))  # the same generations' seeds for every mimic
+        for seed in args.seeds:
+            config = MimicConfig(num_inference_steps=10, seed=seed, **recipe)
+            started = time.time()
+            mimic, _ = fine_tune_mimic(model, pixels, captions, config, prior, log=lambda _: None)
+            seconds = time.time() - started
+            predicted, _ = judge.classify(sample(mimic, prompts, seeds, config))
+            share = rate(sum(p != artist for p in predicted), len(predicted))
+            print(
+                f"| {cell} | {config.steps} steps, lr {config.finetune_config(True).lr:g} | {seed} | "
+                f"{100 * share.value:.1f}% [{100 * share.low:.1f}, {100 * share.high:.1f}] | {seconds:.0f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
