@@ -43,8 +43,7 @@ def main() -> None:
     from fixative.core.toy import atelier, clip_folder
     from fixative.eval.attribution import ToyJudge
     from fixative.eval.bench import _toy_rows
-    from fixative.eval.mimicry import MimicConfig, fine_tune_mimic, sample, sample_seeds
-    from fixative.eval.rates import rate
+    from fixative.eval.mimicry import MimicConfig, fine_tune_mimic, protection, sample, sample_seeds
     from fixative.eval.toy_report import MIMIC_NAMES, pixels_of
 
     model = load_model("toy")
@@ -67,10 +66,11 @@ def main() -> None:
             mimic, _ = fine_tune_mimic(model, pixels, captions, config, prior, log=lambda _: None)
             seconds = time.time() - started
             predicted, _ = judge.classify(sample(mimic, prompts, seeds, config))
-            share = rate(sum(p != artist for p in predicted), len(predicted))
+            share = protection(predicted, artist, list(judge.artists))
             print(
                 f"| {cell} | {config.steps} steps, lr {config.finetune_config(True).lr:g} | {seed} | "
-                f"{100 * share.value:.1f}% [{100 * share.low:.1f}, {100 * share.high:.1f}] | {seconds:.0f} |",
+                f"{100 * share['protection_rate']:.1f}% [{100 * share['protection_interval'][0]:.1f}, "
+                f"{100 * share['protection_interval'][1]:.1f}] | {seconds:.0f} |",
                 flush=True,
             )
 
