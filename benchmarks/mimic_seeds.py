@@ -54,6 +54,8 @@ def main() -> None:
     recipe = {k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None}
     print("| cell | mimic | seed | protection [95% CI] | fine-tune s |\n|---|---|---|---|---|")
     for cell in args.cells:
+        if "/" not in cell:
+            raise SystemExit(f"--cells takes ARTIST/CLOAK_SPEC (e.g. tovik/photoguard:psnr=24), got {cell!r}")
         artist, spec = cell.split("/", 1)
         pixels = cached_cloak(args.stages, artist, spec)
         name = MIMIC_NAMES[artist]
