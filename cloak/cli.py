@@ -74,6 +74,12 @@ def register(subparsers) -> None:
         help="Adam, or signed PGD with momentum (default: %(default)s)",
     )
     parser.add_argument(
+        "--schedule",
+        choices=("constant", "cosine", "linear"),
+        default="constant",
+        help="step size over the run: constant, or cosine / linear decay to 0 at --steps (default: %(default)s)",
+    )
+    parser.add_argument(
         "--alpha",
         type=float,
         default=30.0,
@@ -187,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
             steps=args.steps,
             lr=args.lr,
             optimiser=args.optimiser,
+            schedule=args.schedule,
             alpha=args.alpha,
             plateau_steps=args.plateau,
             autocast=None if args.autocast == "none" else args.autocast,

@@ -21,6 +21,7 @@ from .bounds import Budget, penalty, project
 from .objectives import Objective
 
 OPTIMISERS = ("adam", "pgd")
+SCHEDULES = ("constant", "cosine", "linear")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -30,11 +31,24 @@ class OptimiserConfig:
     lr: float = 0.01  # Adam's learning rate, or the signed step of PGD, in [0, 1] pixel units
     optimiser: str = "adam"  # "adam" or "pgd" (signed steps with momentum, MI-FGSM, Dong et al. 2018, eq. 6-7)
     momentum: float = 0.9  # PGD's μ
+    schedule: str = "constant"  # the step size over the run: "constant", or "cosine" / "linear" decay to 0 at `steps`
     alpha: float = 30.0  # weight of the soft budget penalty (Glaze's α)
     plateau_steps: int = 0  # stop when the loss has not improved by plateau_tol for this many steps (0: never)
     plateau_tol: float = 1e-4  # relative improvement that counts
     stop_loss: float | None = None  # stop once the mean objective is at or below this value
     autocast: str | None = None  # "bf16" / "fp16": the objective's forward under torch.autocast (None: as stored)
+
+
+def schedule_factor(schedule: str, step: int, steps: int) -> float:
+    """The step size of update `step` (0-based) of `steps` as a fraction of the configured one.
+
+    cosine: (1 + cos(π t / T)) / 2 (Loshchilov & Hutter 2017, SGDR eq. 5 with η_min = 0, one cycle); linear: 1 − t / T.
+    """
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * step / steps))
+    if schedule == "linear":
+        return 1 - step / steps
+    return 1.0
 
 
 def optimise(
@@ -56,6 +70,8 @@ def optimise(
         raise FixativeError(f"autocast must be one of {tuple(AUTOCAST_DTYPES)} or none, not {config.autocast!r}")
     if config.optimiser not in OPTIMISERS:
         raise FixativeError(f"optimiser must be one of {OPTIMISERS}, not {config.optimiser!r}")
+    if config.schedule not in SCHEDULES:
+        raise FixativeError(f"schedule must be one of {SCHEDULES}, not {config.schedule!r}")
     pixels = pixels.detach().float()
     shape = (pixels.shape[0], 1 if tied_channels else pixels.shape[1], *pixels.shape[2:])
     delta = torch.zeros(shape, device=pixels.device)
@@ -71,6 +87,7 @@ def optimise(
         else contextlib.nullcontext()
     )
     for step in tqdm(range(config.steps), desc="cloak steps", leave=False, disable=not progress):
+        lr = config.lr * schedule_factor(config.schedule, step, config.steps)
         adv_pixels = (pixels + delta).clamp(0, 1)
         seen = transform(adv_pixels, step) if transform is not None else adv_pixels
         with precision:
@@ -83,11 +100,12 @@ def optimise(
         with torch.no_grad():
             if adam is not None:
                 delta.grad = grad
+                adam.param_groups[0]["lr"] = lr
                 adam.step()
             else:
                 grad = grad / grad.abs().flatten(1).mean(1).clamp(min=1e-12).view(-1, 1, 1, 1)
                 momentum.mul_(config.momentum).add_(grad)
-                delta.sub_(config.lr * momentum.sign())
+                delta.sub_(lr * momentum.sign())
             project(budget, delta, reference)
         objective.after_step((pixels + delta.detach()).clamp(0, 1), step)
         steps_run, loss_value = step + 1, loss.mean().item()

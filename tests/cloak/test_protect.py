@@ -4,6 +4,7 @@ output, the same seed gives the same output, the final projection rescues a δ t
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import pytest
@@ -262,3 +263,26 @@ def test_differentiable_jpeg_is_close_to_pillows():
     assert torch.isfinite(smooth.grad).all()
     transform = RandomTransform(("jpeg", "resize", "blur", "noise"), seed=0)
     assert all(transform(smooth.detach(), step).shape == smooth.shape for step in range(12))
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
+def test_signed_pgd_steps_follow_the_schedule(artwork_pixels, schedule):
+    target = torch.rand(artwork_pixels.shape, generator=torch.Generator().manual_seed(1))
+    objective = Objective(loss=lambda pixels, step: (pixels - target).pow(2).flatten(1).mean(1), target_distance=None)
+    deltas = []
+    config = OptimiserConfig(steps=8, lr=0.01, optimiser="pgd", schedule=schedule)
+    objective.after_step = lambda pixels, step: deltas.append(pixels - artwork_pixels)
+    optimise(artwork_pixels, objective, Budget(linf=1.0), config)
+    moves = [d.abs().amax().item() for d in torch.stack([torch.zeros_like(deltas[0]), *deltas]).diff(dim=0)]
+    expected = {
+        "constant": [0.01] * 8,
+        "cosine": [0.01 * (1 + math.cos(math.pi * t / 8)) / 2 for t in range(8)],
+        "linear": [0.01 * (1 - t / 8) for t in range(8)],
+    }[schedule]
+    assert moves == pytest.approx(expected, abs=1e-6)
+
+
+def test_an_unknown_schedule_is_a_one_line_error(artwork_pixels):
+    objective = Objective(loss=lambda pixels, step: pixels.flatten(1).mean(1), target_distance=None)
+    with pytest.raises(FixativeError, match="schedule must be one of"):
+        optimise(artwork_pixels, objective, Budget(linf=1.0), OptimiserConfig(steps=1, schedule="step"))
