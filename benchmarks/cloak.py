@@ -4,6 +4,7 @@ straightforward re-implementation of the published recipe, measured in the same 
     .venv/bin/python benchmarks/cloak.py            # 512x512, sd15 VAE architecture (random weights), 500 steps
     .venv/bin/python benchmarks/cloak.py --quick    # 64x64, 30 reference steps: a few minutes on one thread
     .venv/bin/python benchmarks/cloak.py --size 512 --steps 10   # 512x512, 10 reference steps: about 15 minutes
+    .venv/bin/python benchmarks/cloak.py --quick --steps 500 --curve 25   # 64 px, 500 steps, both objective curves
 
 Reference ("published recipe, straightforward"): diffusers' AutoencoderKL, lpips, Adam in fp32 for a fixed number of
 steps on ||E(x + δ) − z_T||² + α · max(LPIPS(x + δ, x) − p, 0), the whole graph kept (VAE parameters require
@@ -74,16 +75,19 @@ def reference_objective(reference_vae, lpips_metric, pixels, delta, target_laten
     return latent_loss, latent_loss + ALPHA * (lpips_metric(adv, pixels) - LPIPS_BOUND).clamp(min=0).mean()
 
 
-def worker_reference(size: int, steps: int, seed: int) -> dict:
+def worker_reference(size: int, steps: int, seed: int, every: int = 0) -> dict:
     config, vae, pixels, target_pixels = _setup(size, seed)
     reference_vae, lpips_metric = _diffusers_vae(config, vae), _lpips()
     with torch.no_grad():
         target_latents = reference_vae.encode(target_pixels * 2 - 1).latent_dist.mean
     delta = torch.zeros_like(pixels, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=LR)
+    curve = []  # (updates, objective after them): the loss of step k is the objective after k updates
     started = _clock()
-    for _ in range(steps):
+    for step in range(steps):
         _, loss = reference_objective(reference_vae, lpips_metric, pixels, delta, target_latents)
+        if every and step and step % every == 0:
+            curve.append((step, loss.item()))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -97,10 +101,11 @@ def worker_reference(size: int, steps: int, seed: int) -> dict:
         "objective": loss.item(),
         "latent_loss": latent_loss.item(),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "curve": [*curve, (steps, loss.item())] if every else [],
     }
 
 
-def worker_fixative(size: int, steps: int, seed: int, stop_loss: float, autocast: str | None) -> dict:
+def worker_fixative(size: int, steps: int, seed: int, stop_loss: float, autocast: str | None, every: int = 0) -> dict:
     from fixative.cloak.bounds import Budget
     from fixative.cloak.objectives import Objective, latent_distance
     from fixative.cloak.optimise import OptimiserConfig, optimise
@@ -150,6 +155,7 @@ def worker_fixative(size: int, steps: int, seed: int, stop_loss: float, autocast
         "objective": values[1],
         "latent_loss": values[0],
         "loop_steps": len(finished),
+        "curve": [(k, measured(k)[1]) for k in range(every, len(finished) + 1, every)] if every else [],
         "loop_seconds": total_seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -172,24 +178,35 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--autocast", default="bf16", help="fixative's autocast: bf16, fp16 or none (default: %(default)s)"
     )
+    parser.add_argument(
+        "--curve",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also print both objectives (fp32) after every N-th update, measured outside the timed loops "
+        "(default: %(default)s, none)",
+    )
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.worker:
         kind, *rest = args.worker
         if kind == "reference":
-            result = worker_reference(int(rest[0]), int(rest[1]), int(rest[2]))
+            result = worker_reference(*map(int, rest))
         else:
+            autocast = None if rest[4] == "none" else rest[4]
             result = worker_fixative(
-                int(rest[0]), int(rest[1]), int(rest[2]), float(rest[3]), None if rest[4] == "none" else rest[4]
+                int(rest[0]), int(rest[1]), int(rest[2]), float(rest[3]), autocast, *map(int, rest[5:])
             )
         print(json.dumps(result))
         return 0
     size = args.size or (64 if args.quick else 512)
     steps = args.steps or (30 if args.quick else 500)
     threads = ["--threads", str(args.threads)]
-    reference = _run_worker("reference", size, steps, args.seed, *threads)
-    ours = _run_worker("fixative", size, SEARCH * steps, args.seed, reference["objective"], args.autocast, *threads)
+    reference = _run_worker("reference", size, steps, args.seed, args.curve, *threads)
+    ours = _run_worker(
+        "fixative", size, SEARCH * steps, args.seed, reference["objective"], args.autocast, args.curve, *threads
+    )
     print(
         f"sd15 VAE architecture (random weights), {size}x{size}{' (--quick sizes)' if args.quick else ''}, CPU, "
         f"{args.threads} threads; LPIPS backbone random"
@@ -204,6 +221,13 @@ def main(argv=None) -> int:
             f"{name:<32}{r['steps']:>7}{r['seconds'] / r['steps']:>9.3f}{r['seconds']:>10.1f}{r['cpu_seconds']:>13.1f}"
             f"{r['objective']:>11.5f}{r['peak_rss_mb']:>13.0f}"
         )
+    if args.curve:
+        ours_curve = dict(ours["curve"])
+        print(f"objective (fp32) after N updates:\n{'N':>7}{'reference':>14}{'fixative':>14}")
+        for updates in sorted({*dict(reference["curve"]), *ours_curve}):
+            ref_value = dict(reference["curve"]).get(updates)
+            cells = [f"{v:>14.4e}" if v is not None else f"{'-':>14}" for v in (ref_value, ours_curve.get(updates))]
+            print(f"{updates:>7}{''.join(cells)}")
     reached = ours["objective"] <= reference["objective"]
     for clock, key in (("wall", "seconds"), ("CPU", "cpu_seconds")):
         print(
