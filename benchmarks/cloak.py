@@ -212,14 +212,14 @@ def main(argv=None) -> int:
         f"{args.threads} threads; LPIPS backbone random"
     )
     print(
-        f"fixative's loop ran {ours['loop_steps']} steps in {ours['loop_seconds']:.1f} s (stopped by its bf16 "
-        f"objective); its fp32 objective reached the reference's after update {ours['steps']}"
+        f"fixative's loop ran {ours['loop_steps']} steps in {ours['loop_seconds']:.1f} s (stopped by its own "
+        f"{args.autocast} objective); its fp32 objective reached the reference's after update {ours['steps']}"
     )
-    print(f"{'':<32}{'steps':>7}{'s/step':>9}{'s/image':>10}{'CPU s/image':>13}{'objective':>11}{'peak RSS MB':>13}")
+    print(f"{'':<32}{'steps':>7}{'s/step':>9}{'s/image':>10}{'CPU s/image':>13}{'objective':>12}{'peak RSS MB':>13}")
     for name, r in (("reference (diffusers, fp32)", reference), (f"fixative ({args.autocast})", ours)):
         print(
             f"{name:<32}{r['steps']:>7}{r['seconds'] / r['steps']:>9.3f}{r['seconds']:>10.1f}{r['cpu_seconds']:>13.1f}"
-            f"{r['objective']:>11.5f}{r['peak_rss_mb']:>13.0f}"
+            f"{r['objective']:>12.4e}{r['peak_rss_mb']:>13.0f}"
         )
     if args.curve:
         ours_curve = dict(ours["curve"])
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
     for clock, key in (("wall", "seconds"), ("CPU", "cpu_seconds")):
         print(
             f"speed-up to the reference's final objective, {clock} time: {reference[key] / ours[key]:.2f}x per image "
-            f"({'reached' if reached else 'NOT reached'}: {ours['objective']:.5f} vs {reference['objective']:.5f}), "
+            f"({'reached' if reached else 'NOT reached'}: {ours['objective']:.4e} vs {reference['objective']:.4e}), "
             f"{reference[key] / reference['steps'] / (ours[key] / ours['steps']):.2f}x per step"
         )
     return 0
