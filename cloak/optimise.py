@@ -112,7 +112,7 @@ def optimise(
         if config.stop_loss is not None and loss_value <= config.stop_loss:
             break
         if config.plateau_steps:
-            if loss_value < best - config.plateau_tol * abs(best):
+            if math.isinf(best) or loss_value < best - config.plateau_tol * abs(best):
                 best, since_best = loss_value, 0
             else:
                 since_best += 1

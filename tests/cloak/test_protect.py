@@ -286,3 +286,12 @@ def test_an_unknown_schedule_is_a_one_line_error(artwork_pixels):
     objective = Objective(loss=lambda pixels, step: pixels.flatten(1).mean(1), target_distance=None)
     with pytest.raises(FixativeError, match="schedule must be one of"):
         optimise(artwork_pixels, objective, Budget(linf=1.0), OptimiserConfig(steps=1, schedule="step"))
+
+
+def test_the_plateau_stop_waits_for_the_loss_to_stop_improving(artwork_pixels):
+    # the loss falls by 1 a step for 15 steps, then stays: 5 steps without improvement end the run after step 20
+    objective = Objective(
+        loss=lambda pixels, step: pixels.flatten(1).sum(1) * 0 + float(max(15 - step, 0)), target_distance=None
+    )
+    _, info = optimise(artwork_pixels, objective, Budget(linf=1.0), OptimiserConfig(steps=100, plateau_steps=5))
+    assert info["steps"] == 21
