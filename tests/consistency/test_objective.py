@@ -122,9 +122,40 @@ class StopsAtStep3(ConsistencyDistillation):
         return super().loss(batch, generator)
 
 
-@pytest.mark.parametrize("method", ["lcd", "lcm-lora", "ict"])
-def test_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, method):
-    run = config(max_steps=4, checkpoint_every=2)
+@pytest.mark.parametrize("method", ["lcd", "lcm-lora"])
+def test_average_of_the_weights_is_the_result(method):
+    """With FinetuneConfig.ema_decay: θ̄ ← d θ̄ + (1 − d) θ over the trained parameters after each step, apart from
+    the LCD target θ⁻; finish() keeps θ̄, not θ⁻."""
+    model = tiny_teacher()
+    objective = ConsistencyDistillation(settings(method, ema_decay=0.5))
+    objective.setup(model, config(ema_decay=0.8))
+    student = objective.student
+    trained = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    average = objective.average.shadow
+    assert average.keys() == trained.keys()  # the adapters only, for an LCM-LoRA
+    assert all(torch.equal(average[n], p) for n, p in trained.items())
+    optimizer = torch.optim.SGD(objective.parameters(), lr=0.1)
+    text = encode_prompt(model, CAPTIONS[:2], guidance=False)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    batch = Batch(latents, model.tokenizer(CAPTIONS[:2]), text, torch.zeros(2, dtype=torch.bool), CAPTIONS[:2])
+    for _ in range(2):
+        before = {n: v.clone() for n, v in average.items()}
+        optimizer.zero_grad()
+        objective.loss(batch, torch.Generator().manual_seed(2)).backward()
+        optimizer.step()
+        objective.after_step()
+        for name, parameter in trained.items():
+            expected = 0.8 * before[name] + 0.2 * parameter.detach()
+            torch.testing.assert_close(average[name], expected, rtol=1e-6, atol=1e-7)
+    if method == "lcd":  # the target network keeps its own decay
+        assert any(not torch.equal(objective.ema.shadow[n], average[n]) for n in average)
+    objective.finish()
+    assert all(torch.equal(p, average[n]) for n, p in trained.items())
+
+
+@pytest.mark.parametrize("method, average", [("lcd", None), ("lcm-lora", None), ("ict", None), ("lcd", 0.9)])
+def test_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, method, average):
+    run = config(max_steps=4, checkpoint_every=2, ema_decay=average)
     whole = fine_tune(
         tiny_teacher(),
         toy_data(),
@@ -160,6 +191,17 @@ def test_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, method):
             toy_data(),
             run,
             ConsistencyDistillation(DistillSettings(**{**asdict(settings(method)), "num_ddim_timesteps": 20})),
+            out=tmp_path / "cut",
+            resume=True,
+            progress=False,
+            log=lambda _: None,
+        )
+    with pytest.raises(FixativeError, match="another --average-decay"):
+        fine_tune(
+            tiny_teacher(),
+            toy_data(),
+            config(max_steps=4, checkpoint_every=2, ema_decay=None if average else 0.9),
+            ConsistencyDistillation(settings(method)),
             out=tmp_path / "cut",
             resume=True,
             progress=False,
