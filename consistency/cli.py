@@ -100,6 +100,13 @@ def register(subparsers) -> None:
         "--ema-decay", type=float, default=0.95, help="lcd: decay of the EMA target network (default: %(default)s)"
     )
     parser.add_argument(
+        "--average-decay",
+        type=float,
+        default=None,
+        help="also keep a slow EMA of the trained weights (e.g. 0.999) and save it as the result instead of "
+        "the last weights (lcd: instead of the target network) (default: off)",
+    )
+    parser.add_argument(
         "--time-cond-proj-dim",
         type=int,
         default=256,
@@ -208,6 +215,7 @@ def run(args: argparse.Namespace) -> int:
         lr=lr,
         warmup=args.warmup,
         lr_schedule=args.lr_schedule,
+        ema_decay=args.average_decay,
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
         cache_latents=True,

@@ -11,7 +11,7 @@ schedule, clipping, processes, checkpoints and resume; this objective brings the
   trained in full; the target network θ⁻ is the EMA of the student, θ⁻ ← μ θ⁻ + (1 − μ) θ after every
   optimiser step (LCM, Algorithm 1; μ = ``ema_decay``). The result is the target network (as diffusers'
   script keeps ``unet_target`` and the LCM paper samples with θ⁻), saved as a model folder with an LCM
-  scheduler.
+  scheduler, unless the loop's ``FinetuneConfig.ema_decay`` asks for an average of the weights (below).
 - ``ict``: consistency training without a teacher (improved CT, Song & Dhariwal 2023; ``ict.py``): the model's
   own UNet, starting from the teacher's weights, trained in full on the data alone: the target is the student
   itself under ``torch.no_grad`` (no EMA), the teacher is never called. Saved as a model folder with an LCM
@@ -20,6 +20,11 @@ schedule, clipping, processes, checkpoints and resume; this objective brings the
   the teacher itself frozen; no guidance embedding and no separate target: the target is the adapted UNet under
   ``torch.no_grad`` (μ = 0), as in LCM-LoRA (Luo et al. 2023b) and diffusers' train_lcm_distill_lora
   scripts. The result is ``pytorch_lora_weights.safetensors``.
+
+With ``FinetuneConfig.ema_decay`` (``fixative distill --average-decay``), every method also keeps a slow EMA of
+the trained weights and saves it as the result: the sampling network is an average of the iterates, apart from
+the target network that the loss reads (Song & Dhariwal 2023 sample their consistency models from such an EMA,
+decay 0.99993, while their target network has none; the LCD target keeps its own μ).
 
 While training, ``model.unet`` is the student and ``model.scheduler_config`` the LCM one, so the loop's
 validation images and the returned model sample as the distilled model does.
@@ -120,7 +125,8 @@ class ConsistencyDistillation:
 
     def __init__(self, settings: DistillSettings = DistillSettings()):
         self.settings = settings
-        self.ema: EMA | None = None
+        self.ema: EMA | None = None  # lcd's target network θ⁻
+        self.average: EMA | None = None  # the saved result, with FinetuneConfig.ema_decay
         self.step = 0  # optimiser steps done (iCT's curriculum reads it)
 
     def setup(self, model, config: FinetuneConfig) -> None:
@@ -148,6 +154,8 @@ class ConsistencyDistillation:
             student = copy.deepcopy(teacher)
             inject_lora(student, settings.rank, settings.alpha, LCM_LORA_TARGETS)
         self.teacher, self.student = teacher, student.train()
+        if config.ema_decay is not None:
+            self.average = EMA(student, config.ema_decay, trainable_only=True)
         if config.gradient_checkpointing:
             student.enable_gradient_checkpointing()
         model.unet = student
@@ -202,16 +210,24 @@ class ConsistencyDistillation:
 
     def after_step(self) -> None:
         self.step += 1
-        if self.ema is not None:
-            self.ema.update(self.student)
+        for ema in (self.ema, self.average):
+            if ema is not None:
+                ema.update(self.student)
 
     def finish(self) -> None:
-        if self.ema is not None:
-            self.ema.copy_to(self.student)
+        result = self.average or self.ema
+        if result is not None:
+            result.copy_to(self.student)
         self.student.eval()
 
     def state_dict(self) -> dict:
-        return {**trained_state(self.student, self.ema), "step": self.step, "settings": asdict(self.settings)}
+        average = self.average.state_dict() if self.average is not None else None
+        return {
+            **trained_state(self.student, self.ema),
+            "average": average,
+            "step": self.step,
+            "settings": asdict(self.settings),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Puts back a checkpoint's state; one written with other distillation settings is refused."""
@@ -222,7 +238,14 @@ class ConsistencyDistillation:
                 f"--resume: the checkpoint was distilled with other settings: {', '.join(differ)}; "
                 "resume with the same options or choose another output folder"
             )
+        if (state.get("average") is None) != (self.average is None):
+            raise FixativeError(
+                "--resume: the checkpoint was distilled with another --average-decay (on / off); "
+                "resume with the same options or choose another output folder"
+            )
         load_trained_state(self.student, self.ema, state)
+        if self.average is not None:
+            self.average.load_state_dict(state["average"])
         self.step = state["step"]
 
     def save(self, out: Path) -> None:

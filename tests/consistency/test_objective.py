@@ -37,6 +37,21 @@ def changed(before: dict, module: torch.nn.Module) -> set[str]:
     return {name for name, value in module.state_dict().items() if not torch.equal(before[name], value)}
 
 
+def fixed_batch(model) -> Batch:
+    """Two captions' frozen text embeddings and fixed random latents."""
+    text = encode_prompt(model, CAPTIONS[:2], guidance=False)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    return Batch(latents, model.tokenizer(CAPTIONS[:2]), text, torch.zeros(2, dtype=torch.bool), CAPTIONS[:2])
+
+
+def sgd_step(objective: ConsistencyDistillation, optimizer: torch.optim.Optimizer, batch: Batch) -> None:
+    """One optimiser step on the objective's loss, then its after_step (the EMA updates), as the loop does."""
+    optimizer.zero_grad()
+    objective.loss(batch, torch.Generator().manual_seed(2)).backward()
+    optimizer.step()
+    objective.after_step()
+
+
 def test_one_lcd_step_trains_the_student_and_never_the_teacher():
     model = tiny_teacher()
     teacher_unet = model.unet
@@ -83,21 +98,16 @@ def test_ema_target_update_and_result():
     start = snapshot(student)
     assert all(torch.equal(objective.ema.shadow[n], start[n]) for n in objective.ema.shadow)
     optimizer = torch.optim.SGD(objective.parameters(), lr=0.1)
-    text = encode_prompt(model, CAPTIONS[:2], guidance=False)
-    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    batch = Batch(latents, model.tokenizer(CAPTIONS[:2]), text, torch.zeros(2, dtype=torch.bool), CAPTIONS[:2])
+    batch = fixed_batch(model)
     for _ in range(2):
         before = {n: objective.ema.shadow[n].clone() for n in objective.ema.shadow}
-        optimizer.zero_grad()
-        objective.loss(batch, torch.Generator().manual_seed(2)).backward()
-        optimizer.step()
-        objective.after_step()
+        sgd_step(objective, optimizer, batch)
         for name, parameter in student.named_parameters():
             expected = 0.9 * before[name] + 0.1 * parameter.detach()
             torch.testing.assert_close(objective.ema.shadow[name], expected, rtol=1e-6, atol=1e-7)
     assert changed(start, student)  # the student moved ...
     with torch.no_grad():  # ... and the target network is the student's architecture with the EMA weights
-        args = (latents, torch.tensor([5, 5]), text)
+        args = (batch.latents, torch.tensor([5, 5]), batch.text_embeddings)
         target = objective._target(*args, timestep_cond=torch.zeros(2, 16))
         assert not torch.equal(target, student(*args, timestep_cond=torch.zeros(2, 16)))
     objective.finish()
@@ -122,9 +132,35 @@ class StopsAtStep3(ConsistencyDistillation):
         return super().loss(batch, generator)
 
 
-@pytest.mark.parametrize("method", ["lcd", "lcm-lora", "ict"])
-def test_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, method):
-    run = config(max_steps=4, checkpoint_every=2)
+@pytest.mark.parametrize("method", ["lcd", "lcm-lora"])
+def test_average_of_the_weights_is_the_result(method):
+    """With FinetuneConfig.ema_decay: θ̄ ← d θ̄ + (1 − d) θ over the trained parameters after each step, apart from
+    the LCD target θ⁻; finish() keeps θ̄, not θ⁻."""
+    model = tiny_teacher()
+    objective = ConsistencyDistillation(settings(method, ema_decay=0.5))
+    objective.setup(model, config(ema_decay=0.8))
+    student = objective.student
+    trained = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    average = objective.average.shadow
+    assert average.keys() == trained.keys()  # the adapters only, for an LCM-LoRA
+    assert all(torch.equal(average[n], p) for n, p in trained.items())
+    optimizer = torch.optim.SGD(objective.parameters(), lr=0.1)
+    batch = fixed_batch(model)
+    for _ in range(2):
+        before = {n: v.clone() for n, v in average.items()}
+        sgd_step(objective, optimizer, batch)
+        for name, parameter in trained.items():
+            expected = 0.8 * before[name] + 0.2 * parameter.detach()
+            torch.testing.assert_close(average[name], expected, rtol=1e-6, atol=1e-7)
+    if method == "lcd":  # the target network keeps its own decay
+        assert any(not torch.equal(objective.ema.shadow[n], average[n]) for n in average)
+    objective.finish()
+    assert all(torch.equal(p, average[n]) for n, p in trained.items())
+
+
+@pytest.mark.parametrize("method, average", [("lcd", None), ("lcm-lora", None), ("ict", None), ("lcd", 0.9)])
+def test_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, method, average):
+    run = config(max_steps=4, checkpoint_every=2, ema_decay=average)
     whole = fine_tune(
         tiny_teacher(),
         toy_data(),
@@ -160,6 +196,17 @@ def test_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, method):
             toy_data(),
             run,
             ConsistencyDistillation(DistillSettings(**{**asdict(settings(method)), "num_ddim_timesteps": 20})),
+            out=tmp_path / "cut",
+            resume=True,
+            progress=False,
+            log=lambda _: None,
+        )
+    with pytest.raises(FixativeError, match="another --average-decay"):
+        fine_tune(
+            tiny_teacher(),
+            toy_data(),
+            config(max_steps=4, checkpoint_every=2, ema_decay=None if average else 0.9),
+            ConsistencyDistillation(settings(method)),
             out=tmp_path / "cut",
             resume=True,
             progress=False,
