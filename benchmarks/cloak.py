@@ -30,7 +30,7 @@ import time
 
 import torch
 
-ALPHA, LPIPS_BOUND, LR = 30.0, 0.07, 0.01
+ALPHA, LPIPS_BOUND, LR = 30.0, 0.07, 0.01  # Glaze's α, budget p and Adam's learning rate
 SEARCH = 3  # fixative may run up to this many times the reference's steps to reach its final objective
 
 
@@ -68,14 +68,14 @@ def _lpips():
     return load_lpips("alex", backbone="random")
 
 
-def reference_objective(reference_vae, lpips_metric, pixels, delta, target_latents):
+def reference_objective(reference_vae, lpips_metric, pixels, delta, target_latents, bound):
     adv = (pixels + delta).clamp(0, 1)
     latents = reference_vae.encode(adv * 2 - 1).latent_dist.mean
     latent_loss = (latents - target_latents).pow(2).mean()
-    return latent_loss, latent_loss + ALPHA * (lpips_metric(adv, pixels) - LPIPS_BOUND).clamp(min=0).mean()
+    return latent_loss, latent_loss + ALPHA * (lpips_metric(adv, pixels) - bound).clamp(min=0).mean()
 
 
-def worker_reference(size: int, steps: int, seed: int, every: int = 0) -> dict:
+def worker_reference(size: int, steps: int, seed: int, bound: float, every: int = 0) -> dict:
     config, vae, pixels, target_pixels = _setup(size, seed)
     reference_vae, lpips_metric = _diffusers_vae(config, vae), _lpips()
     with torch.no_grad():
@@ -85,7 +85,7 @@ def worker_reference(size: int, steps: int, seed: int, every: int = 0) -> dict:
     curve = []  # (updates, objective after them): the loss of step k is the objective after k updates
     started = _clock()
     for step in range(steps):
-        _, loss = reference_objective(reference_vae, lpips_metric, pixels, delta, target_latents)
+        _, loss = reference_objective(reference_vae, lpips_metric, pixels, delta, target_latents, bound)
         if every and step and step % every == 0:
             curve.append((step, loss.item()))
         optimizer.zero_grad()
@@ -93,7 +93,7 @@ def worker_reference(size: int, steps: int, seed: int, every: int = 0) -> dict:
         optimizer.step()
     wall, cpu = _clock() - started
     with torch.no_grad():
-        latent_loss, loss = reference_objective(reference_vae, lpips_metric, pixels, delta, target_latents)
+        latent_loss, loss = reference_objective(reference_vae, lpips_metric, pixels, delta, target_latents, bound)
     return {
         "seconds": wall.item(),
         "cpu_seconds": cpu.item(),
@@ -105,7 +105,9 @@ def worker_reference(size: int, steps: int, seed: int, every: int = 0) -> dict:
     }
 
 
-def worker_fixative(size: int, steps: int, seed: int, stop_loss: float, autocast: str | None, every: int = 0) -> dict:
+def worker_fixative(
+    size: int, steps: int, seed: int, bound: float, stop_loss: float, autocast: str | None, every: int = 0
+) -> dict:
     from fixative.cloak.bounds import Budget
     from fixative.cloak.objectives import Objective, latent_distance
     from fixative.cloak.optimise import OptimiserConfig, optimise
@@ -129,14 +131,14 @@ def worker_fixative(size: int, steps: int, seed: int, stop_loss: float, autocast
     )
     optimiser = OptimiserConfig(steps=steps, lr=LR, alpha=ALPHA, stop_loss=stop_loss, autocast=autocast)
     started = _clock()
-    optimise(pixels, objective, Budget(lpips=LPIPS_BOUND), optimiser, lpips_metric)
+    optimise(pixels, objective, Budget(lpips=bound), optimiser, lpips_metric)
     total_seconds = (_clock() - started)[0].item()
     reference_vae = _diffusers_vae(config, vae)
 
     def measured(update: int) -> tuple[float, float]:  # (latent loss, objective) after ``update`` updates, in fp32
         with torch.no_grad():
             latent_loss, loss = reference_objective(
-                reference_vae, lpips_metric, pixels, finished[update - 1][1] - pixels, target_latents
+                reference_vae, lpips_metric, pixels, finished[update - 1][1] - pixels, target_latents, bound
             )
         return latent_loss.item(), loss.item()
 
@@ -179,6 +181,14 @@ def main(argv=None) -> int:
         "--autocast", default="bf16", help="fixative's autocast: bf16, fp16 or none (default: %(default)s)"
     )
     parser.add_argument(
+        "--lpips-bound",
+        type=float,
+        default=LPIPS_BOUND,
+        help="the budget p of both sides' LPIPS penalty. The published 0.07 binds with trained weights; with this "
+        "benchmark's random VAE and LPIPS backbone the target is reached at LPIPS ~0.008, so only a bound below "
+        "that makes the trade-off of a real cloak (default: %(default)s)",
+    )
+    parser.add_argument(
         "--curve",
         type=int,
         default=0,
@@ -192,24 +202,25 @@ def main(argv=None) -> int:
     if args.worker:
         kind, *rest = args.worker
         if kind == "reference":
-            result = worker_reference(*map(int, rest))
+            result = worker_reference(int(rest[0]), int(rest[1]), int(rest[2]), float(rest[3]), *map(int, rest[4:]))
         else:
-            autocast = None if rest[4] == "none" else rest[4]
+            autocast = None if rest[5] == "none" else rest[5]
             result = worker_fixative(
-                int(rest[0]), int(rest[1]), int(rest[2]), float(rest[3]), autocast, *map(int, rest[5:])
+                int(rest[0]), int(rest[1]), int(rest[2]), float(rest[3]), float(rest[4]), autocast, *map(int, rest[6:])
             )
         print(json.dumps(result))
         return 0
     size = args.size or (64 if args.quick else 512)
     steps = args.steps or (30 if args.quick else 500)
     threads = ["--threads", str(args.threads)]
-    reference = _run_worker("reference", size, steps, args.seed, args.curve, *threads)
+    bound = args.lpips_bound
+    reference = _run_worker("reference", size, steps, args.seed, bound, args.curve, *threads)
     ours = _run_worker(
-        "fixative", size, SEARCH * steps, args.seed, reference["objective"], args.autocast, args.curve, *threads
+        "fixative", size, SEARCH * steps, args.seed, bound, reference["objective"], args.autocast, args.curve, *threads
     )
     print(
         f"sd15 VAE architecture (random weights), {size}x{size}{' (--quick sizes)' if args.quick else ''}, CPU, "
-        f"{args.threads} threads; LPIPS backbone random"
+        f"{args.threads} threads; LPIPS backbone random, bound {bound}"
     )
     print(
         f"fixative's loop ran {ours['loop_steps']} steps in {ours['loop_seconds']:.1f} s (stopped by its own "
