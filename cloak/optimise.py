@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fixative.core.errors import FixativeError
+from fixative.core.training import cosine_decay
 
 from .bounds import Budget, penalty, project
 from .objectives import Objective
@@ -42,10 +43,10 @@ class OptimiserConfig:
 def schedule_factor(schedule: str, step: int, steps: int) -> float:
     """The step size of update `step` (0-based) of `steps` as a fraction of the configured one.
 
-    cosine: (1 + cos(π t / T)) / 2 (Loshchilov & Hutter 2017, SGDR eq. 5 with η_min = 0, one cycle); linear: 1 − t / T.
+    cosine: core's ``cosine_decay`` to 0, (1 + cos(π t / T)) / 2; linear: 1 − t / T.
     """
     if schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * step / steps))
+        return cosine_decay(step / steps)
     if schedule == "linear":
         return 1 - step / steps
     return 1.0

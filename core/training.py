@@ -154,6 +154,12 @@ def train_step(
     return loss.item()
 
 
+def cosine_decay(progress: float, final_fraction: float = 0.0) -> float:
+    """The fraction of the full step size at ``progress`` in [0, 1] of a cosine decay to ``final_fraction``:
+    η_min + (1 − η_min) (1 + cos(π t / T)) / 2 (Loshchilov & Hutter 2017, SGDR Eq. 5, one cycle)."""
+    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def warmup_cosine(
     optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, final_fraction: float = 0.05
 ) -> torch.optim.lr_scheduler.LambdaLR:
@@ -162,8 +168,7 @@ def warmup_cosine(
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+        return cosine_decay(min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps)), final_fraction)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
