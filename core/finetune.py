@@ -152,6 +152,7 @@ class FinetuneConfig:
             ),
             (self.rank >= 1, "the LoRA rank must be at least 1"),
             (0.0 <= self.caption_dropout <= 1.0, "caption dropout must be within [0, 1]"),
+            (self.ema_decay is None or 0.0 <= self.ema_decay < 1.0, "the EMA decay must be within [0, 1)"),
             (
                 self.method != "dreambooth" or (self.instance_prompt and self.class_prompt),
                 "dreambooth needs an instance prompt and a class prompt",

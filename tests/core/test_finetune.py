@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fixative.core.datasets import ImageCaptions
+from fixative.core.errors import FixativeError
 from fixative.core.finetune import Batch, DenoisingObjective, FinetuneConfig, fine_tune
 from fixative.core.lora import LORA_WEIGHTS_NAME, LoRALinear, apply_lora
 from fixative.core.model import StableDiffusionModel
@@ -420,3 +421,10 @@ def test_two_processes_under_torchrun_keep_the_same_weights_and_one_writes(tmp_p
     before = {n: p for n, p in tiny_model().unet.named_parameters()}
     assert any(not torch.equal(rank0[n], before[n]) for n in rank0)
     assert (tmp_path / "out" / "model_index.json").exists() and not (tmp_path / "out" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("decay", [-0.1, 1.0, 1.5])
+def test_an_ema_decay_outside_zero_to_one_is_refused(decay):
+    with pytest.raises(FixativeError, match=r"EMA decay must be within \[0, 1\)"):
+        FinetuneConfig(ema_decay=decay)
+    FinetuneConfig(ema_decay=0.999)  # inside: accepted
