@@ -44,6 +44,11 @@ def pixels_file(item: str) -> tuple[str, torch.Tensor]:
     return artist, pixels
 
 
+def went(counts: dict[str, int]) -> str:
+    """{"zenji": 50, "kovra": 14, "lumo": 0} -> "zenji 50, kovra 14" (most first, none left out)."""
+    return ", ".join(f"{a} {n}" for a, n in sorted(counts.items(), key=lambda item: -item[1]) if n)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stages", type=Path, help="a protection run's stage cache (RUN/stages) for --cells")
@@ -82,7 +87,7 @@ def main() -> None:
     prior = ImageCaptions(pixels_of(prior_rows), [r["text"] for r in prior_rows])
     judge = ToyJudge(clip_folder(), "cpu")
     recipe = {k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None}
-    print("| cell | mimic | seed | protection [95% CI] | fine-tune s |\n|---|---|---|---|---|")
+    print("| cell | mimic | seed | protection [95% CI] | samples went to | fine-tune s |\n|---|---|---|---|---|---|")
     for cell in args.cells:
         if "/" not in cell:
             raise SystemExit(f"--cells takes ARTIST/CLOAK_SPEC (e.g. tovik/photoguard:psnr=24), got {cell!r}")
@@ -105,7 +110,7 @@ def main() -> None:
             print(
                 f"| {cell} | {config.steps} steps, lr {config.finetune_config(True).lr:g} | {seed} | "
                 f"{100 * share['protection_rate']:.1f}% [{100 * share['protection_interval'][0]:.1f}, "
-                f"{100 * share['protection_interval'][1]:.1f}] | {seconds:.0f} |",
+                f"{100 * share['protection_interval'][1]:.1f}] | {went(share['attributed_to'])} | {seconds:.0f} |",
                 flush=True,
             )
 

@@ -44,3 +44,7 @@ def test_pixels_file_refuses_other_files(mimic_seeds, tmp_path, blob, message):
 def test_pixels_file_needs_artist_and_file(mimic_seeds):
     with pytest.raises(SystemExit, match="ARTIST=FILE"):
         mimic_seeds.pixels_file("cloak.pt")
+
+
+def test_went_lists_the_attributed_artists_most_first(mimic_seeds):
+    assert mimic_seeds.went({"zenji": 50, "lumo": 0, "kovra": 14}) == "zenji 50, kovra 14"
