@@ -564,7 +564,8 @@ def fine_tune(
     out: a folder for checkpoints (``checkpoints/step-N``), validation images and the result; without it
     nothing is written; ``save=False``: checkpoints and validation images only, no result. prior_data:
     DreamBooth's class images (as ``data``). resume: continue from the latest checkpoint in ``out`` (without
-    it, a folder with checkpoints is refused). device: "auto" (accelerate's device for this process; the CPU on a machine without a GPU) or "cpu".
+    it, a folder with checkpoints is refused). device: "auto" (accelerate's device for this process; the CPU on a
+    machine without a GPU) or "cpu".
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm

@@ -416,7 +416,15 @@ def test_two_processes_under_torchrun_train_together_and_one_writes(tmp_path, de
     script = tmp_path / "train.py"
     script.write_text(MULTI_PROCESS_SCRIPT)
     result = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", str(script), str(tmp_path / "out"), str(Path(__file__).parent), device],
+        [
+            str(torchrun),
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(tmp_path / "out"),
+            str(Path(__file__).parent),
+            device,
+        ],
         capture_output=True,
         text=True,
         timeout=300,
