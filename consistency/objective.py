@@ -51,6 +51,7 @@ from fixative.core.finetune import (
     trained_state,
 )
 from fixative.core.lora import inject_lora, save_lora
+from fixative.core.parameterization import PREDICTION_TYPES
 from fixative.core.pipelines import encode_prompt
 from fixative.core.schedulers import NoiseSchedule
 from fixative.core.training import EMA
@@ -89,6 +90,8 @@ class DistillSettings(LCDSettings):
     huber_c: float | None = None  # pseudo-Huber c; None: 0.001 for lcd / lcm-lora (LCM), 0.00054 √d for ict
     time_cond_proj_dim: int = 256  # lcd: width of the guidance-scale embedding
     ema_decay: float = 0.95  # lcd: μ of the EMA target network
+    student_prediction: str | None = None  # lcd: the student's parameterisation (epsilon | v_prediction | sample);
+    # None: the teacher's
     rank: int = 64  # lcm-lora: adapter rank (LCM-LoRA's and diffusers' default)
     alpha: float | None = None  # lcm-lora: adapter α; None: α = rank
     p_mean: float = -1.1  # ict: the lognormal noise-level distribution's mean and deviation of ln σ (Sec. 3.5)
@@ -104,6 +107,17 @@ class DistillSettings(LCDSettings):
             raise FixativeError(f"unknown distillation method {self.method!r}; use one of {', '.join(METHODS)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise FixativeError(f"the EMA decay must be within [0, 1), got {self.ema_decay}")
+        if self.student_prediction is not None:
+            if self.student_prediction not in PREDICTION_TYPES:
+                raise FixativeError(
+                    f"unknown student parameterisation {self.student_prediction!r}; "
+                    f"use one of {', '.join(PREDICTION_TYPES)}"
+                )
+            if self.method != "lcd":
+                raise FixativeError(
+                    "only an lcd student can change its parameterisation (an LCM-LoRA adapts the teacher, "
+                    "and ict trains the model's own UNet); drop --student-prediction"
+                )
         if self.rank < 1:
             raise FixativeError("the LoRA rank must be at least 1")
         if not 1 <= self.curriculum_s0 <= self.curriculum_s1:
@@ -135,6 +149,7 @@ class ConsistencyDistillation:
         self.noise_schedule = NoiseSchedule.from_config(model.scheduler_config)
         self.schedule = SkippingSchedule(self.noise_schedule, settings.num_ddim_timesteps)
         self.prediction_type = model.prediction_type
+        self.student_prediction_type = settings.student_prediction or self.prediction_type
         teacher = model.unet
         if teacher.config.time_cond_proj_dim is not None:
             raise FixativeError(
@@ -159,7 +174,9 @@ class ConsistencyDistillation:
         if config.gradient_checkpointing:
             student.enable_gradient_checkpointing()
         model.unet = student
-        model.scheduler_config = lcm_scheduler_config(model.scheduler_config, settings.num_ddim_timesteps)
+        model.scheduler_config = lcm_scheduler_config(
+            model.scheduler_config, settings.num_ddim_timesteps, self.student_prediction_type
+        )
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for p in self.student.parameters() if p.requires_grad]
@@ -206,6 +223,7 @@ class ConsistencyDistillation:
                 self.settings,
                 self.prediction_type,
                 generator,
+                self.student_prediction_type,
             )
 
     def after_step(self) -> None:

@@ -265,6 +265,46 @@ def test_distilled_student_folder_renders_as_in_diffusers(tmp_path):
     assert np.abs(ours.permute(0, 2, 3, 1).numpy() - theirs).max() <= 2 / 255
 
 
+def test_a_v_prediction_student_folder_says_so_and_renders_as_in_diffusers(tmp_path):
+    fine_tune(
+        tiny_teacher(),
+        toy_data(),
+        config(max_steps=2),
+        ConsistencyDistillation(settings("lcd", student_prediction="v_prediction")),
+        out=tmp_path / "student",
+        progress=False,
+    )
+    scheduler_config = json.loads((tmp_path / "student" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler_config["prediction_type"] == "v_prediction"
+    student = load_model(tmp_path / "student")
+    ours = generate(
+        student, "a red square", num_inference_steps=2, guidance_scale=6.0, seed=3, output="images", progress=False
+    )
+    pipe = diffusers.LatentConsistencyModelPipeline.from_pretrained(tmp_path / "student", safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(
+        "a red square",
+        num_inference_steps=2,
+        guidance_scale=6.0,
+        generator=torch.Generator("cpu").manual_seed(3),
+        output_type="np",
+    ).images
+    assert np.abs(ours.permute(0, 2, 3, 1).numpy() - theirs).max() <= 2 / 255
+    student.scheduler_config["prediction_type"] = "epsilon"  # read as epsilon, the same weights render otherwise
+    other = generate(
+        student, "a red square", num_inference_steps=2, guidance_scale=6.0, seed=3, output="images", progress=False
+    )
+    assert (other - ours).abs().max() > 2 / 255
+
+
+@pytest.mark.parametrize("method", ["lcm-lora", "ict"])
+def test_only_an_lcd_student_changes_its_parameterisation(method):
+    with pytest.raises(FixativeError, match="only an lcd student"):
+        settings(method, student_prediction="v_prediction")
+    with pytest.raises(FixativeError, match="unknown student parameterisation"):
+        settings("lcd", student_prediction="x0")
+
+
 def test_lcm_lora_renders_as_in_diffusers(tmp_path):
     pytest.importorskip("peft")
     teacher_folder = save_diffusers(tiny_teacher(), tmp_path / "teacher")
