@@ -12,6 +12,10 @@ schedule, clipping, processes, checkpoints and resume; this objective brings the
   optimiser step (LCM, Algorithm 1; μ = ``ema_decay``). The result is the target network (as diffusers'
   script keeps ``unet_target`` and the LCM paper samples with θ⁻), saved as a model folder with an LCM
   scheduler, unless the loop's ``FinetuneConfig.ema_decay`` asks for an average of the weights (below).
+  ``student_prediction`` lets the student (and its target) read their output in another parameterisation than
+  the teacher's: with v, x0 = α_t x_t − σ_t v passes the network's error on to x0 at most once, where ε's
+  x0 = (x_t − σ_t ε)/α_t multiplies it by σ_t/α_t (14.6 at t = 999 of SD's schedule), the one-step sample's
+  noise level. The student starts from the teacher's weights all the same; the folder's scheduler says v.
 - ``ict``: consistency training without a teacher (improved CT, Song & Dhariwal 2023; ``ict.py``): the model's
   own UNet, starting from the teacher's weights, trained in full on the data alone: the target is the student
   itself under ``torch.no_grad`` (no EMA), the teacher is never called. Saved as a model folder with an LCM
