@@ -235,51 +235,28 @@ def test_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, method, averag
 diffusers = pytest.importorskip("diffusers")
 
 
-def test_distilled_student_folder_renders_as_in_diffusers(tmp_path):
+@pytest.mark.parametrize("student_prediction", [None, "v_prediction"])
+def test_distilled_student_folder_renders_as_in_diffusers(tmp_path, student_prediction):
+    """The folder's LCM scheduler carries the student's parameterisation (the teacher's unless changed), which
+    diffusers follows: read as ε, a v student's weights render otherwise."""
     fine_tune(
         tiny_teacher(),
         toy_data(),
         config(max_steps=2),
-        ConsistencyDistillation(settings("lcd")),
-        out=tmp_path / "student",
-        progress=False,
-    )
-    ours = generate(
-        load_model(tmp_path / "student"),
-        "a red square",
-        num_inference_steps=2,
-        guidance_scale=6.0,
-        seed=3,
-        output="images",
-        progress=False,
-    )  # the folder's own scheduler: lcm
-    pipe = diffusers.LatentConsistencyModelPipeline.from_pretrained(tmp_path / "student", safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    theirs = pipe(
-        "a red square",
-        num_inference_steps=2,
-        guidance_scale=6.0,
-        generator=torch.Generator("cpu").manual_seed(3),
-        output_type="np",
-    ).images
-    assert np.abs(ours.permute(0, 2, 3, 1).numpy() - theirs).max() <= 2 / 255
-
-
-def test_a_v_prediction_student_folder_says_so_and_renders_as_in_diffusers(tmp_path):
-    fine_tune(
-        tiny_teacher(),
-        toy_data(),
-        config(max_steps=2),
-        ConsistencyDistillation(settings("lcd", student_prediction="v_prediction")),
+        ConsistencyDistillation(settings("lcd", student_prediction=student_prediction)),
         out=tmp_path / "student",
         progress=False,
     )
     scheduler_config = json.loads((tmp_path / "student" / "scheduler" / "scheduler_config.json").read_text())
-    assert scheduler_config["prediction_type"] == "v_prediction"
+    assert scheduler_config["prediction_type"] == (student_prediction or "epsilon")
     student = load_model(tmp_path / "student")
-    ours = generate(
-        student, "a red square", num_inference_steps=2, guidance_scale=6.0, seed=3, output="images", progress=False
-    )
+
+    def render():  # the folder's own scheduler: lcm
+        return generate(
+            student, "a red square", num_inference_steps=2, guidance_scale=6.0, seed=3, output="images", progress=False
+        )
+
+    ours = render()
     pipe = diffusers.LatentConsistencyModelPipeline.from_pretrained(tmp_path / "student", safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     theirs = pipe(
@@ -290,11 +267,9 @@ def test_a_v_prediction_student_folder_says_so_and_renders_as_in_diffusers(tmp_p
         output_type="np",
     ).images
     assert np.abs(ours.permute(0, 2, 3, 1).numpy() - theirs).max() <= 2 / 255
-    student.scheduler_config["prediction_type"] = "epsilon"  # read as epsilon, the same weights render otherwise
-    other = generate(
-        student, "a red square", num_inference_steps=2, guidance_scale=6.0, seed=3, output="images", progress=False
-    )
-    assert (other - ours).abs().max() > 2 / 255
+    if student_prediction == "v_prediction":
+        student.scheduler_config["prediction_type"] = "epsilon"
+        assert (render() - ours).abs().max() > 2 / 255
 
 
 @pytest.mark.parametrize("method", ["lcm-lora", "ict"])
