@@ -113,6 +113,13 @@ def register(subparsers) -> None:
         help="lcd: width of the guidance-scale embedding (default: %(default)s)",
     )
     parser.add_argument(
+        "--student-prediction",
+        choices=("epsilon", "v_prediction", "sample"),
+        default=None,
+        help="lcd: what the student's UNet predicts (its scheduler config says so); v_prediction does not amplify "
+        "the network's error at high noise as epsilon does (default: the teacher's)",
+    )
+    parser.add_argument(
         "--p-mean", type=float, default=-1.1, help="ict: mean of ln(sigma) of the noise levels (default: %(default)s)"
     )
     parser.add_argument(
@@ -197,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
         huber_c=args.huber_c,
         ema_decay=args.ema_decay,
         time_cond_proj_dim=args.time_cond_proj_dim,
+        student_prediction=args.student_prediction,
         rank=args.rank,
         alpha=args.alpha,
         p_mean=args.p_mean,

@@ -13,11 +13,17 @@ from fixative.core.schedulers import to_diffusers
 from fixative.core.unet import UNet2DConditionModel
 
 
-def lcm_scheduler_config(teacher_scheduler_config: dict, num_ddim_timesteps: int) -> dict:
+def lcm_scheduler_config(
+    teacher_scheduler_config: dict, num_ddim_timesteps: int, prediction_type: str | None = None
+) -> dict:
     """diffusers' LCMScheduler config for a student distilled from a teacher with this schedule: the teacher's
-    β schedule and prediction type, and the distillation's DDIM timesteps as ``original_inference_steps``
-    (the timesteps the student was trained at, from which the sampler picks its 1-8 steps)."""
-    return to_diffusers("lcm", {**teacher_scheduler_config, "original_inference_steps": num_ddim_timesteps})
+    β schedule, the student's prediction type (default: the teacher's), and the distillation's DDIM timesteps as
+    ``original_inference_steps`` (the timesteps the student was trained at, from which the sampler picks its
+    1-8 steps)."""
+    config = {**teacher_scheduler_config, "original_inference_steps": num_ddim_timesteps}
+    if prediction_type is not None:
+        config["prediction_type"] = prediction_type
+    return to_diffusers("lcm", config)
 
 
 def save_student(

@@ -196,14 +196,17 @@ def consistency_distillation_loss(
     settings: LCDSettings,
     prediction_type: str = "epsilon",
     generator: torch.Generator | None = None,
+    student_prediction_type: str | None = None,
 ) -> torch.Tensor:
     """d(f_θ(x_{t_{n+k}}, w, c, t_{n+k}), f_θ⁻(x̂_{t_n}, w, c, t_n)) of LCM Algorithm 1 for one batch.
 
     student: the network trained (θ); teacher: the frozen teacher UNet; target: the target network θ⁻
     (the EMA of the student for LCD; the student itself, without gradient, for LCM-LoRA), called like
     ``student``. latents: scaled VAE latents (B, 4, h, w); text_embeddings (B, 77, D). Random draws, in
-    this order, from ``generator`` on the CPU: t_{n+k}, the noise, w.
+    this order, from ``generator`` on the CPU: t_{n+k}, the noise, w. prediction_type: the teacher's
+    parameterisation; student_prediction_type: the student's and the target network's (default: the same).
     """
+    student_prediction_type = student_prediction_type or prediction_type
     batch = latents.shape[0]
     alphas_cumprod = schedule.alphas_cumprod
     boundary = settings.boundary
@@ -215,14 +218,16 @@ def consistency_distillation_loss(
     condition = guidance_condition(student, w, latents)
 
     student_output = student(noisy_latents, start, text_embeddings, timestep_cond=condition)
-    prediction = consistency_function(student_output, noisy_latents, start, alphas_cumprod, prediction_type, boundary)
+    prediction = consistency_function(
+        student_output, noisy_latents, start, alphas_cumprod, student_prediction_type, boundary
+    )
     with torch.no_grad():
         teacher_latents = teacher_ddim_step(
             teacher, noisy_latents, start, end, text_embeddings, uncond_embeddings, w, alphas_cumprod, prediction_type
         )
         target_output = target(teacher_latents, end, text_embeddings, timestep_cond=condition)
         target_value = consistency_function(
-            target_output, teacher_latents, end, alphas_cumprod, prediction_type, boundary
+            target_output, teacher_latents, end, alphas_cumprod, student_prediction_type, boundary
         )
     return distance(prediction, target_value, settings.loss, settings.huber_c)
 

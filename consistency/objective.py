@@ -12,6 +12,10 @@ schedule, clipping, processes, checkpoints and resume; this objective brings the
   optimiser step (LCM, Algorithm 1; μ = ``ema_decay``). The result is the target network (as diffusers'
   script keeps ``unet_target`` and the LCM paper samples with θ⁻), saved as a model folder with an LCM
   scheduler, unless the loop's ``FinetuneConfig.ema_decay`` asks for an average of the weights (below).
+  ``student_prediction`` lets the student (and its target) read their output in another parameterisation than
+  the teacher's: with v, x0 = α_t x_t − σ_t v passes the network's error on to x0 at most once, where ε's
+  x0 = (x_t − σ_t ε)/α_t multiplies it by σ_t/α_t (14.6 at t = 999 of SD's schedule), the one-step sample's
+  noise level. The student starts from the teacher's weights all the same; the folder's scheduler says v.
 - ``ict``: consistency training without a teacher (improved CT, Song & Dhariwal 2023; ``ict.py``): the model's
   own UNet, starting from the teacher's weights, trained in full on the data alone: the target is the student
   itself under ``torch.no_grad`` (no EMA), the teacher is never called. Saved as a model folder with an LCM
@@ -51,6 +55,7 @@ from fixative.core.finetune import (
     trained_state,
 )
 from fixative.core.lora import inject_lora, save_lora
+from fixative.core.parameterization import PREDICTION_TYPES
 from fixative.core.pipelines import encode_prompt
 from fixative.core.schedulers import NoiseSchedule
 from fixative.core.training import EMA
@@ -89,6 +94,8 @@ class DistillSettings(LCDSettings):
     huber_c: float | None = None  # pseudo-Huber c; None: 0.001 for lcd / lcm-lora (LCM), 0.00054 √d for ict
     time_cond_proj_dim: int = 256  # lcd: width of the guidance-scale embedding
     ema_decay: float = 0.95  # lcd: μ of the EMA target network
+    student_prediction: str | None = None  # lcd: the student's parameterisation (epsilon | v_prediction | sample);
+    # None: the teacher's
     rank: int = 64  # lcm-lora: adapter rank (LCM-LoRA's and diffusers' default)
     alpha: float | None = None  # lcm-lora: adapter α; None: α = rank
     p_mean: float = -1.1  # ict: the lognormal noise-level distribution's mean and deviation of ln σ (Sec. 3.5)
@@ -104,6 +111,17 @@ class DistillSettings(LCDSettings):
             raise FixativeError(f"unknown distillation method {self.method!r}; use one of {', '.join(METHODS)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise FixativeError(f"the EMA decay must be within [0, 1), got {self.ema_decay}")
+        if self.student_prediction is not None:
+            if self.student_prediction not in PREDICTION_TYPES:
+                raise FixativeError(
+                    f"unknown student parameterisation {self.student_prediction!r}; "
+                    f"use one of {', '.join(PREDICTION_TYPES)}"
+                )
+            if self.method != "lcd":
+                raise FixativeError(
+                    "only an lcd student can change its parameterisation (an LCM-LoRA adapts the teacher, "
+                    "and ict trains the model's own UNet); drop --student-prediction"
+                )
         if self.rank < 1:
             raise FixativeError("the LoRA rank must be at least 1")
         if not 1 <= self.curriculum_s0 <= self.curriculum_s1:
@@ -135,6 +153,7 @@ class ConsistencyDistillation:
         self.noise_schedule = NoiseSchedule.from_config(model.scheduler_config)
         self.schedule = SkippingSchedule(self.noise_schedule, settings.num_ddim_timesteps)
         self.prediction_type = model.prediction_type
+        self.student_prediction_type = settings.student_prediction or self.prediction_type
         teacher = model.unet
         if teacher.config.time_cond_proj_dim is not None:
             raise FixativeError(
@@ -159,7 +178,9 @@ class ConsistencyDistillation:
         if config.gradient_checkpointing:
             student.enable_gradient_checkpointing()
         model.unet = student
-        model.scheduler_config = lcm_scheduler_config(model.scheduler_config, settings.num_ddim_timesteps)
+        model.scheduler_config = lcm_scheduler_config(
+            model.scheduler_config, settings.num_ddim_timesteps, self.student_prediction_type
+        )
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for p in self.student.parameters() if p.requires_grad]
@@ -206,6 +227,7 @@ class ConsistencyDistillation:
                 self.settings,
                 self.prediction_type,
                 generator,
+                self.student_prediction_type,
             )
 
     def after_step(self) -> None:

@@ -537,6 +537,12 @@ def _lr_schedule(optimizer, config: FinetuneConfig):
     return warmup_constant(optimizer, config.warmup)
 
 
+def gpu_available() -> bool:
+    """Whether torch sees an accelerator that accelerate would train on (CUDA, Apple's MPS, Intel's XPU)."""
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
+
+
 def fine_tune(
     model,
     data,
@@ -558,12 +564,15 @@ def fine_tune(
     out: a folder for checkpoints (``checkpoints/step-N``), validation images and the result; without it
     nothing is written; ``save=False``: checkpoints and validation images only, no result. prior_data:
     DreamBooth's class images (as ``data``). resume: continue from the latest checkpoint in ``out`` (without
-    it, a folder with checkpoints is refused). device: "auto" (accelerate's device for this process) or "cpu".
+    it, a folder with checkpoints is refused). device: "auto" (accelerate's device for this process; the CPU on a
+    machine without a GPU) or "cpu".
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    accelerator = Accelerator(cpu=device == "cpu")
+    # accelerate joins the processes of a multi-process launch (torchrun, accelerate launch) in a CPU process group
+    # only when told that the device is the CPU; otherwise each process would train alone
+    accelerator = Accelerator(cpu=device == "cpu" or not gpu_available())
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     out = Path(out) if out is not None else None
     checkpoint = _latest_checkpoint(out)

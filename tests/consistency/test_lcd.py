@@ -168,18 +168,14 @@ def test_pseudo_huber_by_hand():
     assert pseudo_huber(a, a).item() == 0.0
 
 
-def test_distillation_loss_is_algorithm_1_with_draws_in_order(teacher):
-    """The loss equals the composition by hand, with t_{n+k}, noise and w drawn in that order."""
+def algorithm_1_by_hand(teacher, student, target, read_student):
+    """LCM Algorithm 1 composed by hand at generator seed 5 (t_{n+k}, noise and w drawn in that order, 10 DDIM
+    timesteps, L2): the loss, and what consistency_distillation_loss needs to compute it again.
+    read_student(output, x, t): the consistency function of the student's and the target's outputs."""
     alphas_cumprod = NoiseSchedule.from_config(teacher.scheduler_config).alphas_cumprod
-    schedule = SkippingSchedule(NoiseSchedule(alphas_cumprod), 10)
-    settings = LCDSettings(num_ddim_timesteps=10, loss="l2")
-    student = student_from_teacher(teacher.unet, time_cond_proj_dim=16)
-    torch.nn.init.normal_(student.time_embedding.cond_proj.weight, std=0.1)
-    target = student_from_teacher(teacher.unet, time_cond_proj_dim=16)  # a different target network
     latents = latents_like(teacher, 3)
     text = encode_prompt(teacher, ["a", "b", "c"], guidance=False)
     uncond = encode_prompt(teacher, [""], guidance=False)
-
     generator = torch.Generator().manual_seed(5)
     index = torch.randint(0, 10, (3,), generator=generator)
     noise = torch.randn(latents.shape, generator=generator)
@@ -189,29 +185,60 @@ def test_distillation_loss_is_algorithm_1_with_draws_in_order(teacher):
     a_start = alphas_cumprod[start].reshape(-1, 1, 1, 1)
     noisy = a_start.sqrt() * latents + (1 - a_start).sqrt() * noise
     condition = guidance_scale_embedding(w, 16)
-    boundary = settings.boundary
     with torch.no_grad():
-        prediction = consistency_function(
-            student(noisy, start, text, timestep_cond=condition), noisy, start, alphas_cumprod, "epsilon", boundary
-        )
+        prediction = read_student(student(noisy, start, text, timestep_cond=condition), noisy, start)
         x_prev = teacher_ddim_step(teacher.unet, noisy, start, end, text, uncond, w, alphas_cumprod, "epsilon")
-        target_value = consistency_function(
-            target(x_prev, end, text, timestep_cond=condition), x_prev, end, alphas_cumprod, "epsilon", boundary
-        )
-        expected = ((prediction - target_value) ** 2).mean()
-        ours = consistency_distillation_loss(
-            student,
-            teacher.unet,
-            target,
-            latents,
-            text,
-            uncond,
-            schedule,
-            settings,
-            generator=torch.Generator().manual_seed(5),
-        )
-    assert ours.item() == pytest.approx(expected.item(), rel=1e-6)
-    assert ours.item() > 0
+        target_value = read_student(target(x_prev, end, text, timestep_cond=condition), x_prev, end)
+    expected = ((prediction - target_value) ** 2).mean()
+
+    def ours(student_prediction_type=None):
+        with torch.no_grad():
+            return consistency_distillation_loss(
+                student,
+                teacher.unet,
+                target,
+                latents,
+                text,
+                uncond,
+                SkippingSchedule(NoiseSchedule(alphas_cumprod), 10),
+                LCDSettings(num_ddim_timesteps=10, loss="l2"),
+                generator=torch.Generator().manual_seed(5),
+                student_prediction_type=student_prediction_type,
+            )
+
+    return expected, ours
+
+
+def test_distillation_loss_is_algorithm_1_with_draws_in_order(teacher):
+    """The loss equals the composition by hand, with t_{n+k}, noise and w drawn in that order."""
+    alphas_cumprod = NoiseSchedule.from_config(teacher.scheduler_config).alphas_cumprod
+    boundary = LCDSettings().boundary
+    student = student_from_teacher(teacher.unet, time_cond_proj_dim=16)
+    torch.nn.init.normal_(student.time_embedding.cond_proj.weight, std=0.1)
+    target = student_from_teacher(teacher.unet, time_cond_proj_dim=16)  # a different target network
+
+    def as_epsilon(output, x, t):
+        return consistency_function(output, x, t, alphas_cumprod, "epsilon", boundary)
+
+    expected, ours = algorithm_1_by_hand(teacher, student, target, as_epsilon)
+    assert ours().item() == pytest.approx(expected.item(), rel=1e-6)
+    assert ours().item() > 0
+
+
+def test_a_student_with_its_own_parameterisation_reads_its_output_as_such(teacher):
+    """With student_prediction_type, the student's and the target's outputs are read as v (x0 = α x − σ v), the
+    teacher's still as ε: the loss equals that composition by hand and differs from the all-ε one."""
+    alphas_cumprod = NoiseSchedule.from_config(teacher.scheduler_config).alphas_cumprod
+    boundary = LCDSettings().boundary
+    student = student_from_teacher(teacher.unet, time_cond_proj_dim=16)
+
+    def as_v(output, x, t):  # c_skip x + c_out (α x − σ v), by hand
+        a = alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        return boundary.denoise(a.sqrt() * x - (1 - a).sqrt() * output, x, t.reshape(-1, 1, 1, 1))
+
+    expected, ours = algorithm_1_by_hand(teacher, student, student, as_v)
+    assert ours("v_prediction").item() == pytest.approx(expected.item(), rel=1e-6)
+    assert ours().item() != pytest.approx(ours("v_prediction").item(), rel=1e-3)
 
 
 def test_bad_settings_are_one_line_errors():

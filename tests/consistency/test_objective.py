@@ -235,24 +235,28 @@ def test_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, method, averag
 diffusers = pytest.importorskip("diffusers")
 
 
-def test_distilled_student_folder_renders_as_in_diffusers(tmp_path):
+@pytest.mark.parametrize("student_prediction", [None, "v_prediction"])
+def test_distilled_student_folder_renders_as_in_diffusers(tmp_path, student_prediction):
+    """The folder's LCM scheduler carries the student's parameterisation (the teacher's unless changed), which
+    diffusers follows: read as ε, a v student's weights render otherwise."""
     fine_tune(
         tiny_teacher(),
         toy_data(),
         config(max_steps=2),
-        ConsistencyDistillation(settings("lcd")),
+        ConsistencyDistillation(settings("lcd", student_prediction=student_prediction)),
         out=tmp_path / "student",
         progress=False,
     )
-    ours = generate(
-        load_model(tmp_path / "student"),
-        "a red square",
-        num_inference_steps=2,
-        guidance_scale=6.0,
-        seed=3,
-        output="images",
-        progress=False,
-    )  # the folder's own scheduler: lcm
+    scheduler_config = json.loads((tmp_path / "student" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler_config["prediction_type"] == (student_prediction or "epsilon")
+    student = load_model(tmp_path / "student")
+
+    def render():  # the folder's own scheduler: lcm
+        return generate(
+            student, "a red square", num_inference_steps=2, guidance_scale=6.0, seed=3, output="images", progress=False
+        )
+
+    ours = render()
     pipe = diffusers.LatentConsistencyModelPipeline.from_pretrained(tmp_path / "student", safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     theirs = pipe(
@@ -263,6 +267,17 @@ def test_distilled_student_folder_renders_as_in_diffusers(tmp_path):
         output_type="np",
     ).images
     assert np.abs(ours.permute(0, 2, 3, 1).numpy() - theirs).max() <= 2 / 255
+    if student_prediction == "v_prediction":
+        student.scheduler_config["prediction_type"] = "epsilon"
+        assert (render() - ours).abs().max() > 2 / 255
+
+
+@pytest.mark.parametrize("method", ["lcm-lora", "ict"])
+def test_only_an_lcd_student_changes_its_parameterisation(method):
+    with pytest.raises(FixativeError, match="only an lcd student"):
+        settings(method, student_prediction="v_prediction")
+    with pytest.raises(FixativeError, match="unknown student parameterisation"):
+        settings("lcd", student_prediction="x0")
 
 
 def test_lcm_lora_renders_as_in_diffusers(tmp_path):

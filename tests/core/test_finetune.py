@@ -392,14 +392,18 @@ from fixative.core.finetune import FinetuneConfig, fine_tune
 import accelerate
 model = tiny_model()
 fine_tune(model, tiny_data(), FinetuneConfig(max_steps=2, batch_size=2, lr=1e-3, checkpoint_every=1), out=sys.argv[1],
-          device="cpu", progress=False)
+          device=sys.argv[3], progress=False)
 state = accelerate.PartialState()
-torch.save({n: p.detach() for n, p in model.unet.named_parameters()}, f"{sys.argv[1]}/../rank{state.process_index}.pt")
+weights = {n: p.detach() for n, p in model.unet.named_parameters()}
+torch.save({"weights": weights, "processes": state.num_processes}, f"{sys.argv[1]}/../rank{state.process_index}.pt")
 """
 
 
 @pytest.mark.slow
-def test_two_processes_under_torchrun_keep_the_same_weights_and_one_writes(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_two_processes_under_torchrun_train_together_and_one_writes(tmp_path, device):
+    """Both processes join one process group (also with --device auto on a machine without a GPU, where they used
+    to train alone, each on the whole batch), end with the same weights, and only the main one writes."""
     import subprocess
     import sys
     from pathlib import Path
@@ -407,16 +411,28 @@ def test_two_processes_under_torchrun_keep_the_same_weights_and_one_writes(tmp_p
     torchrun = Path(sys.executable).parent / "torchrun"
     if not torchrun.exists():
         pytest.skip("torchrun is not installed beside the interpreter")
+    if device == "auto" and torch.cuda.is_available():
+        pytest.skip("with a GPU, --device auto trains on it: two processes need two GPUs")
     script = tmp_path / "train.py"
     script.write_text(MULTI_PROCESS_SCRIPT)
     result = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", str(script), str(tmp_path / "out"), str(Path(__file__).parent)],
+        [
+            str(torchrun),
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(tmp_path / "out"),
+            str(Path(__file__).parent),
+            device,
+        ],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    saved0, saved1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert saved0["processes"] == saved1["processes"] == 2
+    rank0, rank1 = saved0["weights"], saved1["weights"]
     assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)
     before = {n: p for n, p in tiny_model().unet.named_parameters()}
     assert any(not torch.equal(rank0[n], before[n]) for n in rank0)
