@@ -233,11 +233,11 @@ def main(argv=None) -> int:
             f"{r['objective']:>12.4e}{r['peak_rss_mb']:>13.0f}"
         )
     if args.curve:
-        ours_curve = dict(ours["curve"])
+        reference_curve, ours_curve = dict(reference["curve"]), dict(ours["curve"])
         print(f"objective (fp32) after N updates:\n{'N':>7}{'reference':>14}{'fixative':>14}")
-        for updates in sorted({*dict(reference["curve"]), *ours_curve}):
-            ref_value = dict(reference["curve"]).get(updates)
-            cells = [f"{v:>14.4e}" if v is not None else f"{'-':>14}" for v in (ref_value, ours_curve.get(updates))]
+        for updates in sorted({*reference_curve, *ours_curve}):
+            values = (reference_curve.get(updates), ours_curve.get(updates))
+            cells = [f"{v:>14.4e}" if v is not None else f"{'-':>14}" for v in values]
             print(f"{updates:>7}{''.join(cells)}")
     reached = ours["objective"] <= reference["objective"]
     for clock, key in (("wall", "seconds"), ("CPU", "cpu_seconds")):

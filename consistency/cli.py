@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from fixative.core.cli.options import MODEL_HELP, add_device, add_quiet, add_seed, check_training_device
+from fixative.core.parameterization import PREDICTION_TYPES
 
 METHODS = ("lcd", "lcm-lora", "ict")
 
@@ -114,7 +115,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "--student-prediction",
-        choices=("epsilon", "v_prediction", "sample"),
+        choices=PREDICTION_TYPES,
         default=None,
         help="lcd: what the student's UNet predicts (its scheduler config says so); v_prediction does not amplify "
         "the network's error at high noise as epsilon does (default: the teacher's)",
