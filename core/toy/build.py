@@ -27,7 +27,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ from PIL import Image
 from ..config import AutoencoderKLConfig, CLIPTextConfig, UNetConfig
 from ..errors import FixativeError
 from ..finetune import step_seed
-from ..presets import TOY_SCHEDULER, TOY_TEXT, TOY_UNET, TOY_VAE
+from ..presets import TOY_SCHEDULER, TOY_TEXT, TOY_UNET, TOY_VAES
 from ..provenance import provenance
 from ..text_encoder import CLIPTextModel
 from ..tokenizer import CLIPTokenizer
@@ -330,14 +330,16 @@ def text_encoder_from_clip(clip) -> CLIPTextModel:
 # ---------------------------------------------------------------- VAE
 
 
-def _train_vae(work: Path, data: Path, plan: BuildPlan, seed: int, progress: bool) -> None:
+def _train_vae(
+    work: Path, data: Path, plan: BuildPlan, seed: int, progress: bool, vae_config: AutoencoderKLConfig
+) -> None:
     folder = work / "vae"
     if _done(folder):
         return
     folder.mkdir(parents=True, exist_ok=True)
     images = _load_images(atelier.load_split(data, "train"))
     torch.manual_seed(_stage_seed(seed, "vae-init", 0))
-    vae = AutoencoderKL(TOY_VAE).train()
+    vae = AutoencoderKL(vae_config).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=plan.vae_lr, weight_decay=0.0)
     schedule = warmup_cosine(optimizer, plan.vae_steps, max(1, plan.vae_steps // 20))
     crop_steps = plan.vae_steps * 17 // 20
@@ -381,7 +383,9 @@ def _train_vae(work: Path, data: Path, plan: BuildPlan, seed: int, progress: boo
                 for i, chunk in enumerate(images.split(64))
             ]
         )
-    config = AutoencoderKLConfig(**{**asdict(TOY_VAE), "scaling_factor": round(1.0 / latents.float().std().item(), 5)})
+    config = AutoencoderKLConfig(
+        **{**asdict(vae_config), "scaling_factor": round(1.0 / latents.float().std().item(), 5)}
+    )
     _save_network(vae, config, folder / "model")
     _finish(folder, {"scaling_factor": config.scaling_factor})
 
@@ -411,6 +415,11 @@ def _load_network(cls, config_cls, folder: Path) -> torch.nn.Module:
 # ---------------------------------------------------------------- UNet
 
 
+def toy_unet_config(vae_config: AutoencoderKLConfig) -> UNetConfig:
+    """The toy UNet for latents of this VAE: TOY_UNET with its sample size at the VAE's latent resolution."""
+    return replace(TOY_UNET, sample_size=vae_config.sample_size // 2 ** (len(vae_config.block_out_channels) - 1))
+
+
 def _train_unet(work: Path, data: Path, plan: BuildPlan, seed: int, progress: bool) -> None:
     """The UNet and the text tower, on ``fine_tune`` (core/finetune.py) with the posterior latents cached."""
     from ..datasets import ImageCaptions
@@ -425,7 +434,8 @@ def _train_unet(work: Path, data: Path, plan: BuildPlan, seed: int, progress: bo
     vae = _load_network(AutoencoderKL, AutoencoderKLConfig, work / "vae" / "model")
     text_encoder = text_encoder_from_clip(load_clip(work / "clip" / "model"))
     torch.manual_seed(_stage_seed(seed, "unet-init", 0))
-    unet = UNet2DConditionModel(TOY_UNET)
+    unet_config = toy_unet_config(vae.config)
+    unet = UNet2DConditionModel(unet_config)
     model = StableDiffusionModel(
         unet, vae, text_encoder, CLIPTokenizer.bundled(), dict(TOY_SCHEDULER), source="fixative toy build"
     )
@@ -453,7 +463,7 @@ def _train_unet(work: Path, data: Path, plan: BuildPlan, seed: int, progress: bo
     )
     images = ImageCaptions(_to_pixels(_load_images(rows)), [r["text"] for r in rows])
     fine_tune(model, images, config, out=folder, resume=True, save=False, progress=progress, log=lambda _: None)
-    _save_network(unet.eval(), TOY_UNET, folder / "model")
+    _save_network(unet.eval(), unet_config, folder / "model")
     _save_network(text_encoder.eval(), TOY_TEXT, folder / "text_encoder")
     _finish(folder, {"captions": caption_table(atelier.artist_names(held_out=False)) + [""]})
 
@@ -487,16 +497,20 @@ def build(
     out: str | Path | None = None,
     seed: int = 0,
     size: str = "full",
+    vae: str = "f4",
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Train the toy world; returns the finished build folder (``sd/``, ``clip/``, ``atelier/``, ``build.json``).
 
     ``out``: the finished folder (default ``build_folder(size, seed)``). Resumes an interrupted build;
-    a finished one is returned as it is.
+    a finished one is returned as it is. ``vae``: ``f4`` (the shipped toy VAE) or ``f8`` (the more SD-like
+    variant of ``core/presets.py``; the UNet follows its 8x8 latents).
     """
     if size not in PLANS:
         raise FixativeError(f"unknown toy build size {size!r}; choose one of {sorted(PLANS)}")
+    if vae not in TOY_VAES:
+        raise FixativeError(f"unknown toy VAE {vae!r}; choose one of {sorted(TOY_VAES)}")
     plan = PLANS[size]
     out = Path(out) if out is not None else build_folder(size, seed)
     if (out / "build.json").exists():
@@ -506,6 +520,12 @@ def build(
         raise FixativeError(f"{out} exists but holds no finished toy build; remove it or choose another --out")
     work = out.with_name(f".work-{out.name}")
     work.mkdir(parents=True, exist_ok=True)
+    variant_file = work / "vae_variant.txt"  # a resumed build must train on with the VAE it began with
+    if variant_file.exists() and variant_file.read_text() != vae:
+        raise FixativeError(
+            f"{work} holds an interrupted build with --vae {variant_file.read_text()}; resume with that or remove it"
+        )
+    variant_file.write_text(vae)
     started = time.time()
     timings_file = work / "timings.json"  # seconds per stage, summed over interrupted and resumed sessions
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
@@ -518,7 +538,7 @@ def build(
             ),
         ),
         ("clip", lambda: _train_clip(work, data, plan, seed, progress)),
-        ("vae", lambda: _train_vae(work, data, plan, seed, progress)),
+        ("vae", lambda: _train_vae(work, data, plan, seed, progress, TOY_VAES[vae])),
         ("unet", lambda: _train_unet(work, data, plan, seed, progress)),
         ("assemble", lambda: _assemble(work)),
     ]
@@ -532,6 +552,7 @@ def build(
     info = {
         "seed": seed,
         "size": size,
+        "vae": vae,
         "plan": asdict(plan),
         "stage_seconds": timings,
         "total_seconds": round(sum(timings.values()), 1),

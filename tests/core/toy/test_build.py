@@ -117,3 +117,39 @@ def test_half_finished_build_is_not_used(tmp_path, monkeypatch):
 def test_unknown_size_is_refused(tmp_path):
     with pytest.raises(FixativeError, match="size"):
         toy_build.build(tmp_path / "x", size="huge")
+
+
+def test_unknown_vae_variant_is_refused(tmp_path):
+    with pytest.raises(FixativeError, match="unknown toy VAE 'f16'"):
+        toy_build.build(tmp_path / "x", size="ci", vae="f16")
+
+
+def test_the_unet_follows_the_vae_variants_latent_size():
+    from fixative.core.presets import TOY_VAES
+
+    assert toy_build.toy_unet_config(TOY_VAES["f4"]).sample_size == 16 == toy_build.TOY_UNET.sample_size
+    assert toy_build.toy_unet_config(TOY_VAES["f8"]).sample_size == 8
+
+
+def test_an_interrupted_build_resumes_only_with_its_own_vae(tmp_path):
+    work = tmp_path / ".work-x"
+    work.mkdir()
+    (work / "vae_variant.txt").write_text("f4")
+    with pytest.raises(FixativeError, match="--vae f4"):
+        toy_build.build(tmp_path / "x", size="ci", vae="f8", progress=False, log=lambda _: None)
+
+
+@pytest.mark.slow
+def test_ci_build_with_the_sd_like_vae(tmp_path):
+    from fixative.core.checkpoints import load_model
+    from fixative.core.pipelines import generate
+
+    folder = toy_build.build(tmp_path / "ci-f8", size="ci", vae="f8", progress=False, log=lambda _: None)
+    assert json.loads((folder / "build.json").read_text())["vae"] == "f8"
+    model = load_model(folder / "sd")
+    assert model.vae.config.downsampling_factor == 8 and model.vae.config.mid_block_add_attention
+    assert model.unet.config.sample_size == 8
+    latents = generate(
+        model, "a painting of a cat by kovra", num_inference_steps=2, seed=0, output="latents", progress=False
+    )
+    assert latents.shape == (1, 4, 8, 8)
