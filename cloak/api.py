@@ -27,7 +27,7 @@ from .budget import load_lpips
 from .finalize import finalize, quantize
 from .objectives import Surrogate
 from .optimise import optimise
-from .protect import CloakConfig, image_record, make_objective
+from .protect import CloakConfig, image_record, make_objective, uses_captions
 from .robust import RandomTransform
 
 
@@ -107,12 +107,14 @@ def image_delta(
     tile_size: int,
     progress: bool,
     surrogate: Surrogate | None = None,
+    caption: str | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """δ for one image (1, 3, H, W) in [0, 1] at its native size, and what the record needs of the run."""
     multiple = model.vae.config.downsampling_factor
     height, width = pixels.shape[-2:]
     padded, crops, (rows, columns, tile_h, tile_w, overlap) = _tiles(pixels, multiple, tile_size)
-    objective, aimed = make_objective(model, crops, config, style, surrogate)
+    captions = [caption] * crops.shape[0] if caption is not None else None  # every tile shows the captioned image
+    objective, aimed = make_objective(model, crops, config, style, surrogate, captions)
     transform = RandomTransform(config.robust, config.seed) if config.robust else None
     delta_tiles, run = optimise(
         crops, objective, config.budget, config.optimiser, lpips_metric, transform, tied_channels, progress
@@ -158,15 +160,19 @@ def cloak_artwork(
     tile_size: int = 1024,
     progress: bool = False,
     surrogate: Surrogate | None = None,
+    caption: str | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """Stored pixels (1, 3, H, W) of the cloaked artwork and its record (surrogate: ``batch_surrogate``'s)."""
+    """Stored pixels (1, 3, H, W) of the cloaked artwork and its record (surrogate: ``batch_surrogate``'s;
+    caption: the artwork's, for a semantic prompt that names ``{caption}``)."""
     started = time.time()
     torch.manual_seed(config.seed)
     pixels = artwork.pixels.to(model.vae.device)
     # an RGB PNG stores exactly the 8-bit rounding; every other output is encoded and read back
     exact = artwork.mode == "RGB" and output_format == "png"
     restore = quantize if exact else files.restorer(artwork, output_format)
-    delta, info = image_delta(model, pixels, config, style, lpips_metric, artwork.grey, tile_size, progress, surrogate)
+    delta, info = image_delta(
+        model, pixels, config, style, lpips_metric, artwork.grey, tile_size, progress, surrogate, caption
+    )
     stored, scale, met = finalize(pixels, delta, config.budget, lpips_metric, restore)
     with torch.no_grad():
         values = measure(config.budget, stored, pixels, lpips_metric)
@@ -185,6 +191,8 @@ def cloak_artwork(
         lpips_metric,
     )
     record.update(tiles=info["tiles"], size=list(pixels.shape[-2:]), mode=artwork.mode, notes=artwork.notes)
+    if uses_captions(config):
+        record["caption"] = caption
     return stored, record
 
 
@@ -225,10 +233,13 @@ def cloak(
     output_format: str = "png",
     tile_size: int = 1024,
     progress: bool = False,
+    captions: list[str | None] | None = None,
 ) -> list[CloakResult]:
     """Cloak PIL images (any mode) or image paths with ``model``; one CloakResult per image, in order.
 
     A file that cannot be read gives a result with ``image=None`` and the error in ``record["error"]``.
+    captions: one per image, for a semantic prompt that names ``{caption}`` (default: for paths,
+    ``files.read_caption``).
     """
     artworks, results = [], []
     for item in images:
@@ -243,13 +254,18 @@ def cloak(
         style, _ = resolve_style(model, config, readable, None)
     lpips_metric = lpips_for(config, model.vae.device)
     surrogate = batch_surrogate(model, config, readable, tile_size)
-    for artwork in artworks:
-        if isinstance(artwork, FixativeError):
-            results.append(CloakResult(None, {"error": str(artwork)}))
+    if captions is None:
+        captions = [files.read_caption(item) if isinstance(item, (str, Path)) else None for item in images]
+    for artwork, caption in zip(artworks, captions, strict=True):
+        try:
+            if isinstance(artwork, FixativeError):
+                raise artwork
+            stored, record = cloak_artwork(
+                model, artwork, config, style, lpips_metric, output_format, tile_size, progress, surrogate, caption
+            )
+        except FixativeError as error:
+            results.append(CloakResult(None, {"error": str(error)}))
             continue
-        stored, record = cloak_artwork(
-            model, artwork, config, style, lpips_metric, output_format, tile_size, progress, surrogate
-        )
         results.append(CloakResult(files.to_image(artwork, stored), record))
     return results
 
@@ -334,9 +350,19 @@ def cloak_files(
     rows, failures, skipped = [], [], 0
     for path, relative in tqdm(found, desc="images", disable=not progress):
         record_path = out / relative.with_suffix(".json")
+        try:
+            caption = files.read_caption(path) if uses_captions(config) else None
+        except FixativeError as error:
+            failures.append({"input": str(path), "error": str(error)})
+            log(f"failed: {error}")
+            continue
         if record_path.is_file():
             previous = json.loads(record_path.read_text())
-            if previous.get("provenance", {}).get("settings_hash") == digest and Path(previous["output"]).is_file():
+            if (
+                previous.get("provenance", {}).get("settings_hash") == digest
+                and previous.get("caption") == caption
+                and Path(previous["output"]).is_file()
+            ):
                 rows.append(previous)
                 skipped += 1
                 continue
@@ -345,7 +371,7 @@ def cloak_files(
             if whole_batch and surrogate is None:
                 surrogate = batch_surrogate(model, config, readable, tile_size)
             stored, record = cloak_artwork(
-                model, artwork, config, style, lpips_metric, output_format, tile_size, progress, surrogate
+                model, artwork, config, style, lpips_metric, output_format, tile_size, progress, surrogate, caption
             )
         except FixativeError as error:
             failures.append({"input": str(path), "error": str(error)})

@@ -128,6 +128,12 @@ def register(subparsers) -> None:
         "model explains the cloaked image as the target style (default: %(default)s, off)",
     )
     parser.add_argument(
+        "--semantic-prompt",
+        help="glaze: the semantic term's prompt; {style} is the target style, {caption} each image's caption "
+        "(IMAGE.txt beside it, or its folder's metadata.jsonl), e.g. '{caption}, by {style}' "
+        "(default: the style target's prompt, 'a painting by {style}')",
+    )
+    parser.add_argument(
         "--surrogate-warmup",
         type=int,
         default=0,
@@ -205,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
         latent_pool=args.latent_pool,
         target_push=args.target_push,
         semantic_weight=args.semantic_weight,
+        semantic_prompt=args.semantic_prompt,
         aspl=ASPLConfig(every=args.surrogate_every, warmup_steps=args.surrogate_warmup),
         robust=parse_robust(args.robust),
         lpips_net=args.lpips_net,

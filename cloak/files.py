@@ -42,6 +42,29 @@ class Artwork:
         return self.mode in ("L", "LA", "I;16", "I;16B", "I;16L", "I", "1")
 
 
+def read_caption(path: str | Path) -> str | None:
+    """An image's caption, as fine-tuning data sets give it: ``IMAGE.txt`` beside it, else the ``text`` of its line
+    in ``metadata.jsonl`` in its folder (``file_name`` relative to that folder); None when neither has one."""
+    import json
+
+    path = Path(path)
+    sidecar = path.with_suffix(".txt")
+    if sidecar.is_file():
+        return sidecar.read_text(encoding="utf-8").strip()
+    metadata = path.parent / "metadata.jsonl"
+    if metadata.is_file():
+        for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise FixativeError(f"{metadata}, line {number}: not JSON ({error.msg})") from None
+            if Path(str(row.get("file_name", ""))).as_posix() == path.name and "text" in row:
+                return str(row["text"]).strip()
+    return None
+
+
 def find_images(inputs: list[str | Path]) -> list[tuple[Path, Path]]:
     """(file, path relative to its input) for every file given and every image file under every folder given."""
     found = []

@@ -59,7 +59,7 @@ def glaze(
     pool: int = 1,
     push: float = 1.0,
     semantic_weight: float = 0.0,
-    prompt: str | None = None,
+    prompt: str | list[str] | None = None,
     seed: int = 0,
 ) -> Objective:
     """Glaze (Shan et al. 2023, Sec. 5.2, eq. 2): min_δ ||E(x + δ) − E(Ω(x, T))||² with Ω the style-transferred
@@ -75,16 +75,22 @@ def glaze(
     perturbed latents conditioned on the target style's ``prompt`` — Mist's / AdvDM's semantic term (Liang et al.
     2023, eq. 5) with the sign reversed and a target prompt, so that the model the mimic starts from already
     explains x + δ as the target style (the loss as a diffusion classifier's score: Li et al. 2023, "Your Diffusion
-    Model is Secretly a Zero-Shot Classifier", eq. 3)."""
+    Model is Secretly a Zero-Shot Classifier", eq. 3). ``prompt``: one for all images, or one per image (e.g. each
+    image's caption with the target style: the term then pulls each image toward its own content in that style)."""
     with torch.no_grad():
         target_latents = encode_mean(model, target_pixels)
     if pool <= 1 and push == 1.0 and not semantic_weight:
         return encoder_attack(model, target_latents, {"target_style": style})
     details = {"target_style": style, "latent_pool": pool, "target_push": push}
     if semantic_weight:
-        text_embeddings = _text_embeddings(model, prompt or style, pixels.shape[0])
+        prompts = [prompt or style] * pixels.shape[0] if not isinstance(prompt, list) else prompt
+        if len(prompts) != pixels.shape[0]:
+            raise FixativeError(f"glaze: {len(prompts)} semantic prompts for {pixels.shape[0]} images")
+        text_embeddings = _text_embeddings(model, prompts)
         schedule = NoiseSchedule.from_config(model.scheduler_config)
-        details.update(semantic_weight=semantic_weight, semantic_prompt=prompt or style)
+        details.update(
+            semantic_weight=semantic_weight, semantic_prompt=prompts[0] if len(set(prompts)) == 1 else prompts
+        )
 
     def pooled(latents: torch.Tensor) -> torch.Tensor:  # a ceil(h / k) x ceil(w / k) grid of averages
         height, width = latents.shape[-2:]
@@ -119,9 +125,9 @@ def photoguard(model, pixels: torch.Tensor, target_pixels: torch.Tensor) -> Obje
     return encoder_attack(model, target_latents, {"target": "fixed image"})
 
 
-def _text_embeddings(model, prompt: str, batch: int) -> torch.Tensor:
+def _text_embeddings(model, prompts: list[str]) -> torch.Tensor:
     with torch.no_grad():
-        return encode_prompt(model, [prompt] * batch, guidance=False).float()
+        return encode_prompt(model, prompts, guidance=False).float()
 
 
 def mist(
@@ -132,7 +138,7 @@ def mist(
     maximises."""
     with torch.no_grad():
         pattern_latents = encode_mean(model, pattern_pixels)
-    text_embeddings = _text_embeddings(model, prompt, pixels.shape[0])
+    text_embeddings = _text_embeddings(model, [prompt] * pixels.shape[0])
     schedule = NoiseSchedule.from_config(model.scheduler_config)
 
     def loss(adv_pixels: torch.Tensor, step: int) -> torch.Tensor:
@@ -179,7 +185,7 @@ class Surrogate:
         self.warmup_losses: list[float] = []
 
     def text_embeddings(self, batch: int) -> torch.Tensor:
-        return _text_embeddings(self.model, self.config.prompt, batch)
+        return _text_embeddings(self.model, [self.config.prompt] * batch)
 
     def fine_tune(self, latents: torch.Tensor, steps: int, stream: int, unet=None, optimizer=None) -> list[float]:
         """``steps`` train steps of ``unet`` (default: θ) on scaled latents (B, 4, h, w); noise seeded by stream."""

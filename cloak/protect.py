@@ -28,6 +28,8 @@ class CloakConfig:
     latent_pool: int = 1  # glaze: compare k x k averages of the latents (1: Glaze's own distance)
     target_push: float = 1.0  # glaze: aim this far along the way to the target (> 1: past it)
     semantic_weight: float = 0.0  # glaze: weight of the frozen UNet's denoising loss under the target style's prompt
+    # glaze: that prompt, "{style}" and "{caption}" (the image's own caption) replaced; None: style_target.prompt
+    semantic_prompt: str | None = None
     robust: tuple[str, ...] = ()  # EOT transforms (robust.TRANSFORMS)
     mist_semantic_weight: float = 1.0
     mist_prompt: str = "a painting"
@@ -45,15 +47,43 @@ class CloakConfig:
         return values
 
 
+def uses_captions(config: CloakConfig) -> bool:
+    """Whether the objective needs each image's caption (glaze's semantic prompt names ``{caption}``)."""
+    return config.method == "glaze" and bool(config.semantic_weight) and "{caption}" in (config.semantic_prompt or "")
+
+
+def semantic_prompts(config: CloakConfig, style: str, captions: list[str] | None, batch: int) -> list[str]:
+    """Glaze's semantic prompt per image: the template with the target style and the image's caption put in."""
+    template = config.semantic_prompt or config.style_target.prompt
+    if "{caption}" in template and (captions is None or len(captions) != batch or None in captions):
+        raise FixativeError(
+            "--semantic-prompt names {caption}, but an image has no caption: put it in IMAGE.txt beside the image "
+            "or in its folder's metadata.jsonl ('file_name' and 'text')"
+        )
+    try:
+        return [template.format(style=style, caption=captions[i] if captions else "") for i in range(batch)]
+    except (KeyError, IndexError, ValueError) as error:
+        raise FixativeError(
+            f"--semantic-prompt {template!r}: only {{style}} and {{caption}} may be named ({error})"
+        ) from None
+
+
 def make_objective(
-    model, pixels: torch.Tensor, config: CloakConfig, style: str | None, surrogate: objectives.Surrogate | None = None
+    model,
+    pixels: torch.Tensor,
+    config: CloakConfig,
+    style: str | None,
+    surrogate: objectives.Surrogate | None = None,
+    captions: list[str] | None = None,
 ) -> tuple[objectives.Objective, dict]:
     """The method's objective for pixels (batch, 3, H, W) in [0, 1], and what it aimed at (for the record).
-    surrogate: anti-dreambooth's batch-wide surrogate, warmed up (default: a new one for these pixels)."""
+    surrogate: anti-dreambooth's batch-wide surrogate, warmed up (default: a new one for these pixels);
+    captions: one per image, for a semantic prompt that names ``{caption}``."""
     method = config.method
     if method == "glaze":
         if not style:
             raise FixativeError("glaze needs a target style: --target-style TEXT or --target-style auto")
+        prompts = semantic_prompts(config, style, captions, pixels.shape[0]) if config.semantic_weight else None
         target_pixels = targets.style_target(model, pixels, style, config.style_target, config.seed)
         objective = objectives.glaze(
             model,
@@ -63,7 +93,7 @@ def make_objective(
             config.latent_pool,
             config.target_push,
             config.semantic_weight,
-            config.style_target.prompt.format(style=style),
+            prompts,
             config.seed,
         )
         return objective, {"target_style": style}
@@ -95,14 +125,16 @@ def cloak_pixels(
     restore=quantize,
     tied_channels: bool = False,
     progress: bool = False,
+    captions: list[str] | None = None,
 ) -> tuple[torch.Tensor, list[dict]]:
     """Cloak pixels (batch, 3, H, W) in [0, 1] (H, W multiples of the VAE's factor); returns the stored pixels
-    (``restore`` applied: 8-bit rounding by default) and one record per image."""
+    (``restore`` applied: 8-bit rounding by default) and one record per image. captions: one per image, for a
+    semantic prompt that names ``{caption}``."""
     started = time.time()
     device = model.vae.device
     pixels = pixels.to(device).float()
     torch.manual_seed(config.seed)
-    objective, aimed = make_objective(model, pixels, config, style)
+    objective, aimed = make_objective(model, pixels, config, style, captions=captions)
     with torch.no_grad():
         distance_before = objective.target_distance(pixels) if objective.target_distance else None
     transform = RandomTransform(config.robust, config.seed) if config.robust else None

@@ -467,6 +467,7 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
         data[artist] = {
             "clean": pixels_of(rows),
             "captions": [atelier.caption(r["subject"], name) for r in rows],
+            "content": [f"a painting of a {r['subject']}" for r in rows],  # what a cloak's semantic prompt names
             "held_out": held_out,
             "held_features": features(_uint8(held_out)),
             "prompts": [atelier.caption(s, name) for s in atelier.SUBJECTS],
@@ -490,7 +491,9 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
         cloaks[artist, cell.cloak_spec] = stages.run(
             f"cloak-{artist}-{cell.cloak_spec}",
             inputs,
-            lambda: cloak_cell(model, data[artist]["clean"], cell, seed, targets.get(artist), cloak_defaults),
+            lambda: cloak_cell(
+                model, data[artist]["clean"], cell, seed, targets.get(artist), cloak_defaults, data[artist]["content"]
+            ),
         )
         return cloaks[artist, cell.cloak_spec]
 

@@ -11,7 +11,9 @@ A cell spec is ``METHOD[:ITEM]...``:
              strength=S (glaze's img2img target),
              target=STYLE (glaze's target style; default the benchmark's per-artist target), eot (expectation over
              jpeg, resize, blur and noise), robust=T,T (those transforms of your choice), weight=W (mist's
-             semantic weight), every=N, slr=X (anti-dreambooth's surrogate updates), jpeg (the published images go
+             semantic weight), pool=K, semantic=W (glaze's --latent-pool and --semantic-weight), captions
+             (glaze's semantic prompt per painting: "{caption} by {style}", each caption "a painting of a
+             SUBJECT"), every=N, slr=X (anti-dreambooth's surrogate updates), jpeg (the published images go
              through JPEG-75 before mimicry: adversary jpeg:75 before each of the cell's adversaries)
 
 Items may also be joined with '+', and the cloak lab's short names work: t=STYLE, st=S, opt=pgd, adb
@@ -40,12 +42,19 @@ OPTION_TYPES = {
     "optimiser": str,
     "strength": float,
     "weight": float,
+    "pool": int,
+    "semantic": float,
     "every": int,
     "slr": float,
     "target": str,
     "robust": lambda text: tuple(t for t in text.split(",") if t),
 }
-FLAGS = {"pgd": ("optimiser", "pgd"), "eot": ("robust", ("jpeg", "resize", "blur", "noise"))}
+CAPTION_PROMPT = "{caption} by {style}"  # with the toy captions "a painting of a SUBJECT": the toy's own caption form
+FLAGS = {
+    "pgd": ("optimiser", "pgd"),
+    "eot": ("robust", ("jpeg", "resize", "blur", "noise")),
+    "captions": ("semantic_prompt", CAPTION_PROMPT),
+}
 ALIASES = {"t": "target", "st": "strength", "opt": "optimiser", "adb": "anti-dreambooth"}  # the cloak lab's names
 JPEG_BEFORE_MIMICRY = "jpeg:75"
 
@@ -149,6 +158,9 @@ def cloak_config(cell: Cell, seed: int, defaults: dict | None = None):
     )
     if "weight" in options:
         config.mist_semantic_weight = options["weight"]
+    config.latent_pool = options.get("pool", config.latent_pool)
+    config.semantic_weight = options.get("semantic", config.semantic_weight)
+    config.semantic_prompt = options.get("semantic_prompt", config.semantic_prompt)
     if "every" in options:
         config.aspl.every = options["every"]
     if "slr" in options:
@@ -165,15 +177,26 @@ def cloak_code_sha256() -> str:
     return folder_sha256(Path(fixative.cloak.__file__).parent, (".py",))
 
 
-def cloak_cell(model, clean: torch.Tensor, cell: Cell, seed: int, style: str | None, defaults: dict | None) -> dict:
+def cloak_cell(
+    model,
+    clean: torch.Tensor,
+    cell: Cell,
+    seed: int,
+    style: str | None,
+    defaults: dict | None,
+    captions: list[str] | None = None,
+) -> dict:
     """The cloak stage: {"pixels": stored pixels in [-1, 1], "values": mean PSNR / SSIM / L-inf and what the cloak
-    reached}; ``clean`` in [-1, 1]. The clean control returns the clean pixels."""
+    reached}; ``clean`` in [-1, 1]; ``captions``: the paintings' (for the ``captions`` option). The clean control
+    returns the clean pixels."""
     from fixative.cloak.protect import cloak_pixels
 
     if cell.method == "clean":
         return {"pixels": clean, "values": {}}
     config = cloak_config(cell, seed, defaults)
-    stored, records = cloak_pixels(model, (clean + 1) / 2, config, style=cell.options.get("target", style))
+    stored, records = cloak_pixels(
+        model, (clean + 1) / 2, config, style=cell.options.get("target", style), captions=captions
+    )
     values = {k: sum(r["values"][k] for r in records) / len(records) for k in ("psnr", "ssim", "linf")}
     before = [r.get("latent_distance_before") for r in records]
     after = [r.get("latent_distance_after") for r in records]

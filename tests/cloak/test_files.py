@@ -159,12 +159,12 @@ def test_cli_passes_the_objective_options_into_the_record(tiny_folder, tmp_path,
     _inputs(tmp_path / "in")
     common = ["--out", str(tmp_path / "out"), "--model", str(tiny_folder), "--budget", "psnr=32", "--steps", "1"]
     glaze = ["--method", "glaze", "--target-style", "cubism", "--target-steps", "2", "--latent-pool", "4"]
-    code = main(
-        ["cloak", str(tmp_path / "in" / "rgb.png"), *common, *glaze, "--target-push", "2", "--semantic-weight", "0.5"]
-    )
+    semantic = ["--semantic-weight", "0.5", "--semantic-prompt", "art in the style of {style}"]
+    code = main(["cloak", str(tmp_path / "in" / "rgb.png"), *common, *glaze, "--target-push", "2", *semantic])
     assert code == 0
     record = json.loads((tmp_path / "out" / "rgb.json").read_text())
     assert (record["latent_pool"], record["target_push"], record["semantic_weight"]) == (4, 2.0, 0.5)
+    assert record["semantic_prompt"] == "art in the style of cubism" and "caption" not in record
     surrogate = ["--method", "anti-dreambooth", "--surrogate-warmup", "2", "--surrogate-every", "0"]
     code = main(["cloak", str(tmp_path / "in" / "rgb.png"), *common, *surrogate, "--quiet"])
     record = json.loads((tmp_path / "out" / "rgb.json").read_text())
@@ -272,3 +272,58 @@ def test_cli_help_documents_every_option_with_its_default(capsys):
     ):
         assert option in text
     assert "(default: glaze)" in text and "(default: lpips=0.07)" in text and "(default: 500)" in text
+
+
+def test_captions_come_from_a_text_file_beside_the_image_or_the_folders_metadata(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "a.txt").write_text("a painting of a cat\n")
+    (tmp_path / "b.png").write_bytes(b"")
+    (tmp_path / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "b.png", "text": "a painting of a boat"}) + "\n" + json.dumps({"file_name": "c.png"})
+    )
+    assert files.read_caption(tmp_path / "a.png") == "a painting of a cat"  # the text file first
+    assert files.read_caption(tmp_path / "b.png") == "a painting of a boat"
+    assert files.read_caption(tmp_path / "c.png") is None and files.read_caption(tmp_path / "d.png") is None
+    (tmp_path / "metadata.jsonl").write_text("{not json\n")
+    with pytest.raises(files.FixativeError, match=r"metadata.jsonl, line 1: not JSON"):
+        files.read_caption(tmp_path / "b.png")
+
+
+def test_caption_prompts_in_a_batch_an_uncaptioned_image_fails_alone_and_a_new_caption_redoes_its_image(
+    tiny_model, tmp_path, monkeypatch
+):
+    from fixative.cloak import api
+
+    (tmp_path / "in").mkdir()
+    for name, seed in (("a", 0), ("b", 1)):
+        Image.fromarray(_painting(24, 16, seed)).save(tmp_path / "in" / f"{name}.png")
+    (tmp_path / "in" / "a.txt").write_text("a painting of a cat")
+    config = CloakConfig(
+        method="glaze",
+        budget=BUDGET,
+        optimiser=OptimiserConfig(steps=1, lr=0.01),
+        target_style="cubism",
+        semantic_weight=1.0,
+        semantic_prompt="{caption} by {style}",
+    )
+    config.style_target.steps = 2
+    messages = []
+    summary = cloak_files([tmp_path / "in"], tmp_path / "out", tiny_model, config, progress=False, log=messages.append)
+    assert summary["images"] == 1 and len(summary["failed"]) == 1 and "b.png" in summary["failed"][0]["input"]
+    assert "no caption" in summary["failed"][0]["error"] and any("IMAGE.txt" in m for m in messages)
+    record = json.loads((tmp_path / "out" / "a.json").read_text())
+    assert record["caption"] == "a painting of a cat" and record["semantic_prompt"] == "a painting of a cat by cubism"
+    cloaked = []
+    real = api.cloak_artwork
+    monkeypatch.setattr(
+        api,
+        "cloak_artwork",
+        lambda model, artwork, *a, **k: cloaked.append(artwork.path.name) or real(model, artwork, *a, **k),
+    )
+    cloak_files([tmp_path / "in"], tmp_path / "out", tiny_model, config, progress=False, log=messages.append)
+    assert cloaked == ["b.png"]  # a: same settings, same caption, so done; b is tried again (and fails again)
+    (tmp_path / "in" / "a.txt").write_text("a painting of a dog")
+    cloaked.clear()
+    cloak_files([tmp_path / "in"], tmp_path / "out", tiny_model, config, progress=False, log=messages.append)
+    assert cloaked == ["a.png", "b.png"]
+    assert json.loads((tmp_path / "out" / "a.json").read_text())["caption"] == "a painting of a dog"

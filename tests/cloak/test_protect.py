@@ -80,7 +80,7 @@ def test_the_semantic_term_lowers_the_denoising_loss_under_the_target_prompt(tin
 
     with torch.no_grad():  # the term is the UNet's denoising loss under the prompt, step 0's noise
         latents = encode_mean(tiny_model, artwork_pixels)
-        embeddings = _text_embeddings(tiny_model, prompt, latents.shape[0])
+        embeddings = _text_embeddings(tiny_model, [prompt] * latents.shape[0])
         schedule = NoiseSchedule.from_config(tiny_model.scheduler_config)
         generator = torch.Generator().manual_seed(0)
         direct = denoising_losses(tiny_model.unet, latents, embeddings, schedule, tiny_model.prediction_type, generator)
@@ -295,3 +295,36 @@ def test_the_plateau_stop_waits_for_the_loss_to_stop_improving(artwork_pixels):
     )
     _, info = optimise(artwork_pixels, objective, Budget(linf=1.0), OptimiserConfig(steps=100, plateau_steps=5))
     assert info["steps"] == 21
+
+
+def test_a_per_image_semantic_prompt_is_each_images_caption_in_the_target_style(tiny_model, artwork_pixels):
+    from fixative.cloak.objectives import _text_embeddings, encode_mean
+    from fixative.cloak.protect import make_objective
+    from fixative.core.schedulers import NoiseSchedule
+    from fixative.core.training import denoising_losses
+
+    config = _config("glaze", latent_pool=64, semantic_weight=1.0, semantic_prompt="{caption} by {style}")
+    config.style_target.steps = 2
+    captions = ["a painting of a cat", "a painting of a boat"]
+    objective, _ = make_objective(tiny_model, artwork_pixels, config, "cubism", captions=captions)
+    prompts = ["a painting of a cat by cubism", "a painting of a boat by cubism"]
+    assert objective.details["semantic_prompt"] == prompts
+    with torch.no_grad():  # image i's term is the UNet's loss under prompt i, not under the other image's
+        latents = encode_mean(tiny_model, artwork_pixels)
+        schedule = NoiseSchedule.from_config(tiny_model.scheduler_config)
+
+        def direct(texts):
+            generator = torch.Generator().manual_seed(0)
+            embeddings = _text_embeddings(tiny_model, texts)
+            return denoising_losses(
+                tiny_model.unet, latents, embeddings, schedule, tiny_model.prediction_type, generator
+            )
+
+        semantic = objective.loss(artwork_pixels, 0) - objective.target_distance(artwork_pixels)
+        torch.testing.assert_close(semantic, direct(prompts))
+        assert not torch.allclose(semantic, direct(prompts[::-1]))
+    with pytest.raises(FixativeError, match=r"names \{caption\}, but an image has no caption"):
+        make_objective(tiny_model, artwork_pixels, config, "cubism", captions=["a painting of a cat", None])
+    config.semantic_prompt = "{caption} by {artist}"
+    with pytest.raises(FixativeError, match=r"only \{style\} and \{caption\}"):
+        make_objective(tiny_model, artwork_pixels, config, "cubism", captions=captions)

@@ -1,6 +1,7 @@
 """The protection grid's pieces: cell specs (bench's and cloak_efficacy's, in one), their cloak settings, 'best'."""
 
 import pytest
+import torch
 
 from fixative.core.errors import FixativeError
 from fixative.eval.protection import best_method, cloak_config, parse_cell, resolve
@@ -40,6 +41,33 @@ def test_cell_options_reach_the_cloak_config():
     assert adb.aspl.every == 5 and adb.aspl.surrogate_lr == 1e-4 and adb.budget.psnr == 32  # default budget
     assert cloak_config(parse_cell("mist:weight=0.5:robust=jpeg,blur"), 0).mist_semantic_weight == 0.5
     assert cloak_config(parse_cell("mist:robust=jpeg,blur"), 0).robust == ("jpeg", "blur")
+    semantic = cloak_config(parse_cell("glaze:psnr=24:pool=8:semantic=0.5:captions"), 0)
+    assert (semantic.latent_pool, semantic.semantic_weight, semantic.semantic_prompt) == (
+        8,
+        0.5,
+        "{caption} by {style}",
+    )
+    plain = cloak_config(parse_cell("glaze:psnr=24"), 0)
+    assert (plain.latent_pool, plain.semantic_weight, plain.semantic_prompt) == (1, 0.0, None)
+
+
+def test_a_captions_cell_prompts_each_painting_with_its_own_subject_in_the_target_style(toy_model, monkeypatch):
+    from fixative.cloak import objectives
+    from fixative.core.toy import atelier
+    from fixative.eval.protection import cloak_cell
+
+    seen = []
+    real = objectives.glaze
+    monkeypatch.setattr(objectives, "glaze", lambda *a, **k: seen.append(a[7]) or real(*a, **k))
+    clean = torch.rand(2, 3, 64, 64) * 2 - 1
+    cell = parse_cell("glaze:psnr=30:steps=1:pool=16:semantic=1:captions")
+    result = cloak_cell(
+        toy_model, clean, cell, 0, "kovra", {"strength": 0.5}, ["a painting of a cat", "a painting of a boat"]
+    )
+    assert result["pixels"].shape == clean.shape
+    assert seen == [[atelier.caption("cat", "kovra"), atelier.caption("boat", "kovra")]]  # the toy's caption form
+    with pytest.raises(FixativeError, match="no caption"):
+        cloak_cell(toy_model, clean, cell, 0, "kovra", {"strength": 0.5})
 
 
 def test_plain_is_issue_10s_recipe_and_defaults_come_between_the_cloak_and_the_cell():
