@@ -237,6 +237,20 @@ def caption_table(artists: list[str]) -> list[str]:
     return [atelier.caption(subject, artist) for artist in artists for subject in atelier.SUBJECTS]
 
 
+def _copy_clip(work: Path, clip: Path) -> None:
+    """The CLIP stage from a finished toy CLIP folder (``--clip``): two worlds built so share one judge."""
+    folder = work / "clip"
+    if _done(folder):
+        return
+    if not (clip / "config.json").is_file() or not (clip / "model.safetensors").is_file():
+        raise FixativeError(f"--clip {clip}: not a toy CLIP folder (config.json and model.safetensors)")
+    if (folder / "model").exists():
+        shutil.rmtree(folder / "model")
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(clip, folder / "model")
+    _finish(folder, {"copied_from": str(clip)})
+
+
 def _train_clip(work: Path, data: Path, plan: BuildPlan, seed: int, progress: bool) -> None:
     folder = work / "clip"
     if _done(folder):
@@ -498,6 +512,7 @@ def build(
     seed: int = 0,
     size: str = "full",
     vae: str = "f4",
+    clip: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> Path:
@@ -505,7 +520,8 @@ def build(
 
     ``out``: the finished folder (default ``build_folder(size, seed)``). Resumes an interrupted build;
     a finished one is returned as it is. ``vae``: ``f4`` (the shipped toy VAE) or ``f8`` (the more SD-like
-    variant of ``core/presets.py``; the UNet follows its 8x8 latents).
+    variant of ``core/presets.py``; the UNet follows its 8x8 latents). ``clip``: a finished toy CLIP folder to
+    use instead of training one (the CLIP judges the toy world: two worlds built on one share their judge).
     """
     if size not in PLANS:
         raise FixativeError(f"unknown toy build size {size!r}; choose one of {sorted(PLANS)}")
@@ -537,7 +553,7 @@ def build(
                 data, AtelierConfig(seed=seed, images_per_artist=plan.images_per_artist), progress=progress
             ),
         ),
-        ("clip", lambda: _train_clip(work, data, plan, seed, progress)),
+        ("clip", lambda: _copy_clip(work, Path(clip)) if clip else _train_clip(work, data, plan, seed, progress)),
         ("vae", lambda: _train_vae(work, data, plan, seed, progress, TOY_VAES[vae])),
         ("unet", lambda: _train_unet(work, data, plan, seed, progress)),
         ("assemble", lambda: _assemble(work)),
@@ -553,6 +569,7 @@ def build(
         "seed": seed,
         "size": size,
         "vae": vae,
+        "clip_copied_from": str(clip) if clip else None,
         "plan": asdict(plan),
         "stage_seconds": timings,
         "total_seconds": round(sum(timings.values()), 1),

@@ -49,7 +49,13 @@ def register(subparsers) -> None:
         choices=("f4", "f8"),
         default="f4",
         help="f4: the shipped toy VAE (4x down-sampling); f8: a more SD-like one (8x, mid-block attention, 5.3M "
-        "parameters), for measuring cloaks against an SD-like encoder (default: %(default)s)",
+        "parameters), for measuring cloaks against an SD-like encoder; build it under its own FIXATIVE_HOME, as "
+        "every command under that home then uses it as the toy world (default: %(default)s)",
+    )
+    build.add_argument(
+        "--clip",
+        help="a finished toy CLIP folder to use instead of training one, e.g. core/toy/weights/clip, so that two "
+        "worlds share one judge (default: train it)",
     )
     add_quiet(build)
     build.set_defaults(func=_build)
@@ -70,5 +76,5 @@ def _dataset(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> int:
     from .build import build
 
-    build(args.out, seed=args.seed, size=args.size, vae=args.vae, progress=not args.quiet)
+    build(args.out, seed=args.seed, size=args.size, vae=args.vae, clip=args.clip, progress=not args.quiet)
     return 0

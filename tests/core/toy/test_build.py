@@ -143,9 +143,16 @@ def test_an_interrupted_build_resumes_only_with_its_own_vae(tmp_path):
 def test_ci_build_with_the_sd_like_vae(tmp_path):
     from fixative.core.checkpoints import load_model
     from fixative.core.pipelines import generate
+    from fixative.core.toy import SHIPPED
 
-    folder = toy_build.build(tmp_path / "ci-f8", size="ci", vae="f8", progress=False, log=lambda _: None)
-    assert json.loads((folder / "build.json").read_text())["vae"] == "f8"
+    with pytest.raises(FixativeError, match="not a toy CLIP folder"):
+        toy_build.build(tmp_path / "bad", size="ci", vae="f8", clip=tmp_path, progress=False, log=lambda _: None)
+    clip = SHIPPED / "clip"
+    folder = toy_build.build(tmp_path / "ci-f8", size="ci", vae="f8", clip=clip, progress=False, log=lambda _: None)
+    info = json.loads((folder / "build.json").read_text())
+    assert info["vae"] == "f8" and info["clip_copied_from"] == str(clip) and "clip" in info["stage_seconds"]
+    # the judge is the given CLIP, byte for byte
+    assert (folder / "clip" / "model.safetensors").read_bytes() == (clip / "model.safetensors").read_bytes()
     model = load_model(folder / "sd")
     assert model.vae.config.downsampling_factor == 8 and model.vae.config.mid_block_add_attention
     assert model.unet.config.sample_size == 8
