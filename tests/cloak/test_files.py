@@ -91,6 +91,20 @@ def test_large_images_are_cloaked_in_blended_tiles(tiny_model):
     assert result.record["tiles"] == 6 and result.image.size == (70, 44) and result.record["budget_met"]
 
 
+def _record_cloaked_files(monkeypatch) -> list[str]:
+    """From now on, the file names ``cloak_artwork`` is called on, in order."""
+    from fixative.cloak import api
+
+    cloaked = []
+    real = api.cloak_artwork
+    monkeypatch.setattr(
+        api,
+        "cloak_artwork",
+        lambda model, artwork, *a, **k: cloaked.append(artwork.path.name) or real(model, artwork, *a, **k),
+    )
+    return cloaked
+
+
 def test_a_corrupt_file_is_reported_and_the_batch_finishes_then_resumes(tiny_model, tmp_path, monkeypatch):
     _inputs(tmp_path / "in" / "sub")
     (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG not really")
@@ -105,15 +119,7 @@ def test_a_corrupt_file_is_reported_and_the_batch_finishes_then_resumes(tiny_mod
     assert (tmp_path / "out" / "sub" / "rgba.png").is_file() and (tmp_path / "out" / "summary.json").is_file()
     # an interrupted run: one output missing; the rerun redoes that one only
     (tmp_path / "out" / "sub" / "grey.json").unlink()
-    from fixative.cloak import api
-
-    cloaked = []
-    real = api.cloak_artwork
-    monkeypatch.setattr(
-        api,
-        "cloak_artwork",
-        lambda model, artwork, *a, **k: cloaked.append(artwork.path.name) or real(model, artwork, *a, **k),
-    )
+    cloaked = _record_cloaked_files(monkeypatch)
     again = cloak_files([tmp_path / "in"], tmp_path / "out", tiny_model, _config(), progress=False, log=messages.append)
     assert cloaked == ["grey.png"] and again["skipped_as_done"] == 4
     # other settings: everything is redone
@@ -292,7 +298,6 @@ def test_captions_come_from_a_text_file_beside_the_image_or_the_folders_metadata
 def test_caption_prompts_in_a_batch_an_uncaptioned_image_fails_alone_and_a_new_caption_redoes_its_image(
     tiny_model, tmp_path, monkeypatch
 ):
-    from fixative.cloak import api
 
     (tmp_path / "in").mkdir()
     for name, seed in (("a", 0), ("b", 1)):
@@ -313,13 +318,7 @@ def test_caption_prompts_in_a_batch_an_uncaptioned_image_fails_alone_and_a_new_c
     assert "no caption" in summary["failed"][0]["error"] and any("IMAGE.txt" in m for m in messages)
     record = json.loads((tmp_path / "out" / "a.json").read_text())
     assert record["caption"] == "a painting of a cat" and record["semantic_prompt"] == "a painting of a cat by cubism"
-    cloaked = []
-    real = api.cloak_artwork
-    monkeypatch.setattr(
-        api,
-        "cloak_artwork",
-        lambda model, artwork, *a, **k: cloaked.append(artwork.path.name) or real(model, artwork, *a, **k),
-    )
+    cloaked = _record_cloaked_files(monkeypatch)
     cloak_files([tmp_path / "in"], tmp_path / "out", tiny_model, config, progress=False, log=messages.append)
     assert cloaked == ["b.png"]  # a: same settings, same caption, so done; b is tried again (and fails again)
     (tmp_path / "in" / "a.txt").write_text("a painting of a dog")
