@@ -354,7 +354,7 @@ def cloak_files(
             caption = files.read_caption(path) if uses_captions(config) else None
         except FixativeError as error:
             failures.append({"input": str(path), "error": str(error)})
-            log(f"failed: {error}")
+            log(f"failed: {error}" if str(path) in str(error) else f"failed: {path}: {error}")
             continue
         if record_path.is_file():
             previous = json.loads(record_path.read_text())
@@ -375,7 +375,7 @@ def cloak_files(
             )
         except FixativeError as error:
             failures.append({"input": str(path), "error": str(error)})
-            log(f"failed: {error}")
+            log(f"failed: {error}" if str(path) in str(error) else f"failed: {path}: {error}")
             continue
         output = out / relative.with_suffix(files.output_suffix(artwork, output_format))
         files.write_artwork(artwork, stored, output, output_format)

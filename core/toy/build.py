@@ -569,7 +569,7 @@ def build(
         "seed": seed,
         "size": size,
         "vae": vae,
-        "clip_copied_from": str(clip) if clip else None,
+        "clip_copied_from": str(Path(clip).resolve()) if clip else None,
         "plan": asdict(plan),
         "stage_seconds": timings,
         "total_seconds": round(sum(timings.values()), 1),

@@ -315,7 +315,8 @@ def test_caption_prompts_in_a_batch_an_uncaptioned_image_fails_alone_and_a_new_c
     messages = []
     summary = cloak_files([tmp_path / "in"], tmp_path / "out", tiny_model, config, progress=False, log=messages.append)
     assert summary["images"] == 1 and len(summary["failed"]) == 1 and "b.png" in summary["failed"][0]["input"]
-    assert "no caption" in summary["failed"][0]["error"] and any("IMAGE.txt" in m for m in messages)
+    assert "no caption" in summary["failed"][0]["error"]
+    assert any(m.startswith(f"failed: {tmp_path / 'in' / 'b.png'}: ") and "IMAGE.txt" in m for m in messages)
     record = json.loads((tmp_path / "out" / "a.json").read_text())
     assert record["caption"] == "a painting of a cat" and record["semantic_prompt"] == "a painting of a cat by cubism"
     cloaked = _record_cloaked_files(monkeypatch)
