@@ -241,6 +241,7 @@ def cloak(
     captions: one per image, for a semantic prompt that names ``{caption}`` (default: for paths,
     ``files.read_caption``).
     """
+    images = list(images)
     artworks, results = [], []
     for item in images:
         try:

@@ -327,3 +327,19 @@ def test_caption_prompts_in_a_batch_an_uncaptioned_image_fails_alone_and_a_new_c
     cloak_files([tmp_path / "in"], tmp_path / "out", tiny_model, config, progress=False, log=messages.append)
     assert cloaked == ["a.png", "b.png"]
     assert json.loads((tmp_path / "out" / "a.json").read_text())["caption"] == "a painting of a dog"
+
+
+def test_the_api_takes_captions_for_images_in_memory_and_fails_an_uncaptioned_one_alone(tiny_model):
+    config = CloakConfig(
+        method="glaze",
+        budget=BUDGET,
+        optimiser=OptimiserConfig(steps=1, lr=0.01),
+        target_style="cubism",
+        semantic_weight=1.0,
+        semantic_prompt="{caption} by {style}",
+    )
+    config.style_target.steps = 2
+    images = (Image.fromarray(_painting(24, 16, seed)) for seed in (0, 1))  # any iterable
+    done, failed = cloak(images, tiny_model, config, captions=["a painting of a cat", None])
+    assert done.image.size == (24, 16) and done.record["semantic_prompt"] == "a painting of a cat by cubism"
+    assert failed.image is None and "no caption" in failed.record["error"]
