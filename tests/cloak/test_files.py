@@ -24,6 +24,20 @@ def _config(steps: int = 3) -> CloakConfig:
     return CloakConfig(method="photoguard", budget=BUDGET, optimiser=OptimiserConfig(steps=steps, lr=0.01))
 
 
+def _caption_config() -> CloakConfig:
+    """Glaze with a semantic term prompted by each image's caption in the target style (one quick step)."""
+    config = CloakConfig(
+        method="glaze",
+        budget=BUDGET,
+        optimiser=OptimiserConfig(steps=1, lr=0.01),
+        target_style="cubism",
+        semantic_weight=1.0,
+        semantic_prompt="{caption} by {style}",
+    )
+    config.style_target.steps = 2
+    return config
+
+
 def _painting(width: int = 77, height: int = 131, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     coarse = Image.fromarray((rng.random((4, 3, 3)) * 255).astype(np.uint8)).resize((width, height), Image.BILINEAR)
@@ -303,15 +317,7 @@ def test_caption_prompts_in_a_batch_an_uncaptioned_image_fails_alone_and_a_new_c
     for name, seed in (("a", 0), ("b", 1)):
         Image.fromarray(_painting(24, 16, seed)).save(tmp_path / "in" / f"{name}.png")
     (tmp_path / "in" / "a.txt").write_text("a painting of a cat")
-    config = CloakConfig(
-        method="glaze",
-        budget=BUDGET,
-        optimiser=OptimiserConfig(steps=1, lr=0.01),
-        target_style="cubism",
-        semantic_weight=1.0,
-        semantic_prompt="{caption} by {style}",
-    )
-    config.style_target.steps = 2
+    config = _caption_config()
     messages = []
     summary = cloak_files([tmp_path / "in"], tmp_path / "out", tiny_model, config, progress=False, log=messages.append)
     assert summary["images"] == 1 and len(summary["failed"]) == 1 and "b.png" in summary["failed"][0]["input"]
@@ -330,15 +336,7 @@ def test_caption_prompts_in_a_batch_an_uncaptioned_image_fails_alone_and_a_new_c
 
 
 def test_the_api_takes_captions_for_images_in_memory_and_fails_an_uncaptioned_one_alone(tiny_model):
-    config = CloakConfig(
-        method="glaze",
-        budget=BUDGET,
-        optimiser=OptimiserConfig(steps=1, lr=0.01),
-        target_style="cubism",
-        semantic_weight=1.0,
-        semantic_prompt="{caption} by {style}",
-    )
-    config.style_target.steps = 2
+    config = _caption_config()
     images = (Image.fromarray(_painting(24, 16, seed)) for seed in (0, 1))  # any iterable
     done, failed = cloak(images, tiny_model, config, captions=["a painting of a cat", None])
     assert done.image.size == (24, 16) and done.record["semantic_prompt"] == "a painting of a cat by cubism"
