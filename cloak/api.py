@@ -239,9 +239,11 @@ def cloak(
 
     A file that cannot be read gives a result with ``image=None`` and the error in ``record["error"]``.
     captions: one per image, for a semantic prompt that names ``{caption}`` (default: for paths,
-    ``files.read_caption``).
+    ``files.read_caption``, read only when the prompt names it).
     """
     images = list(images)
+    if captions is not None and len(captions) != len(images):
+        raise FixativeError(f"cloak(): {len(captions)} captions for {len(images)} images")
     artworks, results = [], []
     for item in images:
         try:
@@ -255,12 +257,14 @@ def cloak(
         style, _ = resolve_style(model, config, readable, None)
     lpips_metric = lpips_for(config, model.vae.device)
     surrogate = batch_surrogate(model, config, readable, tile_size)
-    if captions is None:
-        captions = [files.read_caption(item) if isinstance(item, (str, Path)) else None for item in images]
-    for artwork, caption in zip(artworks, captions, strict=True):
+    for index, (item, artwork) in enumerate(zip(images, artworks, strict=True)):
         try:
             if isinstance(artwork, FixativeError):
                 raise artwork
+            if captions is not None:
+                caption = captions[index]
+            else:  # read only when the prompt names it: no caption I/O (nor its errors) otherwise
+                caption = files.read_caption(item) if uses_captions(config) and isinstance(item, (str, Path)) else None
             stored, record = cloak_artwork(
                 model, artwork, config, style, lpips_metric, output_format, tile_size, progress, surrogate, caption
             )
@@ -349,13 +353,17 @@ def cloak_files(
         "settings_hash": digest,
     }
     rows, failures, skipped = [], [], 0
+
+    def fail(path: Path, error: FixativeError) -> None:  # reported, in the summary and in one log line naming the file
+        failures.append({"input": str(path), "error": str(error)})
+        log(f"failed: {error}" if str(path) in str(error) else f"failed: {path}: {error}")
+
     for path, relative in tqdm(found, desc="images", disable=not progress):
         record_path = out / relative.with_suffix(".json")
         try:
             caption = files.read_caption(path) if uses_captions(config) else None
         except FixativeError as error:
-            failures.append({"input": str(path), "error": str(error)})
-            log(f"failed: {error}" if str(path) in str(error) else f"failed: {path}: {error}")
+            fail(path, error)
             continue
         if record_path.is_file():
             previous = json.loads(record_path.read_text())
@@ -375,8 +383,7 @@ def cloak_files(
                 model, artwork, config, style, lpips_metric, output_format, tile_size, progress, surrogate, caption
             )
         except FixativeError as error:
-            failures.append({"input": str(path), "error": str(error)})
-            log(f"failed: {error}" if str(path) in str(error) else f"failed: {path}: {error}")
+            fail(path, error)
             continue
         output = out / relative.with_suffix(files.output_suffix(artwork, output_format))
         files.write_artwork(artwork, stored, output, output_format)

@@ -467,7 +467,8 @@ def run_protection(config: dict, stages: Stages, device) -> tuple[dict, list[tup
         data[artist] = {
             "clean": pixels_of(rows),
             "captions": [atelier.caption(r["subject"], name) for r in rows],
-            "content": [f"a painting of a {r['subject']}" for r in rows],  # what a cloak's semantic prompt names
+            # what a cloak's semantic prompt names: the toy caption up to its artist, "a painting of a cat"
+            "content": [atelier.CAPTION.partition(" by ")[0].format(subject=r["subject"]) for r in rows],
             "held_out": held_out,
             "held_features": features(_uint8(held_out)),
             "prompts": [atelier.caption(s, name) for s in atelier.SUBJECTS],

@@ -431,7 +431,7 @@ def _load_network(cls, config_cls, folder: Path) -> torch.nn.Module:
 
 def toy_unet_config(vae_config: AutoencoderKLConfig) -> UNetConfig:
     """The toy UNet for latents of this VAE: TOY_UNET with its sample size at the VAE's latent resolution."""
-    return replace(TOY_UNET, sample_size=vae_config.sample_size // 2 ** (len(vae_config.block_out_channels) - 1))
+    return replace(TOY_UNET, sample_size=vae_config.sample_size // vae_config.downsampling_factor)
 
 
 def _train_unet(work: Path, data: Path, plan: BuildPlan, seed: int, progress: bool) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..cli.options import add_quiet, add_seed
+from ..presets import TOY_VAES
 
 
 def toy_commands(subparsers):
@@ -46,7 +47,7 @@ def register(subparsers) -> None:
     )
     build.add_argument(
         "--vae",
-        choices=("f4", "f8"),
+        choices=sorted(TOY_VAES),
         default="f4",
         help="f4: the shipped toy VAE (4x down-sampling); f8: a more SD-like one (8x, mid-block attention, 5.3M "
         "parameters), for measuring cloaks against an SD-like encoder; build it under its own FIXATIVE_HOME, as "

@@ -341,3 +341,14 @@ def test_the_api_takes_captions_for_images_in_memory_and_fails_an_uncaptioned_on
     done, failed = cloak(images, tiny_model, config, captions=["a painting of a cat", None])
     assert done.image.size == (24, 16) and done.record["semantic_prompt"] == "a painting of a cat by cubism"
     assert failed.image is None and "no caption" in failed.record["error"]
+    with pytest.raises(files.FixativeError, match="1 captions for 2 images"):
+        cloak([Image.fromarray(_painting(24, 16))] * 2, tiny_model, config, captions=["a painting of a cat"])
+
+
+def test_captions_are_read_only_when_the_prompt_names_them(tiny_model, tmp_path):
+    Image.fromarray(_painting(24, 16)).save(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text("{not json\n")  # would fail any caption lookup in this folder
+    (plain,) = cloak([tmp_path / "a.png"], tiny_model, _config(steps=1))
+    assert plain.image is not None and "caption" not in plain.record
+    (captioned,) = cloak([tmp_path / "a.png"], tiny_model, _caption_config())
+    assert captioned.image is None and "metadata.jsonl, line 1: not JSON" in captioned.record["error"]
