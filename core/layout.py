@@ -9,6 +9,8 @@ training) the networks stay channels-first. Other devices keep the layout they w
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -37,7 +39,15 @@ def packs_weights(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and not torch.compiler.is_compiling()
         and torch.backends.mkldnn.is_available()
+        and (x.dtype == torch.float32 or mkldnn_bf16_supported())
     )
+
+
+@functools.cache
+def mkldnn_bf16_supported() -> bool:
+    """Whether oneDNN convolves in bf16 on this CPU (AVX-512 or AMX); without it a packed bf16 weight cannot be
+    built, and F.conv2d's own bf16 path is used instead."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def tensor_key(tensor: torch.Tensor | None) -> tuple:

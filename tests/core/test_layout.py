@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fixative.core.config import AutoencoderKLConfig, UNetConfig
-from fixative.core.layout import Conv2d, enable_weight_packing, working_layout
+from fixative.core.layout import Conv2d, enable_weight_packing, mkldnn_bf16_supported, working_layout
 from fixative.core.unet import UNet2DConditionModel
 from fixative.core.vae import AutoencoderKL
 
@@ -67,8 +67,11 @@ def test_bf16_unet_with_packing_infers_channels_last_with_packed_weights_and_giv
     latents, text_embeddings = torch.randn(2, 4, 8, 8).bfloat16(), torch.randn(2, 77, 8).bfloat16()
     with torch.no_grad():
         channels_last_out = unet(latents, 500, text_embeddings)
-    assert unet.conv_in._packed is not None
-    assert all(packed_copies(unet))
+    if mkldnn_bf16_supported():
+        assert unet.conv_in._packed is not None
+        assert all(packed_copies(unet))
+    else:  # oneDNN has no bf16 convolution on this CPU: F.conv2d's bf16 path, nothing packed
+        assert not any(packed_copies(unet))
     channels_first_out = unet(latents.clone().requires_grad_(), 500, text_embeddings)
     assert not any(packed_copies(unet))  # dropped when autograd records
     assert channels_last_out.is_contiguous() and channels_first_out.is_contiguous()
@@ -88,15 +91,18 @@ def test_packed_convolution_equals_conv2d_and_follows_weight_changes(dtype):
     torch.manual_seed(0)
     conv = Conv2d(6, 8, 3, stride=2, padding=1).to(dtype).requires_grad_(False)
     x = torch.randn(2, 6, 9, 7, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    packs = dtype == torch.float32 or mkldnn_bf16_supported()
     with torch.no_grad():
         out = conv(x)
-        assert conv._packed is not None and out.is_contiguous(memory_format=torch.channels_last)
+        assert (conv._packed is not None) == packs and out.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(out, F.conv2d(x, conv.weight, conv.bias, stride=2, padding=1), rtol=0, atol=0)
         conv.weight.mul_(2.0)  # an in-place update (a training step, a LoRA merge) repacks
         conv.bias.add_(1.0)
         expected = F.conv2d(x, conv.weight, conv.bias, stride=2, padding=1)
         torch.testing.assert_close(conv(x), expected, rtol=0, atol=0)
-        torch.testing.assert_close(conv(x.contiguous()), expected, rtol=0, atol=0)  # channels-first: plain conv
+        # channels-first: plain conv; oneDNN may pick another algorithm per layout (AVX2 does), so equal up to rounding
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(conv(x.contiguous()), expected, rtol=tolerance, atol=tolerance)
     assert conv._packed is None
     conv.requires_grad_(True)
     conv(x).sum().backward()  # recording gradients: plain conv, nothing packed
@@ -110,7 +116,7 @@ def test_unet_with_and_without_weight_packing_gives_the_same_output_and_off_keep
     with torch.no_grad():
         enable_weight_packing(unet, True)
         packed_out = unet(latents, 500, text_embeddings)
-        assert all(packed_copies(unet))
+        assert all(packed_copies(unet)) == mkldnn_bf16_supported()
         enable_weight_packing(unet, False)
         plain_out = unet(latents, 500, text_embeddings)
     assert not any(packed_copies(unet))
