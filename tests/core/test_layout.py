@@ -121,3 +121,15 @@ def test_unet_with_and_without_weight_packing_gives_the_same_output_and_off_keep
         plain_out = unet(latents, 500, text_embeddings)
     assert not any(packed_copies(unet))
     torch.testing.assert_close(plain_out, packed_out, rtol=2e-2, atol=2e-2)  # bf16: channels-first vs -last
+
+
+def test_bf16_vae_encodes_channels_last_on_any_cpu():
+    """The mimic caches bf16 latents without autograd: a CPU whose oneDNN has no bf16 convolution (no AVX-512)
+    must fall back to F.conv2d's bf16 path, not fail to build a packed weight."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(TINY).eval().requires_grad_(False)
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        fp32_mean = vae.encode(pixels).mean
+        bf16_mean = vae.to(torch.bfloat16).encode(pixels.bfloat16()).mean
+    torch.testing.assert_close(bf16_mean.float(), fp32_mean, rtol=5e-2, atol=5e-2)
