@@ -64,6 +64,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="mimic seeds (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=None, help="fine-tune steps (default: MimicConfig's, 120)")
     parser.add_argument("--lr", type=float, default=None, help="fine-tune learning rate (default: MimicConfig's)")
+    parser.add_argument(
+        "--mixed-precision",
+        choices=("bf16", "no"),
+        default=None,
+        help="the mimic's autocast (default: MimicConfig's, bf16; 'no' trains in fp32, for CPUs without native bf16)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     args = parser.parse_args()
     if not args.cells and not args.pixels:
@@ -86,7 +92,11 @@ def main() -> None:
     prior_rows = [r for r in train if not r["held_out"]]
     prior = ImageCaptions(pixels_of(prior_rows), [r["text"] for r in prior_rows])
     judge = ToyJudge(clip_folder(), "cpu")
-    recipe = {k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None}
+    recipe = {
+        k: v
+        for k, v in (("steps", args.steps), ("lr", args.lr), ("mixed_precision", args.mixed_precision))
+        if v is not None
+    }
     print("| cell | mimic | seed | protection [95% CI] | samples went to | fine-tune s |\n|---|---|---|---|---|---|")
     for cell in args.cells:
         if "/" not in cell:
@@ -108,7 +118,8 @@ def main() -> None:
             predicted, _ = judge.classify(sample(mimic, prompts, seeds, config))
             share = protection(predicted, artist, list(judge.artists))
             print(
-                f"| {cell} | {config.steps} steps, lr {config.finetune_config(True).lr:g} | {seed} | "
+                f"| {cell} | {config.steps} steps, lr {config.finetune_config(True).lr:g}, {config.mixed_precision} | "
+                f"{seed} | "
                 f"{100 * share['protection_rate']:.1f}% [{100 * share['protection_interval'][0]:.1f}, "
                 f"{100 * share['protection_interval'][1]:.1f}] | {went(share['attributed_to'])} | {seconds:.0f} |",
                 flush=True,
