@@ -352,3 +352,18 @@ def test_captions_are_read_only_when_the_prompt_names_them(tiny_model, tmp_path)
     assert plain.image is not None and "caption" not in plain.record
     (captioned,) = cloak([tmp_path / "a.png"], tiny_model, _caption_config())
     assert captioned.image is None and "metadata.jsonl, line 1: not JSON" in captioned.record["error"]
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_bf16_autocast_on_a_cpu_without_native_bf16_is_said_in_one_line(tiny_model, tmp_path, monkeypatch, native_bf16):
+    monkeypatch.setattr("fixative.cloak.api.mkldnn_bf16_supported", lambda: native_bf16)
+    Image.fromarray(_painting(16, 16)).save(tmp_path / "art.png")
+    config = _config(steps=1)
+    config.optimiser.autocast = "bf16"
+    lines = []
+    summary = cloak_files(
+        [tmp_path / "art.png"], tmp_path / "out", tiny_model, config, progress=False, log=lines.append
+    )
+    assert summary["failed"] == [] and (tmp_path / "out" / "art.png").exists()
+    warned = [line for line in lines if "no native bf16" in line and "--autocast none" in line]
+    assert len(warned) == (0 if native_bf16 else 1)
