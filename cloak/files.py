@@ -8,7 +8,9 @@ runs exactly the conversion the output file will hold, so the budget is measured
 
 from __future__ import annotations
 
+import functools
 import io
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -45,24 +47,30 @@ class Artwork:
 def read_caption(path: str | Path) -> str | None:
     """An image's caption, as fine-tuning data sets give it: ``IMAGE.txt`` beside it, else the ``text`` of its line
     in ``metadata.jsonl`` in its folder (``file_name`` relative to that folder); None when neither has one."""
-    import json
-
     path = Path(path)
     sidecar = path.with_suffix(".txt")
     if sidecar.is_file():
         return sidecar.read_text(encoding="utf-8").strip()
     metadata = path.parent / "metadata.jsonl"
     if metadata.is_file():
-        for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise FixativeError(f"{metadata}, line {number}: not JSON ({error.msg})") from None
-            if Path(str(row.get("file_name", ""))).as_posix() == path.name and "text" in row:
-                return str(row["text"]).strip()
+        return _metadata_captions(metadata, metadata.read_text(encoding="utf-8")).get(path.name)
     return None
+
+
+@functools.lru_cache(maxsize=8)
+def _metadata_captions(metadata: Path, text: str) -> dict[str, str]:
+    """{file_name: text} of a metadata.jsonl's ``text``, parsed once per folder and content, not once per image."""
+    captions = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise FixativeError(f"{metadata}, line {number}: not JSON ({error.msg})") from None
+        if "text" in row:
+            captions.setdefault(Path(str(row.get("file_name", ""))).as_posix(), str(row["text"]).strip())
+    return captions
 
 
 def find_images(inputs: list[str | Path]) -> list[tuple[Path, Path]]:

@@ -304,6 +304,9 @@ def test_captions_come_from_a_text_file_beside_the_image_or_the_folders_metadata
     assert files.read_caption(tmp_path / "a.png") == "a painting of a cat"  # the text file first
     assert files.read_caption(tmp_path / "b.png") == "a painting of a boat"
     assert files.read_caption(tmp_path / "c.png") is None and files.read_caption(tmp_path / "d.png") is None
+    with (tmp_path / "metadata.jsonl").open("a") as metadata:  # an edit is seen by the next lookup
+        metadata.write("\n" + json.dumps({"file_name": "d.png", "text": "a painting of a dog"}))
+    assert files.read_caption(tmp_path / "d.png") == "a painting of a dog"
     (tmp_path / "metadata.jsonl").write_text("{not json\n")
     with pytest.raises(files.FixativeError, match=r"metadata.jsonl, line 1: not JSON"):
         files.read_caption(tmp_path / "b.png")
