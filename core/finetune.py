@@ -83,6 +83,7 @@ import torch
 from torch import nn
 
 from .datasets import ImageCaptions, ImageOptions, ImageSet, TensorImages, image_folder, shuffle_tags
+from .devices import auto_device
 from .errors import FixativeError
 from .layout import mkldnn_bf16_supported
 from .lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, inject_lora, save_lora
@@ -538,12 +539,6 @@ def _lr_schedule(optimizer, config: FinetuneConfig):
     return warmup_constant(optimizer, config.warmup)
 
 
-def gpu_available() -> bool:
-    """Whether torch sees an accelerator that accelerate would train on (CUDA, Apple's MPS, Intel's XPU)."""
-    xpu = getattr(torch, "xpu", None)
-    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
-
-
 def fine_tune(
     model,
     data,
@@ -573,7 +568,7 @@ def fine_tune(
 
     # accelerate joins the processes of a multi-process launch (torchrun, accelerate launch) in a CPU process group
     # only when told that the device is the CPU; otherwise each process would train alone
-    accelerator = Accelerator(cpu=device == "cpu" or not gpu_available())
+    accelerator = Accelerator(cpu=device == "cpu" or auto_device().type == "cpu")
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     out = Path(out) if out is not None else None
     checkpoint = _latest_checkpoint(out)

@@ -64,16 +64,12 @@ def check_training_device(name: str, what: str) -> None:
 
 
 def resolve_device(name: str):
-    """The torch device ``--device`` names; "auto" picks cuda, then mps, then the CPU."""
+    """The torch device ``--device`` names; "auto" picks cuda, then mps, then xpu, then the CPU."""
     import torch
 
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    from fixative.core.devices import auto_device
+
+    return auto_device() if name == "auto" else torch.device(name)
 
 
 def torch_dtype(name: str):
