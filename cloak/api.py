@@ -314,8 +314,20 @@ def cloak_files(
 ) -> dict:
     """Cloak every image file given or under the folders given into ``out`` (same relative paths), with a JSON
     record beside each output and ``summary.json``. Outputs whose record has the same settings hash are skipped;
-    a file that fails is reported and the others finish. Returns the summary."""
+    a file that fails is reported and the others finish. Returns the summary.
+
+    Under a multi-process launch (``accelerate launch``, ``torchrun``) each process cloaks every n-th file on its own
+    device and the main process writes the summary of all; an image's output does not depend on which process made
+    it. What the whole batch decides (an ``auto`` target style, anti-dreambooth's warmed-up surrogate) every process
+    computes alike."""
     from importlib.metadata import version
+
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    # one process group for the launch; accelerate joins CPU processes only when told the device is the CPU
+    state = PartialState(cpu=model.vae.device.type == "cpu")
+    main_process = state.is_main_process
 
     if output_format not in files.OUTPUT_FORMATS:
         raise FixativeError(f"--format must be one of {', '.join(files.OUTPUT_FORMATS)}, not {output_format!r}")
@@ -343,7 +355,8 @@ def cloak_files(
                 pass
     if config.method == "glaze" and config.target_style == "auto":
         style, style_info = resolve_style(model, config, readable, clip_folder)
-        log(f"target style (auto): {style}")
+        if main_process:
+            log(f"target style (auto): {style}")
     weights = model_record(model.source)  # weight-file hashes, cached by (path, size, mtime): cheap on a rerun
     batch_inputs = sorted(file_sha256(a.path) for a in readable) if whole_batch else None
     digest = settings_hash(config, weights, style, output_format, tile_size, batch_inputs)
@@ -357,6 +370,7 @@ def cloak_files(
         "dtype": str(model.vae.dtype).removeprefix("torch."),
         "model": weights,
         "settings_hash": digest,
+        "process": f"{state.process_index} of {state.num_processes}",
     }
     rows, failures, skipped = [], [], 0
 
@@ -364,7 +378,9 @@ def cloak_files(
         failures.append({"input": str(path), "error": str(error)})
         log(f"failed: {error}" if str(path) in str(error) else f"failed: {path}: {error}")
 
-    for path, relative in tqdm(found, desc="images", disable=not progress):
+    mine = range(state.process_index, len(found), state.num_processes)
+    for index in tqdm(mine, desc="images", disable=not (progress and main_process)):
+        path, relative = found[index]
         record_path = out / relative.with_suffix(".json")
         try:
             caption = files.read_caption(path) if uses_captions(config) else None
@@ -378,7 +394,7 @@ def cloak_files(
                 and previous.get("caption") == caption
                 and Path(previous["output"]).is_file()
             ):
-                rows.append(previous)
+                rows.append((index, previous))
                 skipped += 1
                 continue
         try:
@@ -403,7 +419,12 @@ def cloak_files(
             **style_info,
         )
         files.write_text(record_path, json.dumps(record, indent=1, default=str))
-        rows.append(record)
+        rows.append((index, record))
+    if state.num_processes > 1:
+        rows, failures, skipped = gather_object(rows), gather_object(failures), sum(gather_object([skipped]))
+        position = {str(path): i for i, (path, _) in enumerate(found)}
+        failures.sort(key=lambda failure: position.get(failure["input"], -1))
+    rows = [record for _, record in sorted(rows, key=lambda pair: pair[0])]
     summary = {
         "settings_hash": digest,
         "method": config.method,
@@ -430,7 +451,8 @@ def cloak_files(
             for r in rows
         ],
     }
-    files.write_text(out / "summary.json", json.dumps(summary, indent=1, default=str))
+    if main_process:
+        files.write_text(out / "summary.json", json.dumps(summary, indent=1, default=str))
     return summary
 
 

@@ -370,3 +370,39 @@ def test_bf16_autocast_on_a_cpu_without_native_bf16_is_said_in_one_line(tiny_mod
     assert summary["failed"] == [] and (tmp_path / "out" / "art.png").exists()
     warned = [line for line in lines if "no native bf16" in line and "--autocast none" in line]
     assert len(warned) == (0 if native_bf16 else 1)
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_share_a_batch_and_cloak_as_one_does(tiny_folder, tmp_path):
+    """Each process cloaks every other file; the outputs equal a one-process run's, and the main process's summary
+    lists every image and the failure of the process that met the corrupt file."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _inputs(tmp_path / "in")
+    (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    options = ["--model", str(tiny_folder), "--method", "photoguard", "--budget", "psnr=32", "--steps", "2"]
+    assert main(["cloak", str(tmp_path / "in"), "--out", str(tmp_path / "one"), *options, "--quiet"]) == 1
+    torchrun = Path(sys.executable).parent / "torchrun"
+    result = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "fixative", "cloak", str(tmp_path / "in")]
+        + ["--out", str(tmp_path / "two"), *options, "--device", "auto"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode != 0 and "broken.png" in result.stdout + result.stderr
+    one, two = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("one", "two"))
+    assert two["images"] == one["images"] == 5 and [f["input"] for f in two["failed"]] == [
+        str(tmp_path / "in" / "broken.png")
+    ]
+    assert [Path(r["input"]).name for r in two["per_image"]] == [Path(r["input"]).name for r in one["per_image"]]
+    found = [str(path) for path, _ in files.find_images([tmp_path / "in"])]
+    for row in two["per_image"]:
+        name = Path(row["output"]).name
+        assert np.array_equal(np.asarray(Image.open(row["output"])), np.asarray(Image.open(tmp_path / "one" / name)))
+        process = json.loads(Path(row["output"]).with_suffix(".json").read_text())["provenance"]["process"]
+        assert process == f"{found.index(row['input']) % 2} of 2"  # every other file
