@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -301,6 +302,17 @@ def settings_hash(
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def launch_state(cpu: bool):
+    """accelerate's state of a multi-process launch (``accelerate launch``, ``torchrun``: WORLD_SIZE > 1), or None
+    for a lone process, which leaves accelerate's process-wide state untouched. accelerate joins CPU processes in one
+    group only when told that the device is the CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    from accelerate import PartialState
+
+    return PartialState(cpu=cpu)
+
+
 def cloak_files(
     inputs: list[str | Path],
     out: str | Path,
@@ -322,12 +334,9 @@ def cloak_files(
     computes alike."""
     from importlib.metadata import version
 
-    from accelerate import PartialState
-    from accelerate.utils import gather_object
-
-    # one process group for the launch; accelerate joins CPU processes only when told the device is the CPU
-    state = PartialState(cpu=model.vae.device.type == "cpu")
-    main_process = state.is_main_process
+    state = launch_state(cpu=model.vae.device.type == "cpu")
+    rank, processes = (state.process_index, state.num_processes) if state else (0, 1)
+    main_process = rank == 0
 
     if output_format not in files.OUTPUT_FORMATS:
         raise FixativeError(f"--format must be one of {', '.join(files.OUTPUT_FORMATS)}, not {output_format!r}")
@@ -370,7 +379,7 @@ def cloak_files(
         "dtype": str(model.vae.dtype).removeprefix("torch."),
         "model": weights,
         "settings_hash": digest,
-        "process": f"{state.process_index} of {state.num_processes}",
+        "process": f"{rank} of {processes}",
     }
     rows, failures, skipped = [], [], 0
 
@@ -378,7 +387,7 @@ def cloak_files(
         failures.append({"input": str(path), "error": str(error)})
         log(f"failed: {error}" if str(path) in str(error) else f"failed: {path}: {error}")
 
-    mine = range(state.process_index, len(found), state.num_processes)
+    mine = range(rank, len(found), processes)
     for index in tqdm(mine, desc="images", disable=not (progress and main_process)):
         path, relative = found[index]
         record_path = out / relative.with_suffix(".json")
@@ -420,7 +429,9 @@ def cloak_files(
         )
         files.write_text(record_path, json.dumps(record, indent=1, default=str))
         rows.append((index, record))
-    if state.num_processes > 1:
+    if processes > 1:
+        from accelerate.utils import gather_object
+
         rows, failures, skipped = gather_object(rows), gather_object(failures), sum(gather_object([skipped]))
         position = {str(path): i for i, (path, _) in enumerate(found)}
         failures.sort(key=lambda failure: position.get(failure["input"], -1))

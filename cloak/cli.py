@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
 
     from fixative.core.checkpoints import load_model
 
-    from .api import cloak_files, summary_table
+    from .api import cloak_files, launch_state, summary_table
     from .bounds import parse_budget
     from .objectives import ASPLConfig
     from .optimise import OptimiserConfig
@@ -223,18 +223,16 @@ def run(args: argparse.Namespace) -> int:
         from fixative.core.errors import FixativeError
 
         raise FixativeError("glaze needs --target-style TEXT or --target-style auto")
-    from accelerate import PartialState
-
     device = options.resolve_device(args.device)
-    state = PartialState(cpu=device.type == "cpu")  # a multi-process launch: each process on its own device
-    if state.num_processes > 1 and args.device == "auto":
+    state = launch_state(cpu=device.type == "cpu")
+    if state is not None and args.device == "auto":  # a multi-process launch: each process on its own device
         device = state.device
     model = load_model(args.model, device=device, dtype=options.torch_dtype(args.dtype))
     log = (lambda *a, **k: None) if args.quiet else print
     summary = cloak_files(
         args.inputs, args.out, model, config, args.format, args.tile_size, args.clip, progress=not args.quiet, log=log
     )
-    if not args.quiet and state.is_main_process:
+    if not args.quiet and (state is None or state.is_main_process):
         print(summary_table(summary))
         print(f"wrote {args.out / 'summary.json'}")
     return 1 if summary["failed"] else 0
