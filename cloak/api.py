@@ -199,10 +199,16 @@ def cloak_artwork(
 
 
 def lpips_for(config: CloakConfig, device) -> object | None:
-    """The LPIPS metric when the budget bounds LPIPS (or None); a missing backbone file is a FixativeError."""
-    if config.budget.lpips is None:
+    """The LPIPS metric. A budget that bounds LPIPS needs it: a missing backbone file is a FixativeError. Otherwise
+    it is only measured into the records, when its pretrained backbone file is there (None when not)."""
+    if config.budget.lpips is not None:
+        return load_lpips(config.lpips_net, config.lpips_backbone, config.lpips_weights, device)
+    if config.lpips_backbone != "pretrained":
+        return None  # a random trunk measures nothing worth recording
+    try:
+        return load_lpips(config.lpips_net, "pretrained", config.lpips_weights, device)
+    except FixativeError:
         return None
-    return load_lpips(config.lpips_net, config.lpips_backbone, config.lpips_weights, device)
 
 
 def resolve_style(

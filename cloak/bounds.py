@@ -66,7 +66,7 @@ def measure(
     budget: Budget, pixels: torch.Tensor, reference: torch.Tensor, lpips_metric=None, every: bool = True
 ) -> dict[str, torch.Tensor]:
     """Per-image values (batch,) of the budget's metrics, or (``every``) of SSIM, PSNR, L-inf and LPIPS when
-    there is a metric for it; pixels in [0, 1]."""
+    there is a metric for it and the images are large enough for it; pixels in [0, 1]."""
     values = {}
     if every or budget.linf is not None:
         values["linf"] = metrics.linf(pixels, reference)
@@ -74,7 +74,7 @@ def measure(
         values["psnr"] = metrics.psnr(pixels, reference)
     if every or budget.ssim is not None:
         values["ssim"] = metrics.ssim(pixels, reference)
-    if budget.lpips is not None or (every and lpips_metric is not None):
+    if budget.lpips is not None or (every and lpips_metric is not None and lpips_metric.fits(pixels)):
         if lpips_metric is None:
             raise FixativeError("an LPIPS budget needs the LPIPS metric (see fixative.cloak.budget.load_lpips)")
         values["lpips"] = lpips_metric(pixels, reference)

@@ -31,6 +31,7 @@ SSIM_K2 = 0.03
 
 # torchvision's ImageNet files for the two LPIPS backbones (the names torchvision's hub download writes).
 LPIPS_BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
+LPIPS_MIN_SIDE = {"alex": 31, "vgg": 16}  # smaller images leave a trunk's last layer nothing to pool
 
 
 def _gaussian_window(channels: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -100,16 +101,27 @@ class LPIPS(torch.nn.Module):
     only, not LPIPS; every record that uses it must say so).
     """
 
-    def __init__(self, network, backbone: str, weights_path: Path | None):
+    def __init__(self, network, backbone: str, weights_path: Path | None, min_side: int = 1):
         super().__init__()
         self.network = network
         self.backbone = backbone
         self.weights_path = weights_path
+        self.min_side = min_side
         for parameter in self.network.parameters():
             parameter.requires_grad_(False)
 
+    def fits(self, pixels: torch.Tensor) -> bool:
+        """Whether images of this size are large enough for the trunk."""
+        return min(pixels.shape[-2:]) >= self.min_side
+
     def forward(self, pixels: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         _check_pair(pixels, reference)
+        if not self.fits(pixels):
+            height, width = pixels.shape[-2:]
+            raise FixativeError(
+                f"LPIPS needs images at least {self.min_side} px on each side, this one is {width}x{height}: bound it "
+                "with --budget psnr=... / ssim=... / linf=... instead"
+            )
         return self.network(pixels, reference, normalize=True).flatten(1).mean(1)
 
 
@@ -147,7 +159,7 @@ def load_lpips(
     if weights_path is not None:
         _load_backbone(network.net, weights_path)
     network.eval()
-    return LPIPS(network, backbone, weights_path).to(device)
+    return LPIPS(network, backbone, weights_path, LPIPS_MIN_SIDE[net]).to(device)
 
 
 def _load_backbone(trunk: torch.nn.Module, weights_path: Path) -> None:

@@ -4,6 +4,7 @@ resume; the command line's errors are one line."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -379,7 +380,6 @@ def test_two_processes_under_torchrun_share_a_batch_and_cloak_as_one_does(tiny_f
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     _inputs(tmp_path / "in")
     (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
@@ -406,3 +406,42 @@ def test_two_processes_under_torchrun_share_a_batch_and_cloak_as_one_does(tiny_f
         assert np.array_equal(np.asarray(Image.open(row["output"])), np.asarray(Image.open(tmp_path / "one" / name)))
         process = json.loads(Path(row["output"]).with_suffix(".json").read_text())["provenance"]["process"]
         assert process == f"{found.index(row['input']) % 2} of 2"  # every other file
+
+
+def _alexnet_in_the_hub_cache(folder) -> None:
+    import torchvision
+
+    from fixative.cloak.budget import LPIPS_BACKBONE_FILES
+
+    (folder / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(torchvision.models.alexnet().state_dict(), folder / "hub" / "checkpoints" / LPIPS_BACKBONE_FILES["alex"])
+
+
+def test_lpips_is_measured_into_the_record_when_its_backbone_file_is_there_and_changes_nothing(
+    tiny_model, tmp_path, monkeypatch
+):
+    Image.fromarray(_painting(40, 32)).save(tmp_path / "art.png")
+    Image.fromarray(_painting(24, 16)).save(tmp_path / "icon.png")  # too small for AlexNet: not measured
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    without = cloak([tmp_path / "art.png"], tiny_model, _config(steps=2))[0]  # no file: no LPIPS, no error
+    _alexnet_in_the_hub_cache(tmp_path / "torch")
+    measured, icon = cloak([tmp_path / "art.png", tmp_path / "icon.png"], tiny_model, _config(steps=2))
+    assert "lpips" not in without.record["values"] and measured.record["values"]["lpips"] >= 0
+    assert measured.record["lpips_backbone"] == "pretrained"
+    assert np.array_equal(np.asarray(without.image), np.asarray(measured.image))  # measured, never bounded
+    assert icon.image is not None and "lpips" not in icon.record["values"]
+
+
+def test_an_image_too_small_for_an_lpips_bound_fails_alone_in_one_line(tiny_model, tmp_path, monkeypatch):
+    Image.fromarray(_painting(40, 32)).save(tmp_path / "art.png")
+    Image.fromarray(_painting(24, 16)).save(tmp_path / "icon.png")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    _alexnet_in_the_hub_cache(tmp_path / "torch")
+    config = CloakConfig(method="photoguard", budget=Budget(lpips=0.07), optimiser=OptimiserConfig(steps=1))
+    lines = []
+    summary = cloak_files([tmp_path], tmp_path / "out", tiny_model, config, progress=False, log=lines.append)
+    assert summary["images"] == 1 and [Path(f["input"]).name for f in summary["failed"]] == ["icon.png"]
+    assert "at least 31 px on each side, this one is 24x16" in summary["failed"][0]["error"]
+    assert [line for line in lines if line.startswith("failed:")] == [
+        f"failed: {tmp_path / 'icon.png'}: " + summary["failed"][0]["error"]
+    ]
