@@ -754,6 +754,9 @@ def bench(
     seed = config["experiment"].get("seed", 0)
     started = time.time()  # results.json's seconds: the whole run, the artists' processes included
     if jobs > 1 and config["experiment"]["kind"] == "protection" and len(artists) > 1:
+        from .protection import cloak_code_sha256
+
+        cloak_code_sha256()  # the merge below keys the cloak stages by the code the artists' processes start with
         _per_artist(config_path, out, device, log, seed, overrides or {}, artists, jobs, stages_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ Options not given come from the benchmark's ``[protection.cloak]`` table, then f
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,8 +169,10 @@ def cloak_config(cell: Cell, seed: int, defaults: dict | None = None):
     return config
 
 
+@functools.cache
 def cloak_code_sha256() -> str:
-    """One hash over the cloak package's source: a changed method recomputes its cached cloak stages."""
+    """One hash over the cloak package's source: a changed method recomputes its cached cloak stages. Read once per
+    process, so a run keys its stages by the code it started with, even when the source is edited while it runs."""
     import fixative.cloak
 
     from .features import folder_sha256

@@ -129,3 +129,15 @@ def test_the_cloak_labs_plus_syntax_and_short_names_mean_the_same_cell():
     assert glaze.style_target.strength == 0.4 and glaze.optimiser.optimiser == "pgd" and glaze.optimiser.alpha == 10
     assert resolve("best+psnr=24", "mist") == "mist+psnr=24"
     assert best_method([{"cell": "adb+psnr=24", "adversary": "none", "protection_rate": 0.5}]) == "anti-dreambooth"
+
+
+def test_the_cloak_code_hash_is_read_once_so_an_edit_during_a_run_does_not_rekey_its_stages(monkeypatch):
+    from fixative.eval import features, protection
+
+    protection.cloak_code_sha256.cache_clear()
+    hashes = iter(["before the edit", "after the edit"])
+    monkeypatch.setattr(features, "folder_sha256", lambda folder, suffixes: next(hashes))
+    try:
+        assert protection.cloak_code_sha256() == protection.cloak_code_sha256() == "before the edit"
+    finally:
+        protection.cloak_code_sha256.cache_clear()  # later tests read the real source again
