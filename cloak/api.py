@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fixative.core.errors import FixativeError
-from fixative.core.layout import mkldnn_bf16_supported
+from fixative.core.layout import emulated_bf16_warning
 from fixative.core.provenance import file_sha256, model_record
 
 from . import files, targets
@@ -351,11 +351,9 @@ def cloak_files(
             "warning: JPEG output re-compresses the cloak and weakens it; the budget is measured on the JPEG as "
             "stored. PNG (the default) keeps every pixel."
         )
-    if config.optimiser.autocast == "bf16" and model.vae.device.type == "cpu" and not mkldnn_bf16_supported():
-        log(
-            "warning: this CPU has no native bf16 (no AVX-512 / AMX), so bf16 autocast is emulated and can be many "
-            "times slower than fp32; --autocast none (the default) cloaks in fp32"
-        )
+    warning = emulated_bf16_warning(model.vae.device, "--autocast none (the default) cloaks in fp32")
+    if config.optimiser.autocast == "bf16" and warning:
+        log(f"warning: {warning}")
     out = Path(out)
     found = files.find_images(inputs)
     if not found:

@@ -85,7 +85,7 @@ from torch import nn
 from .datasets import ImageCaptions, ImageOptions, ImageSet, TensorImages, image_folder, shuffle_tags
 from .devices import auto_device
 from .errors import FixativeError
-from .layout import mkldnn_bf16_supported
+from .layout import emulated_bf16_warning
 from .lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, inject_lora, save_lora
 from .schedulers import NoiseSchedule
 from .training import EMA, denoising_losses, drop_captions, warmup_constant, warmup_cosine
@@ -580,11 +580,9 @@ def fine_tune(
     dtype = model.unet.dtype  # the UNet's own (objectives may hold frozen weights in another)
     objective = objective if objective is not None else DenoisingObjective()
     objective.setup(model, config)
-    if device.type == "cpu" and config.mixed_precision == "bf16" and not mkldnn_bf16_supported():
-        log(
-            "fine-tune: warning: this CPU has no native bf16 (no AVX-512 / AMX), so bf16 autocast is emulated and "
-            "can be many times slower than fp32; --mixed-precision no trains in fp32"
-        )
+    warning = emulated_bf16_warning(device, "--mixed-precision no trains in fp32")
+    if config.mixed_precision == "bf16" and warning:
+        log(f"fine-tune: warning: {warning}")
 
     images = as_image_set(data, config.image, caption_column)
     if len(images) == 0:

@@ -50,6 +50,17 @@ def mkldnn_bf16_supported() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def emulated_bf16_warning(device: torch.device | str, fp32_option: str) -> str | None:
+    """The one warning line for bf16 autocast on a CPU without native bf16, naming the option that runs in fp32;
+    None where bf16 is native (a GPU, or a CPU with AVX-512 / AMX)."""
+    if torch.device(device).type != "cpu" or mkldnn_bf16_supported():
+        return None
+    return (
+        "this CPU has no native bf16 (no AVX-512 / AMX), so bf16 autocast is emulated and can be many times slower "
+        f"than fp32; {fp32_option}"
+    )
+
+
 def tensor_key(tensor: torch.Tensor | None) -> tuple:
     """Identifies a tensor's current values: storage, in-place version, dtype (a cache is stale when it changes)."""
     return () if tensor is None else (tensor.data_ptr(), tensor._version, tensor.dtype)

@@ -360,7 +360,7 @@ def test_captions_are_read_only_when_the_prompt_names_them(tiny_model, tmp_path)
 
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_bf16_autocast_on_a_cpu_without_native_bf16_is_said_in_one_line(tiny_model, tmp_path, monkeypatch, native_bf16):
-    monkeypatch.setattr("fixative.cloak.api.mkldnn_bf16_supported", lambda: native_bf16)
+    monkeypatch.setattr("fixative.core.layout.mkldnn_bf16_supported", lambda: native_bf16)
     Image.fromarray(_painting(16, 16)).save(tmp_path / "art.png")
     config = _config(steps=1)
     config.optimiser.autocast = "bf16"

@@ -448,7 +448,7 @@ def test_an_ema_decay_outside_zero_to_one_is_refused(decay):
 
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_bf16_on_a_cpu_without_native_bf16_is_said_in_one_line(monkeypatch, native_bf16):
-    monkeypatch.setattr("fixative.core.finetune.mkldnn_bf16_supported", lambda: native_bf16)
+    monkeypatch.setattr("fixative.core.layout.mkldnn_bf16_supported", lambda: native_bf16)
     lines = []
     config = FinetuneConfig(method="lora", rank=2, max_steps=1, batch_size=2, mixed_precision="bf16")
     fine_tune(tiny_model(), tiny_data(), config, progress=False, log=lines.append)
