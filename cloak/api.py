@@ -387,8 +387,8 @@ def cloak_files(
     }
     rows, failures, skipped = [], [], 0
 
-    def fail(path: Path, error: FixativeError) -> None:  # reported, in the summary and in one log line naming the file
-        failures.append({"input": str(path), "error": str(error)})
+    def fail(index: int, path: Path, error: FixativeError) -> None:  # in the summary and one log line naming the file
+        failures.append((index, {"input": str(path), "error": str(error)}))
         log(f"failed: {error}" if str(path) in str(error) else f"failed: {path}: {error}")
 
     mine = range(rank, len(found), processes)
@@ -398,7 +398,7 @@ def cloak_files(
         try:
             caption = files.read_caption(path) if uses_captions(config) else None
         except FixativeError as error:
-            fail(path, error)
+            fail(index, path, error)
             continue
         if record_path.is_file():
             previous = json.loads(record_path.read_text())
@@ -418,7 +418,7 @@ def cloak_files(
                 model, artwork, config, style, lpips_metric, output_format, tile_size, progress, surrogate, caption
             )
         except FixativeError as error:
-            fail(path, error)
+            fail(index, path, error)
             continue
         output = out / relative.with_suffix(files.output_suffix(artwork, output_format))
         files.write_artwork(artwork, stored, output, output_format)
@@ -437,9 +437,8 @@ def cloak_files(
         from accelerate.utils import gather_object
 
         rows, failures, skipped = gather_object(rows), gather_object(failures), sum(gather_object([skipped]))
-        position = {str(path): i for i, (path, _) in enumerate(found)}
-        failures.sort(key=lambda failure: position.get(failure["input"], -1))
-    rows = [record for _, record in sorted(rows, key=lambda pair: pair[0])]
+    # in the order the files were found, whichever process made them
+    rows, failures = ([item for _, item in sorted(pairs, key=lambda pair: pair[0])] for pairs in (rows, failures))
     summary = {
         "settings_hash": digest,
         "method": config.method,
